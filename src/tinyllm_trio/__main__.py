@@ -1,0 +1,3 @@
+from tinyllm_trio.cli import main
+
+raise SystemExit(main())

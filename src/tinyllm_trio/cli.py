@@ -1,0 +1,104 @@
+"""The `tinyllm-trio` command line.
+
+Each subcommand's arguments are declared here, and its work lives in the module that owns the
+concept (imported lazily, so `tinyllm-trio generate` never imports trio or h11, and `serve`
+never imports torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory (ours, or the original release's model/ dir); "
+        "default: the packaged model (env TINYLLM_MODEL)",
+    )
+    p.add_argument(
+        "--attention-scale",
+        choices=["head", "embd"],
+        default=None,
+        help="override the checkpoint's attention scale: head = 1/sqrt(head_size), "
+        "embd = 1/sqrt(n_embd)",
+    )
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=60)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinyllm-trio",
+        description="TinyLLM inference server on Trio, h11 and numpy.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="stream a continuation of a prompt to stdout")
+    p.add_argument("prompt")
+    _model_args(p)
+    _sampling_args(p)
+    p.set_defaults(_run="tinyllm_trio.model.generate:run_cli")
+
+    p = sub.add_parser("bench", help="benchmarks that print a table")
+    bench = p.add_subparsers(dest="bench_target", required=True, metavar="TARGET")
+    b = bench.add_parser("model", help="prefill and batched decode tokens/s of the numpy model")
+    _model_args(b)
+    b.add_argument("--runs", type=int, default=5, help="runs per measurement (median reported)")
+    b.add_argument("--json", dest="json_path", default=None, help="also write results here")
+    b.set_defaults(_run="tinyllm_trio.model.bench:run_cli")
+
+    p = sub.add_parser("serve", help="start the HTTP server")
+    _declare(p, "tinyllm_trio.config:add_server_arguments")  # beside ServerConfig
+    p.set_defaults(_run="tinyllm_trio.http.server:run_cli")
+
+    p = sub.add_parser("corpus", help="fetch and split the training corpus from its packages")
+    p.add_argument("--out", default="data", help="directory for train.txt / heldout.txt")
+    p.set_defaults(_run="tinyllm_trio.training.corpus:run_cli")
+
+    p = sub.add_parser("train", help="train TinyLLM with PyTorch (pip install -e '.[train]')")
+    p.set_defaults(_run="tinyllm_trio.training.train:run_cli")
+    _declare(p, "tinyllm_trio.training.train:add_arguments")
+
+    p = sub.add_parser("eval", help="held-out loss/perplexity and unigram/bigram baselines")
+    _model_args(p)
+    p.add_argument("--data", default="data", help="directory holding heldout.txt and train.txt")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(_run="tinyllm_trio.training.evaluate:run_cli")
+    return parser
+
+
+def _declare(p: argparse.ArgumentParser, target: str) -> None:
+    """Let the module that owns a command declare its own flags (it knows its defaults)."""
+    module_name, func_name = target.split(":")
+    getattr(importlib.import_module(module_name), func_name)(p)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args._run.split(":")
+    run = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `tinyllm-trio generate ... | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
