@@ -1,0 +1,290 @@
+"""Continuous batching: many generations advancing together, joining and leaving between steps.
+
+This is what a worker process runs, with no knowledge of IPC: requests are submitted and
+cancelled by id, and each `step()` returns the events it produced. One step
+
+1. drops cancelled sequences (their KV-cache slots are free again at once),
+2. admits waiting requests while slots are free (prefill; the first token comes from the
+   prefill logits, so time to first token is one prefill, not one prefill plus a step),
+3. advances every active sequence by one token in a single batched decode call.
+
+A long generation therefore never blocks a short one queued behind it: the newcomer joins the
+batch at the next step. Plain greedy rows (no penalties) are picked with one batched argmax;
+only rows that need a random draw or penalties pay for per-row work.
+
+Stop strings are matched on text, across token boundaries: text that could still be the start
+of a stop string is held back, and the stop string itself is never emitted (as in OpenAI's
+API). Every generated token produces exactly one `TokenEvent` (its text may be empty while
+held back), except EOS, which ends the sequence with `DoneEvent("stop")` and no text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tinyllm_trio.model.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
+from tinyllm_trio.model.tokenizer import EOS, HybridTokenizer, StreamDecoder
+from tinyllm_trio.model.transformer import ContextLengthError, Transformer
+
+
+@dataclass
+class TokenEvent:
+    """One generated token and the text it adds (possibly empty while a stop string may match).
+
+    `finish_reason` is set on a sequence's last token event, so a streaming client can mark its
+    final chunk without waiting for the `DoneEvent` that follows.
+    """
+
+    request_id: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class DoneEvent:
+    """A sequence ended: `stop` (EOS or a stop string), `length`, or `cancelled`."""
+
+    request_id: int
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ErrorEvent:
+    """A request failed; `kind` is invalid_request, context_length, worker_died or internal."""
+
+    request_id: int
+    message: str
+    kind: str = "internal"
+
+
+Event = TokenEvent | DoneEvent | ErrorEvent
+
+
+class StopMatcher:
+    """Releases generated text, holding back what could still become a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(stops)
+        self._held = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop string was hit)."""
+        if not self._stops:
+            return delta, False
+        text = self._held + delta
+        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return text[: min(hits)], True
+        keep = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(text)), keep, -1):
+                if text.endswith(stop[:n]):
+                    keep = n
+                    break
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        """The held-back text, released because the sequence ended without a stop string."""
+        held, self._held = self._held, ""
+        return held
+
+
+@dataclass
+class _Sequence:
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    decoder: StreamDecoder
+    stop: StopMatcher
+    submitted: float
+    admitted: float = 0.0
+    prefilled: float = 0.0
+    generated: int = 0
+    next_token: int = -1
+    cancelled: bool = False
+
+    def done(self, reason: str) -> DoneEvent:
+        now = time.perf_counter()
+        return DoneEvent(
+            self.request_id,
+            reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=self.generated,
+            timings={
+                "queue_ms": 1000.0 * (self.admitted - self.submitted) if self.admitted else 0.0,
+                "prefill_ms": 1000.0 * (self.prefilled - self.admitted) if self.admitted else 0.0,
+                "decode_ms": 1000.0 * (now - self.prefilled) if self.prefilled else 0.0,
+            },
+        )
+
+
+class ContinuousBatcher:
+    """Up to `max_batch` sequences sharing one KV cache and one decode call per step."""
+
+    def __init__(
+        self, transformer: Transformer, tokenizer: HybridTokenizer, max_batch: int = 32
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self._cache = transformer.new_cache(max_batch)
+        self._waiting: deque[_Sequence] = deque()
+        self._active: dict[int, _Sequence] = {}
+        self._finished_waiting: list[Event] = []
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not (self._active or self._waiting or self._finished_waiting)
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        """Prompt text is encoded with BOS first (never EOS last); ids are checked and kept."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = [int(i) for i in prompt]
+        vocab = self.transformer.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        return ids
+
+    def submit(self, request_id: int, prompt: str | Sequence[int], params: SamplingParams) -> None:
+        """Queue a request; it is admitted at the next step with a free slot.
+
+        Raises ValueError for a duplicate id, an empty prompt or an id outside the vocabulary,
+        and ContextLengthError when the prompt leaves no room for a single generated token.
+        """
+        if request_id in self._active or any(s.request_id == request_id for s in self._waiting):
+            raise ValueError(f"request id {request_id} is already in use")
+        ids = self.encode_prompt(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        context = self.transformer.config.max_context
+        if len(ids) >= context:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens; this model's context is {context} tokens "
+                "and at least one must be left for the completion"
+            )
+        sampler = Sampler(params, self.transformer.config.vocab_size, ids, eos_id=EOS)
+        # The decoder reads the prompt first, so the completion's first delta carries the
+        # spacing a continuation needs (" there", but "," with no space).
+        decoder = self.tokenizer.stream_decoder()
+        for token in ids:
+            decoder.push(token)
+        self._waiting.append(
+            _Sequence(
+                request_id,
+                ids,
+                params,
+                sampler,
+                decoder,
+                StopMatcher(params.stop),
+                submitted=time.perf_counter(),
+            )
+        )
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request; it ends with DoneEvent("cancelled") at the next step."""
+        seq = self._active.get(request_id)
+        if seq is not None:
+            seq.cancelled = True
+            return
+        for seq in self._waiting:
+            if seq.request_id == request_id:
+                self._waiting.remove(seq)
+                self._finished_waiting.append(seq.done("cancelled"))
+                return
+
+    def step(self) -> list[Event]:
+        """Drop cancelled sequences, admit waiting ones, advance all active ones by a token."""
+        events, self._finished_waiting = self._finished_waiting, []
+        for seq in [s for s in self._active.values() if s.cancelled]:
+            self._finish(seq, "cancelled", events)
+        while self._waiting and len(self._active) < self.max_batch:
+            self._admit(self._waiting.popleft(), events)
+        if self._active:
+            self._decode(events)
+        return events
+
+    def _admit(self, seq: _Sequence, events: list[Event]) -> None:
+        seq.admitted = time.perf_counter()
+        logits = self.transformer.prefill(self._cache, seq.request_id, seq.prompt_ids)
+        seq.prefilled = time.perf_counter()
+        self._active[seq.request_id] = seq
+        sampler = seq.sampler
+        token = int(logits.argmax()) if sampler.plain_greedy else sampler.sample(logits)
+        self._accept(seq, token, logits, events)
+
+    def _decode(self, events: list[Event]) -> None:
+        seqs = list(self._active.values())
+        logits = self.transformer.decode_step(
+            self._cache, [s.request_id for s in seqs], [s.next_token for s in seqs]
+        )
+        greedy_rows = [i for i, s in enumerate(seqs) if s.sampler.plain_greedy]
+        tokens: dict[int, int] = {}
+        if greedy_rows:
+            picks = logits[greedy_rows].argmax(axis=1)
+            tokens = dict(zip(greedy_rows, picks.tolist(), strict=True))
+        for i, seq in enumerate(seqs):
+            token = tokens[i] if i in tokens else seq.sampler.sample(logits[i])
+            self._accept(seq, token, logits[i], events)
+
+    def _accept(self, seq: _Sequence, token: int, row: np.ndarray, events: list[Event]) -> None:
+        """Record a sampled token, emit its event, and end the sequence if it is finished."""
+        seq.generated += 1
+        seq.sampler.observe(token)
+        if token == EOS and not seq.params.ignore_eos:
+            tail = seq.stop.flush()
+            if tail:
+                events.append(TokenEvent(seq.request_id, [], tail))
+            self._finish(seq, "stop", events)
+            return
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = [
+                top_logprobs(
+                    log_softmax(row), token, seq.params.logprobs, self.tokenizer.token_text
+                )
+            ]
+        text, stopped = seq.stop.feed(seq.decoder.push(token))
+        reason = None
+        if stopped:
+            reason = "stop"
+        elif seq.generated >= seq.params.max_tokens or (
+            len(seq.prompt_ids) + seq.generated >= self.transformer.config.max_context
+        ):
+            reason = "length"
+            text += seq.stop.flush()
+        events.append(TokenEvent(seq.request_id, [token], text, reason, logprobs))
+        if reason is not None:
+            self._finish(seq, reason, events)
+        else:
+            seq.next_token = token
+
+    def _finish(self, seq: _Sequence, reason: str, events: list[Event]) -> None:
+        self._active.pop(seq.request_id, None)
+        self._cache.drop(seq.request_id)
+        events.append(seq.done(reason))

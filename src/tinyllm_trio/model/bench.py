@@ -1,0 +1,189 @@
+"""`tinyllm-trio bench model`: prefill and batched-decode throughput of the numpy model.
+
+What it measures (each number is the median of `--runs` runs, tokens per second):
+- prefill_128: one 128-token prompt run through `Transformer.prefill` (one pass);
+- decode at batch 1, 8, 32, 64: that many sequences (prompts of 8 to 24 tokens, so lengths
+  differ as in real traffic) advanced together by 64 `decode_step` calls; tokens/s counts every
+  sequence's token (batch x steps / seconds). Prefilling them is not part of the time.
+
+BLAS is pinned to one thread, because the server runs one worker process per core and a worker
+that spawned BLAS threads would fight its neighbours. The thread count is read by OpenBLAS when
+numpy is first imported, so `run_cli` re-runs the benchmark in a child process with
+OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS = 1 unless they are already 1 here.
+(`threadpoolctl` could do it in-process, but it is not a dependency.)
+
+The table's last column divides by this process's CPU time instead of wall-clock time: the same
+number on an idle core, and the honest one-core figure on a machine shared with other work
+(the JSON holds the wall-clock medians).
+
+Without a trained default checkpoint it benchmarks random weights of the default shapes, which
+costs the same, and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+BATCHES = (1, 8, 32, 64)
+PREFILL_TOKENS = 128
+DECODE_PROMPT = 16
+DECODE_STEPS = 64
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    if any(os.environ.get(v) != "1" for v in _THREAD_VARS):
+        return _rerun_single_threaded(args)
+    if args.runs < 1:
+        print("--runs must be >= 1", file=sys.stderr)
+        return 2
+    from tinyllm_trio.model.checkpoint import CheckpointError
+
+    try:
+        transformer, label = _load(args.model, args.attention_scale)
+    except CheckpointError as e:
+        print(f"tinyllm-trio bench model: {e}", file=sys.stderr)
+        return 1
+    results = run_benchmarks(transformer, runs=args.runs)
+    print(f"model: {label}")
+    print(f"BLAS threads: 1 ({', '.join(f'{v}=1' for v in _THREAD_VARS)})")
+    print(format_table(results, args.runs))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(to_json(results), indent=2) + "\n")
+    return 0
+
+
+def _rerun_single_threaded(args: argparse.Namespace) -> int:
+    env = dict(os.environ, **{v: "1" for v in _THREAD_VARS})
+    cmd = [sys.executable, "-m", "tinyllm_trio", "bench", "model", "--runs", str(args.runs)]
+    if args.model:
+        cmd += ["--model", str(args.model)]
+    if args.attention_scale:
+        cmd += ["--attention-scale", args.attention_scale]
+    if args.json_path:
+        cmd += ["--json", str(args.json_path)]
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def _load(model: str | None, attention_scale: str | None):
+    from tinyllm_trio.model.checkpoint import CheckpointError, default_model_path, load_model
+    from tinyllm_trio.model.transformer import ModelConfig, Transformer
+
+    try:
+        loaded = load_model(model, attention_scale=attention_scale)
+    except CheckpointError:
+        if model is not None or (default_model_path() / "config.json").exists():
+            raise
+        config = ModelConfig(attention_scale=attention_scale or "head")
+        note = "random weights, default shapes (no trained default checkpoint yet)"
+        return Transformer.random(config), f"{note}: {config}"
+    return loaded.transformer, f"{loaded.path}: {loaded.transformer.config}"
+
+
+def run_benchmarks(transformer, runs: int = 5, batches=BATCHES, steps: int = DECODE_STEPS):
+    """{"prefill_128": Rates, "decode": {batch: Rates}}, one wall and one CPU rate per run.
+
+    A model with a context shorter than 128 + 64 tokens gets shorter prompts / fewer steps.
+    """
+    import numpy as np
+
+    cfg = transformer.config
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, cfg.vocab_size, min(PREFILL_TOKENS, cfg.max_context)).tolist()
+    cache = transformer.new_cache(1)
+
+    def prefill() -> None:
+        transformer.prefill(cache, 0, prompt)
+        cache.drop(0)
+
+    results: dict = {"prefill_128": _timed(prefill, len(prompt), runs, repeat=4), "decode": {}}
+    longest = min(DECODE_PROMPT * 3 // 2, cfg.max_context // 2)
+    steps = min(steps, cfg.max_context - longest)
+    for batch in batches:
+        cache = transformer.new_cache(batch)
+        seqs = list(range(batch))
+        tokens = rng.integers(0, cfg.vocab_size, (steps, batch)).tolist()
+        lengths = rng.integers(max(1, longest // 3), longest + 1, batch).tolist()
+
+        def decode(cache=cache, seqs=seqs, tokens=tokens, lengths=lengths) -> _Elapsed:
+            for s, n in zip(seqs, lengths, strict=True):
+                cache.drop(s)
+                transformer.prefill(cache, s, prompt[:n])
+            with _Elapsed() as elapsed:
+                for step_tokens in tokens:
+                    transformer.decode_step(cache, seqs, step_tokens)
+            return elapsed
+
+        results["decode"][batch] = _timed(decode, batch * steps, runs)
+    return results
+
+
+class _Elapsed:
+    """Wall-clock and CPU seconds of a block. This process runs one thread, so on an idle core
+    the two agree; on a shared machine CPU time is what one core's worth of work costs."""
+
+    wall = cpu = 0.0
+
+    def __enter__(self) -> _Elapsed:
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.thread_time() - self._cpu
+
+
+@dataclass
+class Rates:
+    """Tokens per second of each run, by wall clock and by CPU time."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+def _timed(fn: Callable[[], _Elapsed | None], tokens: int, runs: int, repeat: int = 1) -> Rates:
+    """Rates of `runs` runs of `repeat` calls; fn may time itself (to leave out its setup)."""
+    fn()  # warm-up: page in the cache and buffers
+    rates = Rates()
+    for _ in range(runs):
+        wall = cpu = 0.0
+        for _ in range(repeat):
+            with _Elapsed() as whole:
+                own = fn()
+            wall += (own or whole).wall
+            cpu += (own or whole).cpu
+        rates.wall.append(tokens * repeat / wall)
+        rates.cpu.append(tokens * repeat / cpu)
+    return rates
+
+
+def to_json(results: dict) -> dict:
+    """Medians of the wall-clock rates, in the documented JSON shape."""
+    return {
+        "prefill_128": round(statistics.median(results["prefill_128"].wall), 1),
+        "decode": {
+            str(b): round(statistics.median(r.wall), 1) for b, r in results["decode"].items()
+        },
+    }
+
+
+def format_table(results: dict, runs: int) -> str:
+    rows = [("prefill, 128-token prompt", results["prefill_128"])]
+    rows += [(f"decode, batch {b}", r) for b, r in results["decode"].items()]
+    head = f"tokens/s (median of {runs})"
+    lines = [f"{'measurement':<28}{head:>26}{'min':>9}{'max':>9}{'per CPU-second':>16}"]
+    for name, r in rows:
+        med, cpu = statistics.median(r.wall), statistics.median(r.cpu)
+        lines.append(
+            f"{name:<28}{med:>26,.0f}{min(r.wall):>9,.0f}{max(r.wall):>9,.0f}{cpu:>16,.0f}"
+        )
+    return "\n".join(lines)

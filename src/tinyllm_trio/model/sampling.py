@@ -1,0 +1,253 @@
+"""Sampling: turning a row of logits into the next token.
+
+`SamplingParams` is the one description of how to sample, shared by every layer: the HTTP layer
+builds it from a request, the IPC layer ships it to a worker as JSON, the worker's batcher hands
+it to a `Sampler`. Validation happens once, in `SamplingParams.__post_init__`, and raises
+`InvalidParameterError` naming the offending parameter so the HTTP layer can answer 400 with
+`param` set, the way OpenAI-compatible servers do.
+
+The order of the logits processors follows llama.cpp and vLLM: penalties on the raw logits,
+then temperature, then the truncation filters (top-k, top-p, min-p), then a draw from the
+remaining distribution. Temperature 0 is greedy and skips the filters entirely.
+
+Log-probabilities are those of the model's raw distribution (before penalties and temperature),
+which is what vLLM reports by default and what makes them comparable across sampling settings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 256
+MAX_TOP_LOGPROBS = 20
+
+
+class InvalidParameterError(ValueError):
+    """A request asked for something impossible; `param` names the field (HTTP 400)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _check(condition: bool, param: str, message: str) -> None:
+    if not condition:
+        raise InvalidParameterError(param, message)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float | np.number)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. Invalid values raise `InvalidParameterError`."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default=())
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.max_tokens), "max_tokens", "max_tokens must be an integer")
+        _check(self.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1")
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
+            _check(_is_number(getattr(self, name)), name, f"{name} must be a finite number")
+        _check(0.0 <= self.temperature <= 100.0, "temperature", "temperature must be in [0, 100]")
+        _check(
+            _is_int(self.top_k) and self.top_k >= 0,
+            "top_k",
+            "top_k must be an integer >= 0 (0 disables it)",
+        )
+        _check(0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]")
+        _check(0.0 <= self.min_p <= 1.0, "min_p", "min_p must be in [0, 1]")
+        _check(
+            0.0 < self.repetition_penalty <= 10.0,
+            "repetition_penalty",
+            "repetition_penalty must be in (0, 10]",
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check(-2.0 <= getattr(self, name) <= 2.0, name, f"{name} must be in [-2, 2]")
+        _check(self.seed is None or _is_int(self.seed), "seed", "seed must be an integer or null")
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        _check(
+            isinstance(stop, Sequence) and all(isinstance(s, str) for s in stop),
+            "stop",
+            "stop must be a string or a list of strings",
+        )
+        stop = tuple(s for s in stop)
+        _check(
+            len(stop) <= MAX_STOP_SEQUENCES,
+            "stop",
+            f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed",
+        )
+        _check(all(stop), "stop", "stop sequences must not be empty")
+        _check(
+            all(len(s) <= MAX_STOP_LENGTH for s in stop),
+            "stop",
+            f"a stop sequence may be at most {MAX_STOP_LENGTH} characters",
+        )
+        object.__setattr__(self, "stop", stop)
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", "ignore_eos must be a boolean")
+        _check(
+            self.logprobs is None
+            or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+            "logprobs",
+            f"logprobs must be null or an integer in [0, {MAX_TOP_LOGPROBS}]",
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (for the IPC submit message)."""
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "stop" in known and isinstance(known["stop"], list):
+            known["stop"] = tuple(known["stop"])
+        return cls(**known)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax over the last axis, in float64 for accurate logprobs."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
+
+
+class Sampler:
+    """The per-sequence sampling state: its random generator and its token counts.
+
+    Penalties need to know which tokens were seen: the repetition penalty looks at the prompt
+    and the output (as vLLM does), presence and frequency penalties only at the output (as
+    OpenAI defines them).
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        vocab_size: int,
+        prompt_ids: Sequence[int] = (),
+        *,
+        eos_id: int | None = None,
+    ) -> None:
+        self.params = params
+        seed = None if params.seed is None else int(params.seed) % 2**64
+        self._rng = np.random.default_rng(seed)
+        self._banned = eos_id if params.ignore_eos else None
+        self._output_counts: np.ndarray | None = None
+        self._seen: np.ndarray | None = None
+        if params.penalised:
+            self._output_counts = np.zeros(vocab_size, dtype=np.float32)
+            self._seen = np.zeros(vocab_size, dtype=bool)
+            self._seen[np.asarray(prompt_ids, dtype=np.int64)] = True
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits: an argmax over the raw row is exact."""
+        return self.params.greedy and not self.params.penalised and self._banned is None
+
+    def observe(self, token_id: int) -> None:
+        """Record a generated token (for the penalties)."""
+        if self._output_counts is not None:
+            self._output_counts[token_id] += 1.0
+            self._seen[token_id] = True
+
+    def sample(self, logits: np.ndarray) -> int:
+        """Pick the next token from one row of raw logits (float32, length vocab)."""
+        p = self.params
+        x = logits.astype(np.float64)
+        if self._banned is not None:
+            x[self._banned] = -np.inf
+        if self._output_counts is not None:
+            if p.repetition_penalty != 1.0:
+                seen = self._seen
+                x[seen] = np.where(
+                    x[seen] > 0, x[seen] / p.repetition_penalty, x[seen] * p.repetition_penalty
+                )
+            x -= p.frequency_penalty * self._output_counts
+            x -= p.presence_penalty * (self._output_counts > 0)
+        if p.greedy:
+            return int(np.argmax(x))
+        x /= p.temperature
+        if 0 < p.top_k < x.size:
+            kth = np.partition(x, -p.top_k)[-p.top_k]
+            x[x < kth] = -np.inf
+        x -= x.max()
+        probs = np.exp(x)
+        probs /= probs.sum()
+        if p.min_p > 0.0:
+            probs[probs < p.min_p * probs.max()] = 0.0
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            cut = int(np.searchsorted(cumulative, p.top_p * cumulative[-1])) + 1
+            probs[order[cut:]] = 0.0
+        cumulative = np.cumsum(probs)
+        draw = self._rng.random() * cumulative[-1]
+        return int(min(np.searchsorted(cumulative, draw, side="right"), probs.size - 1))
+
+
+def top_logprobs(row_logprobs: np.ndarray, chosen: int, n: int, token_text: Any) -> dict[str, Any]:
+    """The chosen token's log-probability and the `n` most likely alternatives."""
+    entry: dict[str, Any] = {
+        "id": chosen,
+        "token": token_text(chosen),
+        "logprob": float(row_logprobs[chosen]),
+        "top_logprobs": [],
+    }
+    if n > 0:
+        best = np.argpartition(-row_logprobs, n - 1)[:n]
+        best = best[np.argsort(-row_logprobs[best], kind="stable")]
+        entry["top_logprobs"] = [
+            {"id": int(i), "token": token_text(int(i)), "logprob": float(row_logprobs[i])}
+            for i in best
+        ]
+    return entry

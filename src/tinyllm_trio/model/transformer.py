@@ -1,0 +1,587 @@
+"""TinyLLM in numpy: the seed's decoder-only transformer, a KV cache, and batched decoding.
+
+The architecture is exactly the original project's (so its released weights load unchanged):
+
+    x = token_embedding[ids] + pe[positions]              # sinusoidal, absolute positions
+    for each of n_layer blocks (pre-LayerNorm):
+        x = x + proj(concat_h softmax(q_h k_h^T * scale + causal_mask) v_h)   # on ln1(x)
+        x = x + W2 gelu(W1 ln2(x))                       # exact (erf) GELU, 4x expansion
+    logits = lm_head(ln_f(x))                            # untied head
+
+No linear layer has a bias; LayerNorms have weight and bias, eps 1e-5. Everything is float32.
+
+The attention scale is part of the config: "head" is the textbook 1/sqrt(head_size); "embd" is
+1/sqrt(n_embd), which is what the original weights were trained with (its C++ server used
+1/sqrt(head_size), which does not match its own training; we let a checkpoint say which it needs).
+
+Serving shape (continuous batching, see model/batching.py): a worker owns one `KVCache` with a
+fixed number of slots. `prefill` adds a sequence and runs its prompt in one pass; `decode_step`
+advances every listed sequence by one token in one batched call, whatever their lengths;
+`KVCache.drop` frees a slot. Sequences join and leave between steps.
+
+How the decode step stays cheap (llama2.c's "run state" idea, in numpy):
+- the cache and every activation buffer are allocated once, in `KVCache`, for `capacity` rows
+  (the cache on transparent huge pages: a step reads every sequence's keys and values);
+- active sequences are kept compacted in cache rows 0..n-1, so a step over all of them reads the
+  cache through slices (views), never a gathered copy; dropping a sequence moves the last row
+  into the hole (one copy of its used positions, once per finished sequence, not per step);
+- Q, K and V of all heads come from one [C, 3C] matmul (the scale is folded into W_q); attention
+  is batched over sequences and heads with stacked matmuls; sequences of different lengths are
+  padded to the longest with an additive -inf mask;
+- the LM head is one matmul. BLAS threads are the caller's business (a worker runs one per core;
+  set OPENBLAS_NUM_THREADS=1 before numpy is imported, as the worker and the bench do).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+__all__ = [
+    "CacheFullError",
+    "ContextLengthError",
+    "KVCache",
+    "ModelConfig",
+    "Transformer",
+    "expected_shapes",
+]
+
+LN_EPS = 1e-5
+_F32 = np.float32
+
+
+class ContextLengthError(ValueError):
+    """A prompt longer than the model's context, or a sequence already at its context limit."""
+
+
+class CacheFullError(RuntimeError):
+    """`prefill` found no free slot in the KV cache (drop a finished sequence first)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Dimensions of the model; the defaults are the seed's TinyLLM (3,913,344 parameters)."""
+
+    vocab_size: int = 3266
+    n_embd: int = 192
+    n_head: int = 6
+    n_layer: int = 6
+    max_context: int = 512
+    attention_scale: str = "head"  # "head" -> 1/sqrt(n_embd/n_head), "embd" -> 1/sqrt(n_embd)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_embd", "n_head", "n_layer", "max_context"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"ModelConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.n_embd % 2:
+            raise ValueError(f"ModelConfig.n_embd must be even (sin/cos pairs), got {self.n_embd}")
+        if self.attention_scale not in ("head", "embd"):
+            raise ValueError(
+                f"ModelConfig.attention_scale must be 'head' or 'embd', "
+                f"got {self.attention_scale!r}"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def scale(self) -> float:
+        """The factor applied to q.k before the softmax."""
+        dim = self.head_size if self.attention_scale == "head" else self.n_embd
+        return 1.0 / math.sqrt(dim)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ModelConfig:
+        """Build from `to_dict()` output; unknown keys are an error (a typo must not pass)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys: {unknown} (known: {sorted(known)})")
+        return cls(**dict(d))
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical tensor names and shapes (PyTorch [out, in] layout), as the original release."""
+    V, C, H, hs = config.vocab_size, config.n_embd, config.n_head, config.head_size
+    shapes: dict[str, tuple[int, ...]] = {"token_embedding.weight": (V, C)}
+    for layer in range(config.n_layer):
+        p = f"blocks.{layer}"
+        for h in range(H):
+            for kind in ("key", "query", "value"):
+                shapes[f"{p}.sa.heads.{h}.{kind}.weight"] = (hs, C)
+        shapes[f"{p}.sa.proj.weight"] = (C, C)
+        shapes[f"{p}.ffwd.net.0.weight"] = (4 * C, C)
+        shapes[f"{p}.ffwd.net.2.weight"] = (C, 4 * C)
+        for ln in ("ln1", "ln2"):
+            shapes[f"{p}.{ln}.weight"] = (C,)
+            shapes[f"{p}.{ln}.bias"] = (C,)
+    shapes["ln_f.weight"] = (C,)
+    shapes["ln_f.bias"] = (C,)
+    shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def sinusoidal_positions(max_context: int, n_embd: int) -> np.ndarray:
+    """pe[p, 2i] = sin(p / 10000^(2i/C)), pe[p, 2i+1] = cos(same); [T, C] float32."""
+    pos = np.arange(max_context, dtype=np.float64)[:, None]  # (T, 1)
+    inv_freq = 10000.0 ** (-np.arange(0, n_embd, 2, dtype=np.float64) / n_embd)  # (C/2,)
+    pe = np.empty((max_context, n_embd), dtype=np.float64)
+    pe[:, 0::2] = np.sin(pos * inv_freq)
+    pe[:, 1::2] = np.cos(pos * inv_freq)
+    return pe.astype(_F32)
+
+
+# Exact-erf GELU without scipy: gelu(x) = x * Phi(x) = relu(x) - |x|/2 * erfc(|x|/sqrt(2)).
+# erfc(s) for s >= 0 by Abramowitz & Stegun 7.1.26: t = 1/(1 + p s),
+# erfc(s) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-s^2), absolute error <= 1.5e-7,
+# i.e. below float32 resolution of Phi. The 1/2 is folded into the coefficients.
+_AS_P = 0.3275911 / math.sqrt(2.0)  # applied to |x| rather than |x|/sqrt(2)
+_AS_A = tuple(0.5 * a for a in (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429))
+
+
+def gelu_(x: np.ndarray, t: np.ndarray, u: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """Exact (erf) GELU of `x` in place; t, u, acc are scratch arrays of x's shape."""
+    a1, a2, a3, a4, a5 = _AS_A
+    np.abs(x, out=u)  # |x|
+    np.multiply(u, _AS_P, out=t)
+    t += 1.0
+    np.reciprocal(t, out=t)  # t = 1 / (1 + p |x|/sqrt2)
+    np.multiply(t, a5, out=acc)
+    acc += a4
+    acc *= t
+    acc += a3
+    acc *= t
+    acc += a2
+    acc *= t
+    acc += a1
+    acc *= t  # erfc(|x|/sqrt2) / 2 without the exp factor
+    np.multiply(x, x, out=t)
+    t *= -0.5
+    np.exp(t, out=t)  # exp(-x^2/2)
+    acc *= t
+    acc *= u  # |x|/2 * erfc(|x|/sqrt2)
+    np.maximum(x, 0.0, out=x)
+    x -= acc
+    return x
+
+
+def _layernorm(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray, sq: np.ndarray
+) -> np.ndarray:
+    """LayerNorm over the last axis of x [N, C] into out [N, C] (eps 1e-5, biased variance);
+    sq is [N, C] scratch."""
+    inv_n = 1.0 / x.shape[-1]
+    mu = np.add.reduce(x, axis=-1)  # (N,)
+    mu *= -inv_n
+    np.add(x, mu[:, None], out=out)  # centred
+    np.multiply(out, out, out=sq)
+    rstd = np.add.reduce(sq, axis=-1)  # (N,)
+    rstd *= inv_n
+    rstd += LN_EPS
+    rstd **= -0.5
+    out *= rstd[:, None]
+    out *= w
+    out += b
+    return out
+
+
+def _softmax_(a: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis of `a`, in place; m is scratch of shape a.shape[:-1] + (1,).
+    Rows may hold -inf (masked), never only -inf."""
+    np.max(a, axis=-1, keepdims=True, out=m)
+    a -= m
+    np.exp(a, out=a)
+    np.add.reduce(a, axis=-1, keepdims=True, out=m)
+    a /= m
+    return a
+
+
+def _zeros_hugepages(shape: tuple[int, ...]) -> np.ndarray:
+    """A zeroed float32 array in its own anonymous mapping, with transparent huge pages asked
+    for: the decode step reads the KV cache of every sequence every step, and 2 MiB pages cut
+    its TLB misses. Pages are still committed lazily by the kernel, as with np.zeros."""
+    nbytes = max(int(np.prod(shape)) * 4, 1)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(buf, dtype=_F32, count=int(np.prod(shape))).reshape(shape)
+
+
+class _Layer:
+    """One block's weights, fused and transposed for x @ W (rows of x are positions)."""
+
+    __slots__ = (
+        "ln1_b",
+        "ln1_w",
+        "ln2_b",
+        "ln2_w",
+        "w_fc",
+        "w_out",
+        "w_out_rows",
+        "w_proj",
+        "w_qkv",
+    )
+
+    def __init__(self, weights: Mapping[str, np.ndarray], layer: int, config: ModelConfig):
+        p = f"blocks.{layer}"
+        H = config.n_head
+
+        def heads(kind: str) -> np.ndarray:  # H x [hs, C] -> [C, H*hs], head h in columns h*hs..
+            return np.concatenate([weights[f"{p}.sa.heads.{h}.{kind}.weight"] for h in range(H)]).T
+
+        q = heads("query") * _F32(config.scale)  # the attention scale folded into W_q
+        self.w_qkv = np.ascontiguousarray(np.concatenate([q, heads("key"), heads("value")], axis=1))
+        self.w_proj = np.ascontiguousarray(weights[f"{p}.sa.proj.weight"].T)  # (C, C)
+        self.w_fc = np.ascontiguousarray(weights[f"{p}.ffwd.net.0.weight"].T)  # (C, 4C)
+        self.w_out = np.ascontiguousarray(weights[f"{p}.ffwd.net.2.weight"].T)  # (4C, C)
+        # the canonical (C, 4C) array, no copy: for one row, BLAS's gemv runs the down
+        # projection faster from this layout (f @ w_out_rows.T)
+        self.w_out_rows = weights[f"{p}.ffwd.net.2.weight"]
+        self.ln1_w, self.ln1_b = weights[f"{p}.ln1.weight"], weights[f"{p}.ln1.bias"]
+        self.ln2_w, self.ln2_b = weights[f"{p}.ln2.weight"], weights[f"{p}.ln2.bias"]
+
+
+class KVCache:
+    """Keys/values and decode run state for up to `capacity` sequences, allocated once.
+
+    kv: [n_layer, capacity, 2, n_head, max_context, head_size] (k and v are views of its keys
+    and values), so one row's keys and values of a layer are contiguous and one fancy-indexed
+    store writes a step's new keys and values. Active sequences occupy rows 0..len-1
+    (compacted); `_rows[seq_id]` is a sequence's row and `lengths[row]` its token count.
+    Positions at or beyond a row's length hold stale (finite) data and are always masked out.
+    Memory: 4.7 MB per slot for the default model (capacity 32 -> 151 MB), committed by the
+    kernel as slots are first used.
+    """
+
+    def __init__(self, config: ModelConfig, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"KVCache capacity must be >= 1, got {capacity}")
+        L, H, T, hs, C = (
+            config.n_layer,
+            config.n_head,
+            config.max_context,
+            config.head_size,
+            config.n_embd,
+        )
+        self.config = config
+        self.capacity = capacity
+        self.kv = _zeros_hugepages((L, capacity, 2, H, T, hs))  # keys [:, :, 0], values [:, :, 1]
+        self.k, self.v = self.kv[:, :, 0], self.kv[:, :, 1]  # views
+        self.lengths = np.zeros(capacity, dtype=np.int64)
+        self._rows: dict[Hashable, int] = {}
+        self._ids: list[Hashable] = []  # row -> seq_id, rows 0..len-1
+        # decode run state (rows 0..B-1 used in a step of B sequences)
+        self.x = np.zeros((capacity, C), dtype=_F32)  # residual stream
+        self.h = np.zeros((capacity, C), dtype=_F32)  # LayerNorm output
+        self.qkv = np.zeros((capacity, 3 * C), dtype=_F32)
+        self.y = np.zeros((capacity, C), dtype=_F32)  # attention output, heads concatenated
+        self.ff = np.zeros((4, capacity, 4 * C), dtype=_F32)  # FFN hidden + 3 GELU scratch
+        self.att = np.zeros(capacity * H * T, dtype=_F32)  # scores, reshaped per step
+        self.mask = np.zeros((capacity, T), dtype=_F32)  # 0 where visible, -inf where not
+        self.att_max = np.zeros((capacity, H, 1, 1), dtype=_F32)  # softmax row max / sum
+        self.positions = np.arange(T)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self._rows
+
+    @property
+    def seq_ids(self) -> tuple[Hashable, ...]:
+        """Active sequences, in cache-row order."""
+        return tuple(self._ids)
+
+    def length(self, seq_id: Hashable) -> int:
+        """Tokens held for `seq_id` (prompt + decoded); KeyError if it is not in the cache."""
+        return int(self.lengths[self._row(seq_id)])
+
+    def drop(self, seq_id: Hashable) -> None:
+        """Free the slot of `seq_id` (no-op if absent); the last row moves into the hole."""
+        row = self._rows.pop(seq_id, None)
+        if row is None:
+            return
+        last = len(self._ids) - 1
+        if row != last:
+            self._copy_row(last, row)
+            moved = self._ids[last]
+            self._ids[row] = moved
+            self._rows[moved] = row
+        self._ids.pop()
+        self.lengths[last] = 0
+
+    def _row(self, seq_id: Hashable) -> int:
+        try:
+            return self._rows[seq_id]
+        except KeyError:
+            raise KeyError(f"sequence {seq_id!r} is not in the KV cache") from None
+
+    def _add(self, seq_id: Hashable) -> int:
+        if seq_id in self._rows:
+            raise ValueError(f"sequence {seq_id!r} is already in the KV cache")
+        if len(self._ids) >= self.capacity:
+            raise CacheFullError(
+                f"KV cache is full ({self.capacity} sequences); drop one before adding another"
+            )
+        row = len(self._ids)
+        self._ids.append(seq_id)
+        self._rows[seq_id] = row
+        self.lengths[row] = 0
+        return row
+
+    def _copy_row(self, src: int, dst: int) -> None:
+        n = int(self.lengths[src])
+        self.kv[:, dst, :, :, :n] = self.kv[:, src, :, :, :n]
+        self.lengths[dst] = n
+
+    def _swap_rows(self, a: int, b: int) -> None:
+        n = int(max(self.lengths[a], self.lengths[b]))
+        tmp = self.kv[:, a, :, :, :n].copy()
+        self.kv[:, a, :, :, :n] = self.kv[:, b, :, :, :n]
+        self.kv[:, b, :, :, :n] = tmp
+        self.lengths[[a, b]] = self.lengths[[b, a]]
+        sa, sb = self._ids[a], self._ids[b]
+        self._ids[a], self._ids[b] = sb, sa
+        self._rows[sa], self._rows[sb] = b, a
+
+
+class Transformer:
+    """The TinyLLM forward pass: full-sequence (`forward`, `prefill`) and batched one-token
+    (`decode_step`) over a `KVCache`."""
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray]):
+        expected = expected_shapes(config)
+        missing = [n for n in expected if n not in weights]
+        extra = sorted(set(weights) - set(expected))
+        if missing or extra:
+            raise ValueError(f"weights do not match the config: missing {missing}, extra {extra}")
+        canonical: dict[str, np.ndarray] = {}
+        for name, shape in expected.items():
+            w = np.asarray(weights[name])
+            if w.shape != shape:
+                raise ValueError(f"weight {name}: expected shape {shape}, got {w.shape}")
+            w = np.array(w, dtype=_F32, order="C")  # our own float32 copy
+            w.flags.writeable = False
+            canonical[name] = w
+        self.config = config
+        self._canonical = canonical
+        self.wte = canonical["token_embedding.weight"]  # (V, C)
+        self.pe = sinusoidal_positions(config.max_context, config.n_embd)  # (T, C)
+        self.layers = [_Layer(canonical, i, config) for i in range(config.n_layer)]
+        self.ln_f_w, self.ln_f_b = canonical["ln_f.weight"], canonical["ln_f.bias"]
+        self.w_head = np.ascontiguousarray(canonical["lm_head.weight"].T)  # (C, V)
+
+    @classmethod
+    def random(cls, config: ModelConfig, seed: int = 0, *, std: float = 0.02) -> Transformer:
+        """Random weights (normal(0, std) matrices, LayerNorms near identity), for tests and
+        benchmarks. A larger `std` (e.g. 0.2) gives peaked attention, which tests prefer."""
+        rng = np.random.default_rng(seed)
+        weights = {}
+        for name, shape in expected_shapes(config).items():
+            if name.endswith(".bias"):
+                w = 0.1 * rng.standard_normal(shape)
+            elif len(shape) == 1:  # LayerNorm weight
+                w = 1.0 + 0.1 * rng.standard_normal(shape)
+            else:
+                w = std * rng.standard_normal(shape)
+            weights[name] = w.astype(_F32)
+        return cls(config, weights)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The canonical tensors (original names, [out, in] layout), read-only float32."""
+        return dict(self._canonical)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.config, capacity)
+
+    # ---- full sequence: forward() and prefill() -------------------------------------------
+
+    def forward(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits [T, V] for every position of `ids`, without a cache (causal)."""
+        ids = self._check_ids(ids)
+        cfg = self.config
+        k = np.empty((cfg.n_layer, cfg.n_head, len(ids), cfg.head_size), dtype=_F32)
+        v = np.empty_like(k)
+        return self._run_sequence(ids, k, v, last_only=False)
+
+    def prefill(self, cache: KVCache, seq_id: Hashable, ids: Sequence[int]) -> np.ndarray:
+        """Add `seq_id` to `cache`, run its prompt in one pass, return the last logits [V]."""
+        self._check_cache(cache)
+        ids = self._check_ids(ids)
+        row = cache._add(seq_id)
+        T = len(ids)
+        try:
+            logits = self._run_sequence(
+                ids, cache.k[:, row, :, :T], cache.v[:, row, :, :T], last_only=True
+            )
+        except BaseException:
+            cache.drop(seq_id)
+            raise
+        cache.lengths[row] = T
+        return logits[0]
+
+    def _run_sequence(
+        self, ids: np.ndarray, k_out: np.ndarray, v_out: np.ndarray, *, last_only: bool
+    ) -> np.ndarray:
+        """Causal pass over one sequence; writes K, V [n_layer, H, T, hs] into k_out, v_out."""
+        cfg = self.config
+        T, C, H, hs = len(ids), cfg.n_embd, cfg.n_head, cfg.head_size
+        x = self.wte[ids] + self.pe[:T]  # (T, C)
+        h, sq = np.empty_like(x), np.empty_like(x)
+        att_max = np.empty((H, T, 1), dtype=_F32)
+        ff = np.empty((4, T, 4 * C), dtype=_F32)
+        causal = np.triu(np.full((T, T), -np.inf, dtype=_F32), k=1)  # (T, T)
+        for i, layer in enumerate(self.layers):
+            _layernorm(x, layer.ln1_w, layer.ln1_b, h, sq)
+            qkv = (h @ layer.w_qkv).reshape(T, 3, H, hs)
+            q = qkv[:, 0].transpose(1, 0, 2)  # (H, T, hs), already scaled
+            k_out[i] = qkv[:, 1].transpose(1, 0, 2)
+            v_out[i] = qkv[:, 2].transpose(1, 0, 2)
+            att = q @ k_out[i].transpose(0, 2, 1)  # (H, T, T)
+            att += causal
+            _softmax_(att, att_max)
+            y = (att @ v_out[i]).transpose(1, 0, 2).reshape(T, C)  # (T, C)
+            x += y @ layer.w_proj
+            _layernorm(x, layer.ln2_w, layer.ln2_b, h, sq)
+            f = np.matmul(h, layer.w_fc, out=ff[0])  # (T, 4C)
+            gelu_(f, ff[1], ff[2], ff[3])
+            x += f @ layer.w_out
+        if last_only:
+            x, h, sq = x[-1:], h[-1:], sq[-1:]
+        _layernorm(x, self.ln_f_w, self.ln_f_b, h, sq)
+        return h @ self.w_head  # (T or 1, V)
+
+    # ---- one token for each of a batch of sequences ----------------------------------------
+
+    def decode_step(
+        self, cache: KVCache, seq_ids: Sequence[Hashable], token_ids: Sequence[int]
+    ) -> np.ndarray:
+        """Append token_ids[i] to sequence seq_ids[i] for every i, in one batched pass.
+
+        Returns fresh logits [len(seq_ids), V] for the position after each appended token, rows
+        in the order given. Validation happens before any state changes: unknown sequence ->
+        KeyError, duplicate sequence / bad token id / length mismatch -> ValueError, a sequence
+        already holding max_context tokens -> ContextLengthError. Listing every active sequence
+        (in any order) is the fast path; a subset is fine but first moves rows so the listed
+        ones occupy the leading rows (a copy of those rows' used cache, only when the set changes).
+        """
+        self._check_cache(cache)
+        B = len(seq_ids)
+        if len(token_ids) != B:
+            raise ValueError(f"decode_step got {B} sequences but {len(token_ids)} tokens")
+        V = self.config.vocab_size
+        if B == 0:
+            return np.empty((0, V), dtype=_F32)
+        rows = [cache._row(s) for s in seq_ids]
+        if len(set(rows)) != B:
+            raise ValueError("decode_step got the same sequence twice")
+        tokens = np.asarray(token_ids)
+        if tokens.dtype.kind not in "iu" or tokens.ndim != 1:
+            raise ValueError("token ids must be a sequence of ints")
+        if tokens.min() < 0 or tokens.max() >= V:
+            raise ValueError(f"token id out of range [0, {V}): {tokens.tolist()}")
+        at_limit = cache.lengths[rows] >= self.config.max_context
+        full = [s for s, hit in zip(seq_ids, at_limit, strict=True) if hit]
+        if full:
+            raise ContextLengthError(
+                f"sequence {full[0]!r} already holds max_context={self.config.max_context} tokens"
+            )
+        if max(rows) >= B:  # bring the listed sequences into rows 0..B-1
+            taken = set(rows)
+            free = iter([r for r in range(B) if r not in taken])  # unlisted rows in front
+            for i, r in enumerate(rows):
+                if r >= B:
+                    dst = next(free)
+                    cache._swap_rows(r, dst)
+                    rows[i] = dst
+        if rows == list(range(B)):
+            return self._decode_rows(cache, tokens)
+        by_row = np.empty_like(tokens)
+        by_row[rows] = tokens
+        return self._decode_rows(cache, by_row)[rows]
+
+    def _decode_rows(self, cache: KVCache, tokens: np.ndarray) -> np.ndarray:
+        """One token for each of cache rows 0..B-1 (tokens in row order); logits [B, V]."""
+        cfg = self.config
+        B, H, hs = len(tokens), cfg.n_head, cfg.head_size
+        pos = cache.lengths[:B]  # (B,) position of the new token = tokens held so far
+        Lmax = int(pos.max()) + 1
+        x, h, qkv, y = cache.x[:B], cache.h[:B], cache.qkv[:B], cache.y[:B]
+        f, t, u, acc = cache.ff[:, :B]
+        att = cache.att[: B * H * Lmax].reshape(B, H, 1, Lmax)
+        ragged = int(pos.min()) + 1 < Lmax  # some sequence is shorter than the longest
+        mask = cache.mask[:B, :Lmax]  # (B, Lmax): 0 up to and including pos, -inf after
+        if ragged:
+            mask.fill(0.0)
+            mask[cache.positions[None, :Lmax] > pos[:, None]] = -np.inf
+        mask4 = mask[:, None, None, :]  # (B, 1, 1, Lmax)
+        batch = np.arange(B)
+
+        np.take(self.wte, tokens, axis=0, out=x)
+        x += self.pe[pos]
+        heads = cache.qkv.reshape(cache.capacity, 3, H, 1, hs)[:B]  # views into qkv
+        q = heads[:, 0]  # (B, H, 1, hs), already scaled
+        kv_new = heads[:, 1:, :, 0]  # (B, 2, H, hs): this token's keys and values
+        y4 = y.reshape(B, H, 1, hs)
+        att_max = cache.att_max[:B]
+        for i, layer in enumerate(self.layers):
+            _layernorm(x, layer.ln1_w, layer.ln1_b, h, y)
+            np.matmul(h, layer.w_qkv, out=qkv)  # (B, 3C)
+            kv = cache.kv[i]  # (capacity, 2, H, T, hs)
+            kv[batch, :, :, pos] = kv_new
+            keys, values = kv[:B, 0, :, :Lmax], kv[:B, 1, :, :Lmax]  # (B, H, Lmax, hs) views
+            np.matmul(q, keys.transpose(0, 1, 3, 2), out=att)  # (B, H, 1, Lmax)
+            if ragged:
+                att += mask4
+            # softmax, normalised after the matmul with V (hs divisions per row instead of Lmax)
+            np.max(att, axis=-1, keepdims=True, out=att_max)
+            att -= att_max
+            np.exp(att, out=att)
+            np.add.reduce(att, axis=-1, keepdims=True, out=att_max)
+            np.matmul(att, values, out=y4)  # (B, H, 1, hs) == (B, C)
+            y4 /= att_max
+            x += np.matmul(y, layer.w_proj, out=h)
+            _layernorm(x, layer.ln2_w, layer.ln2_b, h, y)
+            np.matmul(h, layer.w_fc, out=f)  # (B, 4C)
+            gelu_(f, t, u, acc)
+            x += np.matmul(f, layer.w_out if B > 1 else layer.w_out_rows.T, out=h)
+        cache.lengths[:B] += 1
+        _layernorm(x, self.ln_f_w, self.ln_f_b, h, y)
+        return h @ self.w_head  # (B, V), a fresh array the caller may keep
+
+    # ---- validation --------------------------------------------------------------------------
+
+    def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError("a prompt must be a non-empty sequence of token ids")
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be ints, got dtype {arr.dtype}")
+        n, V = arr.size, self.config.vocab_size
+        if n > self.config.max_context:
+            raise ContextLengthError(
+                f"prompt has {n} tokens, more than the model's context of {self.config.max_context}"
+            )
+        if arr.min() < 0 or arr.max() >= V:
+            bad = arr[(arr < 0) | (arr >= V)][0]
+            raise ValueError(f"token id {int(bad)} out of range [0, {V})")
+        return arr.astype(np.intp, copy=False)
+
+    def _check_cache(self, cache: KVCache) -> None:
+        c, m = cache.config, self.config
+        dims = ("n_embd", "n_head", "n_layer", "max_context")
+        if any(getattr(c, d) != getattr(m, d) for d in dims):
+            raise ValueError("this KV cache was made for a model of different dimensions")

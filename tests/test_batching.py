@@ -1,0 +1,204 @@
+"""Continuous batching: outputs independent of batch company, finish reasons, cancel, stops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinyllm_trio.model.batching import ContinuousBatcher, DoneEvent, Event, TokenEvent
+from tinyllm_trio.model.sampling import SamplingParams
+from tinyllm_trio.model.tokenizer import EOS, HybridTokenizer, build_vocab
+from tinyllm_trio.model.transformer import ContextLengthError, ModelConfig, Transformer
+
+TEXT = (
+    "once upon a time there was a little cat. the cat liked to play in the sun, "
+    "and the dog liked to run! one day the cat and the dog went to the park together. "
+    "they saw a big tree; it was very tall. 'look,' said the cat, 'a bird!' "
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> HybridTokenizer:
+    return build_vocab([TEXT], n_words=40, n_chars=30)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer: HybridTokenizer) -> Transformer:
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, n_embd=32, n_head=2, n_layer=2, max_context=48
+    )
+    return Transformer.random(config, seed=3)
+
+
+def _run(batcher: ContinuousBatcher) -> dict[int, list[Event]]:
+    out: dict[int, list[Event]] = {}
+    for _ in range(10_000):
+        if batcher.idle:
+            return out
+        for event in batcher.step():
+            out.setdefault(event.request_id, []).append(event)
+    raise AssertionError("the batcher never went idle")
+
+
+def _tokens(events: list[Event]) -> list[int]:
+    return [t for e in events if isinstance(e, TokenEvent) for t in e.token_ids]
+
+
+def _text(events: list[Event]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TokenEvent))
+
+
+def _done(events: list[Event]) -> DoneEvent:
+    assert isinstance(events[-1], DoneEvent), events[-1]
+    return events[-1]
+
+
+PROMPTS = ["once upon a time", "the dog", "a bird said look", "they saw the big tall tree"]
+
+
+def test_greedy_output_does_not_depend_on_batch_company(model, tokenizer) -> None:
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    alone = {}
+    for i, prompt in enumerate(PROMPTS):
+        batcher = ContinuousBatcher(model, tokenizer, max_batch=1)
+        batcher.submit(i, prompt, greedy)
+        alone[i] = _tokens(_run(batcher)[i])
+    # Together, with only 3 slots: requests join and leave between steps, and a longer
+    # neighbour (request 9) overlaps all of them.
+    batcher = ContinuousBatcher(model, tokenizer, max_batch=3)
+    batcher.submit(9, "the cat liked to play", SamplingParams(max_tokens=30, temperature=0))
+    for i, prompt in enumerate(PROMPTS):
+        batcher.submit(i, prompt, greedy)
+    together = _run(batcher)
+    for i in range(len(PROMPTS)):
+        assert _tokens(together[i]) == alone[i]
+        assert _done(together[i]).finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(model, tokenizer) -> None:
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=42)
+    first = ContinuousBatcher(model, tokenizer, max_batch=4)
+    first.submit(1, "the cat", params)
+    second = ContinuousBatcher(model, tokenizer, max_batch=4)
+    second.submit(5, "the dog", SamplingParams(max_tokens=20, temperature=1.0))
+    second.submit(1, "the cat", params)
+    assert _tokens(_run(first)[1]) == _tokens(_run(second)[1])
+
+
+def test_usage_and_text_match_the_tokens(model, tokenizer) -> None:
+    batcher = ContinuousBatcher(model, tokenizer)
+    batcher.submit(1, "once upon a time", SamplingParams(max_tokens=7, temperature=0))
+    events = _run(batcher)[1]
+    done = _done(events)
+    assert done.prompt_tokens == len(tokenizer.encode("once upon a time"))
+    assert done.completion_tokens == 7 == len(_tokens(events))
+    prompt = tokenizer.encode("once upon a time")
+    # The text continues the prompt, leading space included.
+    assert tokenizer.decode(prompt) + _text(events) == tokenizer.decode(prompt + _tokens(events))
+    assert [e.finish_reason for e in events[:-1]] == [None] * 6 + ["length"]
+    assert set(done.timings) == {"queue_ms", "prefill_ms", "decode_ms"}
+
+
+def test_generation_stops_at_the_context_limit(model, tokenizer) -> None:
+    context = model.config.max_context
+    prompt = list(range(6, 6 + context - 5))
+    batcher = ContinuousBatcher(model, tokenizer)
+    batcher.submit(1, prompt, SamplingParams(max_tokens=100, temperature=0))
+    events = _run(batcher)[1]
+    assert _done(events).finish_reason == "length"
+    assert len(prompt) + _done(events).completion_tokens == context
+
+
+def test_bad_prompts_are_refused_at_submit(model, tokenizer) -> None:
+    batcher = ContinuousBatcher(model, tokenizer)
+    context = model.config.max_context
+    with pytest.raises(ContextLengthError):
+        batcher.submit(1, [7] * context, SamplingParams())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        batcher.submit(1, [model.config.vocab_size], SamplingParams())
+    with pytest.raises(ValueError, match="empty"):
+        batcher.submit(1, [], SamplingParams())
+    batcher.submit(1, "the cat", SamplingParams())
+    with pytest.raises(ValueError, match="already in use"):
+        batcher.submit(1, "the dog", SamplingParams())
+
+
+def test_cancel_frees_the_slot_within_one_step(model, tokenizer) -> None:
+    batcher = ContinuousBatcher(model, tokenizer, max_batch=1)
+    batcher.submit(1, "the cat", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    batcher.submit(2, "the dog", SamplingParams(max_tokens=3, temperature=0))
+    batcher.step()
+    assert (batcher.active, batcher.waiting) == (1, 1)
+    batcher.cancel(1)
+    events = batcher.step()
+    assert any(isinstance(e, DoneEvent) and e.finish_reason == "cancelled" for e in events)
+    assert any(isinstance(e, TokenEvent) and e.request_id == 2 for e in events)
+    rest = _run(batcher)
+    assert _done(rest[2]).finish_reason == "length"
+    assert 1 not in rest
+
+
+def test_cancel_while_waiting(model, tokenizer) -> None:
+    batcher = ContinuousBatcher(model, tokenizer, max_batch=1)
+    batcher.submit(1, "the cat", SamplingParams(max_tokens=5))
+    batcher.submit(2, "the dog", SamplingParams(max_tokens=5))
+    batcher.cancel(2)
+    events = _run(batcher)
+    assert _done(events[2]).finish_reason == "cancelled"
+    assert _done(events[2]).completion_tokens == 0
+    assert _done(events[1]).finish_reason == "length"
+
+
+def test_stop_string_ends_generation_and_is_not_emitted(model, tokenizer) -> None:
+    batcher = ContinuousBatcher(model, tokenizer)
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    batcher.submit(1, "once upon", greedy)
+    full = _text(_run(batcher)[1])
+    assert len(full) > 6
+    stop = full[3:6]
+    expected = full[: full.index(stop)]
+    batcher.submit(2, "once upon", SamplingParams(**{**greedy.to_dict(), "stop": (stop,)}))
+    events = _run(batcher)[2]
+    assert _text(events) == expected
+    assert _done(events).finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def eos_model(model: Transformer) -> Transformer:
+    """The same model with its head rigged so EOS always wins."""
+    weights = model.weights()
+    weights["ln_f.bias"] = np.ones_like(weights["ln_f.bias"])
+    weights["ln_f.weight"] = np.zeros_like(weights["ln_f.weight"])
+    weights["lm_head.weight"] = np.zeros_like(weights["lm_head.weight"])
+    weights["lm_head.weight"][EOS] = 1.0
+    return Transformer(model.config, weights)
+
+
+def test_eos_stops_without_text(eos_model, tokenizer) -> None:
+    batcher = ContinuousBatcher(eos_model, tokenizer)
+    batcher.submit(1, "the cat", SamplingParams(max_tokens=10, temperature=0))
+    events = _run(batcher)[1]
+    assert events == [_done(events)]
+    assert (events[0].finish_reason, events[0].completion_tokens) == ("stop", 1)
+
+
+def test_ignore_eos_generates_to_max_tokens(eos_model, tokenizer) -> None:
+    batcher = ContinuousBatcher(eos_model, tokenizer)
+    batcher.submit(1, "the cat", SamplingParams(max_tokens=6, temperature=0.7, ignore_eos=True))
+    events = _run(batcher)[1]
+    assert EOS not in _tokens(events)
+    assert _done(events).completion_tokens == 6
+
+
+def test_logprobs_on_request(model, tokenizer) -> None:
+    batcher = ContinuousBatcher(model, tokenizer)
+    batcher.submit(1, "the cat", SamplingParams(max_tokens=3, temperature=0, logprobs=2))
+    batcher.submit(2, "the cat", SamplingParams(max_tokens=3, temperature=0))
+    events = _run(batcher)
+    for event in events[1][:-1]:
+        (entry,) = event.logprobs
+        assert entry["id"] == event.token_ids[0]
+        assert len(entry["top_logprobs"]) == 2
+        assert entry["top_logprobs"][0]["id"] == entry["id"]  # greedy picks the best
+        assert entry["logprob"] <= 0.0
+    assert all(e.logprobs is None for e in events[2] if isinstance(e, TokenEvent))

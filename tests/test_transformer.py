@@ -1,0 +1,392 @@
+"""The numpy transformer: the forward pass against an independent slow implementation, the KV
+cache (prefill + decode == full forward), batch independence under continuous batching
+(sequences of different lengths joining and leaving), context limits and input validation.
+
+Small configs keep this fast; `std=0.2` random weights give peaked attention, so masking or
+position bugs change the logits visibly instead of hiding in near-uniform softmaxes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tinyllm_trio.model.transformer import (
+    CacheFullError,
+    ContextLengthError,
+    KVCache,
+    ModelConfig,
+    Transformer,
+    expected_shapes,
+    gelu_,
+    sinusoidal_positions,
+)
+
+SMALL = ModelConfig(vocab_size=300, n_embd=64, n_head=4, n_layer=2, max_context=64)
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return Transformer.random(SMALL, seed=1, std=0.2)
+
+
+def _ids(n: int, seed: int = 0, vocab: int = SMALL.vocab_size) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+# ---- an independent, obviously-correct implementation ------------------------------------
+
+
+def reference_logits(weights: dict[str, np.ndarray], cfg: ModelConfig, ids: list[int]):
+    """Straight from the architecture description: float64, per-head and per-position loops,
+    math.erf, the causal mask as a loop bound. Shares no code with the module under test."""
+    W = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+    C, H, hs, T = cfg.n_embd, cfg.n_head, cfg.n_embd // cfg.n_head, len(ids)
+    scale = 1 / math.sqrt(hs) if cfg.attention_scale == "head" else 1 / math.sqrt(C)
+
+    def layernorm(x, w, b):
+        out = np.empty_like(x)
+        for t in range(x.shape[0]):
+            mean = sum(x[t]) / C
+            var = sum((v - mean) ** 2 for v in x[t]) / C
+            out[t] = (x[t] - mean) / math.sqrt(var + 1e-5) * w + b
+        return out
+
+    x = np.array([W["token_embedding.weight"][i] for i in ids])
+    for p in range(T):
+        for i in range(C // 2):
+            x[p, 2 * i] += math.sin(p / 10000 ** (2 * i / C))
+            x[p, 2 * i + 1] += math.cos(p / 10000 ** (2 * i / C))
+    for layer in range(cfg.n_layer):
+        pre = f"blocks.{layer}."
+        h = layernorm(x, W[pre + "ln1.weight"], W[pre + "ln1.bias"])
+        heads = []
+        for head in range(H):
+            q = h @ W[f"{pre}sa.heads.{head}.query.weight"].T
+            k = h @ W[f"{pre}sa.heads.{head}.key.weight"].T
+            v = h @ W[f"{pre}sa.heads.{head}.value.weight"].T
+            out = np.zeros((T, hs))
+            for t in range(T):
+                scores = [float(q[t] @ k[s]) * scale for s in range(t + 1)]
+                top = max(scores)
+                e = [math.exp(s - top) for s in scores]
+                for s in range(t + 1):
+                    out[t] += e[s] / sum(e) * v[s]
+            heads.append(out)
+        x = x + np.concatenate(heads, axis=1) @ W[pre + "sa.proj.weight"].T
+        h = layernorm(x, W[pre + "ln2.weight"], W[pre + "ln2.bias"])
+        f = h @ W[pre + "ffwd.net.0.weight"].T
+        f = np.vectorize(lambda z: 0.5 * z * (1 + math.erf(z / math.sqrt(2))))(f)
+        x = x + f @ W[pre + "ffwd.net.2.weight"].T
+    x = layernorm(x, W["ln_f.weight"], W["ln_f.bias"])
+    return x @ W["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("scale", ["head", "embd"])
+def test_forward_matches_the_reference_implementation(scale):
+    cfg = ModelConfig(vocab_size=97, n_embd=32, n_head=4, n_layer=2, max_context=32)
+    cfg = ModelConfig(**{**cfg.to_dict(), "attention_scale": scale})
+    m = Transformer.random(cfg, seed=3, std=0.3)
+    ids = _ids(17, seed=4, vocab=cfg.vocab_size)
+    ref = reference_logits(m.weights(), cfg, ids)
+    got = m.forward(ids)
+    assert got.dtype == np.float32 and got.shape == (17, cfg.vocab_size)
+    assert np.abs(ref).max() > 1.0  # the comparison is not between two near-zero arrays
+    assert np.abs(got - ref).max() < TOL
+
+
+def test_the_attention_scale_changes_the_logits():
+    head = Transformer.random(SMALL, seed=2, std=0.2)
+    embd_cfg = ModelConfig(**{**SMALL.to_dict(), "attention_scale": "embd"})
+    embd = Transformer(embd_cfg, head.weights())
+    assert head.config.scale == pytest.approx(1 / math.sqrt(16))
+    assert embd.config.scale == pytest.approx(1 / math.sqrt(64))
+    ids = _ids(20, seed=5)
+    assert np.abs(head.forward(ids) - embd.forward(ids)).max() > 1e-2
+
+
+def test_positions_are_the_sinusoidal_formula():
+    pe = sinusoidal_positions(512, 192)
+    for p, i in [(0, 0), (1, 0), (7, 5), (300, 40), (511, 95)]:
+        assert pe[p, 2 * i] == pytest.approx(math.sin(p / 10000 ** (2 * i / 192)), abs=1e-6)
+        assert pe[p, 2 * i + 1] == pytest.approx(math.cos(p / 10000 ** (2 * i / 192)), abs=1e-6)
+
+
+def test_gelu_is_the_exact_erf_gelu():
+    x = np.linspace(-10, 10, 20001, dtype=np.float32)
+    got = gelu_(x.copy(), *(np.empty_like(x) for _ in range(3)))
+    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(float)])
+    assert np.abs(got - exact).max() < 1e-6
+    # the tanh approximation differs by ~1e-3 here: the test tells them apart
+    tanh = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    assert np.abs(tanh - exact).max() > 1e-4
+
+
+def test_default_config_is_the_seed_model():
+    shapes = expected_shapes(ModelConfig())
+    assert len(shapes) == 154
+    assert sum(math.prod(s) for s in shapes.values()) == 3_913_344
+    assert shapes["blocks.5.sa.heads.5.query.weight"] == (32, 192)
+    assert shapes["blocks.0.ffwd.net.0.weight"] == (768, 192)
+
+
+# ---- KV cache: incremental == full -----------------------------------------------------
+
+
+def test_prefill_then_decode_matches_the_full_forward(model):
+    ids = _ids(40, seed=6)
+    full = model.forward(ids)
+    cache = model.new_cache(2)
+    last = model.prefill(cache, "s", ids[:9])
+    assert last.shape == (SMALL.vocab_size,)
+    assert np.abs(last - full[8]).max() < TOL
+    worst = 0.0
+    for t in range(9, 40):
+        logits = model.decode_step(cache, ["s"], [ids[t]])
+        assert logits.shape == (1, SMALL.vocab_size)
+        worst = max(worst, float(np.abs(logits[0] - full[t]).max()))
+        assert cache.length("s") == t + 1
+    assert worst < TOL
+
+
+def test_prefill_of_one_token_then_decode(model):
+    ids = _ids(12, seed=7)
+    full = model.forward(ids)
+    cache = model.new_cache(1)
+    assert np.abs(model.prefill(cache, 0, ids[:1]) - full[0]).max() < TOL
+    for t in range(1, 12):
+        assert np.abs(model.decode_step(cache, [0], [ids[t]])[0] - full[t]).max() < TOL
+
+
+# ---- batch independence (continuous batching) --------------------------------------------
+
+
+def _solo_greedy(model, prompt, steps):
+    """Greedy generation of one sequence alone in its cache: (tokens, logits per step)."""
+    cache = model.new_cache(1)
+    logits = model.prefill(cache, "solo", prompt)
+    tokens, rows = [], [logits]
+    for _ in range(steps):
+        tokens.append(int(np.argmax(rows[-1])))
+        rows.append(model.decode_step(cache, ["solo"], [tokens[-1]])[0])
+    return tokens, rows
+
+
+def test_a_sequence_does_not_depend_on_its_batch(model):
+    """Sequences of different lengths share a cache, join and leave between steps, are listed in
+    shifting orders, one is dropped and re-added under the same id; every logits row equals the
+    same sequence run alone, and so do the greedy tokens."""
+    prompts = {"a": _ids(5, 10), "b": _ids(23, 11), "c": _ids(2, 12), "d": _ids(14, 13)}
+    steps = 12
+    solo = {s: _solo_greedy(model, p, steps) for s, p in prompts.items()}
+    cache = model.new_cache(3)
+    rng = np.random.default_rng(0)
+    joins = {"a": 0, "b": 0, "c": 3, "d": 6}  # d joins after a leaves (capacity 3)
+    leave = {"a": 5}
+    state: dict[str, dict] = {}  # seq -> {"step": i, "tokens": [...]}
+    worst = 0.0
+    finished = []
+    for step in range(40):
+        for s, at in joins.items():
+            if at == step and s not in state:
+                first = model.prefill(cache, s, prompts[s])
+                worst = max(worst, float(np.abs(first - solo[s][1][0]).max()))
+                state[s] = {"i": 0, "tokens": [int(np.argmax(first))]}
+        for s, at in leave.items():
+            if at == step and s in state:
+                cache.drop(s)
+                del state[s]
+        active = [s for s in state if state[s]["i"] < steps]
+        if not active:
+            break
+        order = list(rng.permutation(active))
+        logits = model.decode_step(cache, order, [state[s]["tokens"][-1] for s in order])
+        for row, s in zip(logits, order, strict=True):
+            st = state[s]
+            st["i"] += 1
+            worst = max(worst, float(np.abs(row - solo[s][1][st["i"]]).max()))
+            st["tokens"].append(int(np.argmax(row)))
+        for s in [s for s in state if state[s]["i"] >= steps]:
+            assert state[s]["tokens"] == solo[s][0] + [int(np.argmax(solo[s][1][-1]))]
+            cache.drop(s)
+            del state[s]
+            finished.append(s)
+            if (
+                s == "b" and finished.count("b") == 1
+            ):  # re-added under the same id after its drop: a fresh sequence
+                joins["b"] = step + 1
+                prompts["b"] = prompts["b"][:7]
+                solo["b"] = _solo_greedy(model, prompts["b"], steps)
+    assert worst < TOL
+    assert sorted(finished) == ["b", "b", "c", "d"]  # a left early; b ran twice
+    assert len(cache) == 0
+
+
+def test_decoding_a_subset_of_the_cache(model):
+    """Listing only some sequences advances those only; the others are untouched and still
+    decode correctly afterwards (the cache moves rows as needed)."""
+    prompts = [_ids(n, 20 + n) for n in (3, 9, 6, 12)]
+    full = [model.forward(p + _ids(4, 99)) for p in prompts]
+    cache = model.new_cache(4)
+    for i, p in enumerate(prompts):
+        model.prefill(cache, i, p)
+    extra = _ids(4, 99)
+    out = model.decode_step(cache, [3, 1], [extra[0], extra[0]])
+    assert np.abs(out[0] - full[3][12]).max() < TOL
+    assert np.abs(out[1] - full[1][9]).max() < TOL
+    assert [cache.length(i) for i in range(4)] == [3, 10, 6, 13]
+    out = model.decode_step(cache, [2, 0], [extra[0], extra[0]])
+    assert np.abs(out[0] - full[2][6]).max() < TOL
+    assert np.abs(out[1] - full[0][3]).max() < TOL
+    out = model.decode_step(cache, [0, 1, 2, 3], [extra[1]] * 4)
+    for i, n in enumerate((3, 9, 6, 12)):
+        assert np.abs(out[i] - full[i][n + 1]).max() < TOL
+
+
+def test_rows_follow_the_order_given(model):
+    cache = model.new_cache(3)
+    for s, n in (("x", 4), ("y", 7), ("z", 2)):
+        model.prefill(cache, s, _ids(n, n))
+    a = model.decode_step(cache, ["z", "x", "y"], [5, 6, 7])
+    alone = {}
+    for s, n, tok in (("x", 4, 6), ("y", 7, 7), ("z", 2, 5)):
+        c = model.new_cache(1)
+        model.prefill(c, s, _ids(n, n))
+        alone[s] = model.decode_step(c, [s], [tok])[0]
+    for row, s in zip(a, ["z", "x", "y"], strict=True):
+        assert np.abs(row - alone[s]).max() < TOL
+
+
+# ---- context limits and errors ---------------------------------------------------------
+
+
+def test_prompt_longer_than_the_context(model):
+    cache = model.new_cache(2)
+    too_long = _ids(SMALL.max_context + 1)
+    with pytest.raises(ContextLengthError, match=r"65 tokens.*context of 64"):
+        model.prefill(cache, "s", too_long)
+    with pytest.raises(ContextLengthError):
+        model.forward(too_long)
+    assert len(cache) == 0 and "s" not in cache
+    assert issubclass(ContextLengthError, ValueError)
+
+
+def test_decode_past_the_context(model):
+    cache = model.new_cache(2)
+    model.prefill(cache, "full", _ids(SMALL.max_context - 1))
+    model.prefill(cache, "short", _ids(5))
+    model.decode_step(cache, ["full", "short"], [1, 1])  # fills the last position
+    assert cache.length("full") == SMALL.max_context
+    with pytest.raises(ContextLengthError, match="'full'"):
+        model.decode_step(cache, ["short", "full"], [2, 2])
+    # nothing moved: the failed step did not advance the other sequence
+    assert cache.length("short") == 6 and cache.length("full") == SMALL.max_context
+    model.decode_step(cache, ["short"], [2])
+    assert cache.length("short") == 7
+
+
+def test_a_prompt_of_exactly_the_context_fits(model):
+    cache = model.new_cache(1)
+    ids = _ids(SMALL.max_context, seed=3)
+    logits = model.prefill(cache, 0, ids)
+    assert np.abs(logits - model.forward(ids)[-1]).max() < TOL
+    with pytest.raises(ContextLengthError):
+        model.decode_step(cache, [0], [1])
+
+
+def test_cache_capacity_and_slots(model):
+    cache = model.new_cache(2)
+    model.prefill(cache, "a", [1, 2])
+    model.prefill(cache, "b", [3])
+    with pytest.raises(CacheFullError):
+        model.prefill(cache, "c", [4])
+    assert issubclass(CacheFullError, RuntimeError)
+    assert len(cache) == 2 and "c" not in cache
+    cache.drop("a")
+    cache.drop("a")  # no-op
+    cache.drop("never")
+    assert len(cache) == 1 and "a" not in cache and cache.length("b") == 1
+    model.prefill(cache, "c", [4, 5, 6])
+    assert cache.length("c") == 3 and cache.capacity == 2
+
+
+def test_invalid_inputs(model):
+    cache = model.new_cache(2)
+    with pytest.raises(ValueError, match="non-empty"):
+        model.prefill(cache, "s", [])
+    with pytest.raises(ValueError, match="out of range"):
+        model.prefill(cache, "s", [1, SMALL.vocab_size])
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward([-1])
+    assert len(cache) == 0
+    model.prefill(cache, "s", [1, 2])
+    with pytest.raises(ValueError, match="already"):
+        model.prefill(cache, "s", [1])
+    with pytest.raises(KeyError, match="nope"):
+        model.decode_step(cache, ["nope"], [1])
+    with pytest.raises(ValueError, match="twice"):
+        model.decode_step(cache, ["s", "s"], [1, 1])
+    with pytest.raises(ValueError, match="1 sequences but 2 tokens"):
+        model.decode_step(cache, ["s"], [1, 2])
+    with pytest.raises(ValueError, match="out of range"):
+        model.decode_step(cache, ["s"], [SMALL.vocab_size])
+    assert cache.length("s") == 2
+    assert model.decode_step(cache, [], []).shape == (0, SMALL.vocab_size)
+    other = Transformer.random(ModelConfig(vocab_size=300, n_embd=32, n_head=4, n_layer=2))
+    with pytest.raises(ValueError, match="different dimensions"):
+        other.decode_step(cache, ["s"], [1])
+
+
+def test_logits_are_fresh_arrays(model):
+    cache = model.new_cache(1)
+    model.prefill(cache, 0, [1, 2, 3])
+    first = model.decode_step(cache, [0], [4])
+    kept = first.copy()
+    model.decode_step(cache, [0], [5])
+    assert np.array_equal(first, kept)
+
+
+# ---- weights and config ----------------------------------------------------------------
+
+
+def test_weights_round_trip(model):
+    w = model.weights()
+    assert set(w) == set(expected_shapes(SMALL))
+    assert all(v.dtype == np.float32 for v in w.values())
+    again = Transformer(SMALL, w)
+    ids = _ids(10)
+    assert np.array_equal(again.forward(ids), model.forward(ids))
+
+
+def test_wrong_weights_are_rejected(model):
+    w = dict(model.weights())
+    del w["blocks.1.ln2.bias"]
+    with pytest.raises(ValueError, match=r"missing \['blocks.1.ln2.bias'\]"):
+        Transformer(SMALL, w)
+    w = dict(model.weights())
+    w["lm_head.weight"] = np.zeros((SMALL.vocab_size, 63), np.float32)
+    with pytest.raises(ValueError, match=r"lm_head.weight: expected shape \(300, 64\)"):
+        Transformer(SMALL, w)
+
+
+def test_model_config_validation_and_round_trip():
+    assert ModelConfig.from_dict(SMALL.to_dict()) == SMALL
+    assert ModelConfig().head_size == 32
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(n_embd=64, n_head=5)
+    with pytest.raises(ValueError, match="attention_scale"):
+        ModelConfig(attention_scale="sqrt")
+    with pytest.raises(ValueError, match="positive"):
+        ModelConfig(n_layer=0)
+    with pytest.raises(ValueError, match="unknown ModelConfig keys"):
+        ModelConfig.from_dict({**SMALL.to_dict(), "n_embed": 3})
+
+
+def test_kv_cache_repr_state():
+    cache = KVCache(SMALL, 3)
+    assert len(cache) == 0 and cache.seq_ids == ()
+    with pytest.raises(KeyError):
+        cache.length("x")
