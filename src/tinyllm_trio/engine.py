@@ -1,0 +1,361 @@
+"""The Engine: the in-process face of the worker pool, for Trio applications and the HTTP layer.
+
+    async with open_engine(model=None, workers=2) as engine:   # None = the packaged model
+        async for event in engine.generate("Once upon a time", max_tokens=50, temperature=0.8):
+            ...                      # TokenEvent(s), then DoneEvent (or ErrorEvent)
+        completion = await engine.complete("Once upon a time", max_tokens=50)
+
+What is guaranteed:
+
+- `generate()` validates before anything runs: bad sampling parameters raise
+  `InvalidParameterError`, a prompt with no room left for one token raises
+  `ContextLengthError`, a full admission queue raises `OverloadedError`, a draining engine
+  raises `ShuttingDownError`. These are raised by the call itself, synchronously, so an HTTP
+  handler can answer 400/429/503 before it sends any header. The returned `Generation` then
+  streams events and always ends with exactly one `DoneEvent` or `ErrorEvent` (a worker crash
+  is an `ErrorEvent` of kind ``worker_died``, never a hang).
+- Leaving the iteration early (break, an exception, a cancel scope, `aclose()`) cancels the
+  request in its worker, which drops the sequence within one decode step. For a deterministic
+  cancel use ``async with engine.generate(...) as events:``; a bare ``async for`` that breaks
+  relies on Trio finalizing the abandoned generator, which happens promptly in CPython.
+- `complete()` returns a `Completion` or raises: `WorkerDiedError`, `ShuttingDownError`,
+  `OverloadedError`, or the validation errors above.
+- `open_engine` starts the pool inside its own nursery (`nursery.start`, so the body runs only
+  once every worker has loaded the model). Leaving the block, normally, by an exception or by
+  cancellation, stops every worker in order and unlinks every shared-memory object, within
+  `shutdown_timeout` seconds plus a SIGKILL.
+
+Draining (what a server does on SIGTERM): stop accepting new connections, then
+``await engine.drain(grace)``: new `generate()` calls raise `ShuttingDownError`, running and
+queued requests get up to `grace` seconds to finish, and whatever is left ends with an
+`ErrorEvent` of kind ``shutting_down``. Then leave the `open_engine` block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, Event, TokenEvent
+from tinyllm_trio.model.sampling import InvalidParameterError, SamplingParams
+from tinyllm_trio.model.tokenizer import HybridTokenizer
+from tinyllm_trio.model.transformer import ContextLengthError, ModelConfig
+
+if TYPE_CHECKING:
+    from tinyllm_trio.ipc.pool import PendingRequest, WorkerPool
+
+__all__ = [
+    "Completion",
+    "ContextLengthError",
+    "Engine",
+    "EngineError",
+    "Generation",
+    "InvalidParameterError",
+    "OverloadedError",
+    "ShuttingDownError",
+    "WorkerDiedError",
+    "WorkerStartError",
+    "open_engine",
+]
+
+MODEL_ID = "tinyllm"
+
+
+class EngineError(Exception):
+    """A request (or the engine) failed; `kind` names why, as in `ErrorEvent.kind`."""
+
+    kind = "internal"
+
+    def __init__(self, message: str, *, kind: str | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+
+
+class OverloadedError(EngineError):
+    """Every worker is busy and the admission queue is full: retry after `retry_after` s."""
+
+    kind = "overloaded"
+    retry_after = 1
+
+
+class WorkerDiedError(EngineError):
+    """The worker running this request crashed; the pool has started a replacement."""
+
+    kind = "worker_died"
+
+
+class ShuttingDownError(EngineError):
+    """The engine is draining or stopped and accepts no new requests."""
+
+    kind = "shutting_down"
+
+
+class WorkerStartError(EngineError):
+    """A worker could not start (e.g. the checkpoint does not load); raised by open_engine."""
+
+    kind = "start_failed"
+
+
+_ERRORS_BY_KIND: dict[str, type[EngineError]] = {
+    cls.kind: cls for cls in (OverloadedError, WorkerDiedError, ShuttingDownError)
+}
+
+
+def error_from_event(event: ErrorEvent) -> Exception:
+    """The exception `complete()` raises for an ErrorEvent."""
+    if event.kind == "context_length":
+        return ContextLengthError(event.message)
+    cls = _ERRORS_BY_KIND.get(event.kind, EngineError)
+    return cls(event.message, kind=event.kind)
+
+
+@dataclass
+class Completion:
+    """A finished generation: its text, why it ended, usage counts and timings."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Generation:
+    """The event stream of one request: an async iterator and an async context manager.
+
+    Created (and validated) by `Engine.generate`; the request is admitted when iteration
+    starts, so a `Generation` that is never iterated costs nothing. Exiting the `async with`
+    block, `aclose()` or `cancel()` cancels the request if it is still running; they may be
+    called from another task than the one iterating, whose stream then ends with
+    `DoneEvent("cancelled")`.
+    """
+
+    def __init__(self, pool: WorkerPool, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._pool = pool
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.request_id: int | None = None
+        self._request: PendingRequest | None = None
+        self._cancelled = False
+        self._completion_tokens = 0
+        self._events = self._stream()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    async def _stream(self) -> AsyncIterator[Event]:
+        if self._cancelled:
+            return
+        request = self._pool.admit(self.prompt_ids, self.params)
+        self._request, self.request_id = request, request.id
+        try:
+            try:
+                async for event in request.events:
+                    if isinstance(event, TokenEvent):
+                        self._completion_tokens += len(event.token_ids)
+                    yield event
+                    if isinstance(event, DoneEvent | ErrorEvent):
+                        return
+            except trio.ClosedResourceError:  # cancel() while this task waited for an event
+                yield DoneEvent(
+                    request.id, "cancelled", self.prompt_tokens, self._completion_tokens
+                )
+                return
+            yield ErrorEvent(request.id, "the request ended without a final event", "internal")
+        finally:
+            self._pool.release(request)
+
+    def cancel(self) -> None:
+        """Cancel the request now (synchronous, from any task); idempotent."""
+        self._cancelled = True
+        if self._request is not None:
+            self._pool.release(self._request)
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        self.cancel()
+        if not self._events.ag_running:  # else the iterating task ends the stream itself
+            await self._events.aclose()
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class Engine:
+    """Generation on a pool of worker processes. Get one from `open_engine`."""
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        tokenizer: HybridTokenizer,
+        model_config: ModelConfig,
+        model_path: str | None = None,
+    ) -> None:
+        self._pool = pool
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.model_path = model_path
+        self.model_id = MODEL_ID
+
+    @property
+    def ready(self) -> bool:
+        """Accepting requests with at least one worker up (False while draining)."""
+        return self._pool.accepting and self._pool.any_ready
+
+    @property
+    def accepting(self) -> bool:
+        return self._pool.accepting
+
+    @property
+    def workers(self) -> int:
+        return len(self._pool.slots)
+
+    def stats(self) -> dict[str, object]:
+        """running, waiting, capacity, restarts and per-worker load (pid, ready, running)."""
+        return self._pool.stats()
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt as the worker will see them (text gets BOS first).
+
+        Raises InvalidParameterError (param "prompt") for an empty list or an id outside the
+        vocabulary, and ContextLengthError when no room is left for one generated token.
+        """
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            for i in ids:
+                if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab:
+                    raise InvalidParameterError(
+                        "prompt", f"token id {i!r} is not an integer in [0, {vocab})"
+                    )
+            if not ids:
+                raise InvalidParameterError("prompt", "the prompt is empty")
+        context = self.model_config.max_context
+        if len(ids) + 1 > context:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens; this model's context is {context} tokens "
+                "and at least one must be left for the completion"
+            )
+        return ids
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        **overrides: Any,
+    ) -> Generation:
+        """Validate a request and return its event stream (see the module docstring).
+
+        `params` and/or keyword overrides (`max_tokens=50, temperature=0.8`, ...) give the
+        SamplingParams. Raises InvalidParameterError, ContextLengthError, OverloadedError or
+        ShuttingDownError right here, before any event. The request is admitted when iteration
+        starts; if the queue filled up in between, that first `__anext__` raises
+        OverloadedError (still before any event).
+        """
+        if params is None:
+            params = SamplingParams(**overrides)
+        elif overrides:
+            params = dataclasses.replace(params, **overrides)
+        ids = self.encode_prompt(prompt)
+        self._pool.check_admission()
+        return Generation(self._pool, ids, params)
+
+    async def complete(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        **overrides: Any,
+    ) -> Completion:
+        """Run a request to the end; raise EngineError (or a validation error) if it failed."""
+        text: list[str] = []
+        token_ids: list[int] = []
+        logprobs: list[dict[str, Any]] = []
+        async with self.generate(prompt, params, **overrides) as events:
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    text.append(event.text)
+                    token_ids.extend(event.token_ids)
+                    if event.logprobs:
+                        logprobs.extend(event.logprobs)
+                elif isinstance(event, DoneEvent):
+                    return Completion(
+                        "".join(text),
+                        event.finish_reason,
+                        event.prompt_tokens,
+                        event.completion_tokens,
+                        token_ids,
+                        logprobs if events.params.logprobs is not None else None,
+                        event.timings,
+                    )
+                else:
+                    raise error_from_event(event)
+        raise EngineError("the request ended without a final event")  # pragma: no cover
+
+    async def drain(self, grace: float = 10.0) -> None:
+        """Stop accepting, give running and queued requests `grace` seconds, end the rest."""
+        await self._pool.drain(grace)
+
+
+@asynccontextmanager
+async def open_engine(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    workers: int | None = None,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    attention_scale: str | None = None,
+    shutdown_timeout: float = 5.0,
+    ready_timeout: float = 120.0,
+) -> AsyncIterator[Engine]:
+    """Start `workers` worker processes (default: one per CPU) and yield an Engine.
+
+    The tokenizer is loaded here too (validation happens in this process). Raises
+    CheckpointError for a checkpoint that does not load and WorkerStartError if a worker cannot
+    start. On exit every worker is stopped and every IPC object unlinked.
+    """
+    from tinyllm_trio.ipc.pool import WorkerPool, unwrap_single_exception
+    from tinyllm_trio.model.checkpoint import load_model
+
+    loaded = await trio.to_thread.run_sync(
+        functools.partial(load_model, model, attention_scale=attention_scale)
+    )
+    path = None if loaded.path is None else os.fspath(loaded.path)
+    pool = WorkerPool(
+        path,
+        workers=workers,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        attention_scale=attention_scale,
+        ready_timeout=ready_timeout,
+    )
+    engine = Engine(pool, loaded.tokenizer, loaded.transformer.config, path)
+    del loaded  # the server process needs the tokenizer and config, not the weights
+    with unwrap_single_exception():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            try:
+                yield engine
+            finally:
+                with trio.CancelScope(shield=True):
+                    await pool.aclose(shutdown_timeout)

@@ -1,0 +1,423 @@
+"""`tinyllm-trio bench engine`: what the process boundary costs, and what a second worker buys.
+
+Three measurements, each the median of `--runs` runs:
+
+- bare: the worker's own loop in this process: `ContinuousBatcher` with `max_batch` = the
+  concurrency, C requests submitted at once, `step()` until idle. No IPC, no Trio.
+- engine: the same C requests through `open_engine` (1 worker, then 2 by default), consumed by
+  C Trio tasks: IPC both ways, routing, per-request channels, all of it. Both count every
+  generated token (C x max_tokens; EOS is ignored) from first submit to last final event,
+  prefill included. "engine/bare" at 1 worker is the price of the process boundary (target:
+  >= 0.85); "2w/1w" is the scaling of a second worker (target on 2 cores: >= 1.6 at 32+).
+- IPC: a token message's round trip between two processes over two rings (encode, put, the
+  peer's get and put back, get, decode), and the Trio-side cost of receiving a stream of
+  token messages (`receive_many` + decode), in microseconds per message.
+
+Wall-clock rates are honest only on an otherwise idle machine: the workers and this process
+share the cores with everything else running. So each rate comes with its CPU cost per token
+(bare: this process's CPU time; engine: the workers' CPU time from /proc/<pid>/schedstat plus
+this process's, i.e. the IPC and routing included), and "1w/bare cpu" compares those: the
+process boundary's price measured in CPU, which a busy machine does not distort.
+
+BLAS is single-threaded (as in the workers), so `run_cli` re-runs the benchmark in a child
+process with the thread variables set when they are not already 1. Without a trained default
+checkpoint it uses random weights of the default shapes (same cost), saved to a temporary
+directory the workers load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+CONCURRENCY = (1, 8, 32, 64)
+PROMPT_WORDS = ("once upon a time", "the little cat", "lily and tom went to the park and")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `tinyllm-trio bench engine` (the CLI declares them through this)."""
+    p.add_argument("--model", default=None, help="checkpoint directory (default: packaged)")
+    p.add_argument("--attention-scale", choices=["head", "embd"], default=None)
+    p.add_argument(
+        "--concurrency",
+        default=",".join(map(str, CONCURRENCY)),
+        help="comma-separated numbers of concurrent generations (default 1,8,32,64)",
+    )
+    p.add_argument(
+        "--workers", default="1,2", help="comma-separated worker counts to compare (default 1,2)"
+    )
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per generation")
+    p.add_argument("--runs", type=int, default=3, help="runs per measurement (median reported)")
+    p.add_argument("--ipc-messages", type=int, default=20000, help="messages per IPC test")
+    p.add_argument("--skip-bare", action="store_true", help="only the engine and IPC numbers")
+    p.add_argument("--json", dest="json_path", default=None, help="also write results here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tinyllm-trio bench engine", description=__doc__)
+    add_arguments(p)
+    return p
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"{flag}: values must be >= 1")
+    return values
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    if any(os.environ.get(v) != "1" for v in _THREAD_VARS):
+        env = {**os.environ, **{v: "1" for v in _THREAD_VARS}}
+        cmd = [sys.executable, "-m", "tinyllm_trio.ipc.bench", *_argv(args)]
+        return subprocess.call(cmd, env=env)
+    if args.runs < 1 or args.max_tokens < 1:
+        print("--runs and --max-tokens must be >= 1", file=sys.stderr)
+        return 2
+    concurrency = _ints(args.concurrency, "--concurrency")
+    workers = _ints(args.workers, "--workers")
+    from tinyllm_trio.model.checkpoint import CheckpointError
+
+    with tempfile.TemporaryDirectory(prefix="tinyllm-bench-") as tmp:
+        try:
+            path, label = _checkpoint(args.model, args.attention_scale, Path(tmp))
+        except CheckpointError as e:
+            print(f"tinyllm-trio bench engine: {e}", file=sys.stderr)
+            return 1
+        results = run_benchmarks(
+            path,
+            attention_scale=args.attention_scale,
+            concurrency=concurrency,
+            workers=workers,
+            max_tokens=args.max_tokens,
+            runs=args.runs,
+            ipc_messages=args.ipc_messages,
+            bare=not args.skip_bare,
+        )
+    results["model"] = label
+    print(format_table(results))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    out = ["--concurrency", args.concurrency, "--workers", args.workers]
+    out += ["--max-tokens", str(args.max_tokens), "--runs", str(args.runs)]
+    out += ["--ipc-messages", str(args.ipc_messages)]
+    if args.model is not None:
+        out += ["--model", str(args.model)]
+    if args.attention_scale is not None:
+        out += ["--attention-scale", args.attention_scale]
+    if args.skip_bare:
+        out.append("--skip-bare")
+    if args.json_path:
+        out += ["--json", str(args.json_path)]
+    return out
+
+
+def _checkpoint(model: str | None, attention_scale: str | None, tmp: Path) -> tuple[str, str]:
+    """A checkpoint directory the workers can load, and a label for the table."""
+    from tinyllm_trio.model.checkpoint import default_model_path, load_model, save_checkpoint
+
+    if model is not None or (default_model_path() / "config.json").exists():
+        loaded = load_model(model, attention_scale=attention_scale)
+        return str(loaded.path), f"{loaded.path} ({_shape(loaded.transformer.config)})"
+    from tinyllm_trio.model.tokenizer import HybridTokenizer, build_vocab
+    from tinyllm_trio.model.transformer import ModelConfig, Transformer
+
+    here = Path(__file__).resolve()
+    seed_vocabs = [
+        root / "shared" / "seed" / "tinystories_tokenizer_vocab.json"
+        for root in (here.parents[3], here.parents[4])  # the checkout, or beside it
+    ]
+    seed_vocab = next((p for p in seed_vocabs if p.exists()), None)
+    if seed_vocab is not None:  # the real vocabulary: the LM head has its real size
+        tokenizer = HybridTokenizer.from_file(seed_vocab)
+    else:
+        tokenizer = build_vocab([" ".join(PROMPT_WORDS)], n_words=3200, n_chars=60)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size)
+    save_checkpoint(tmp, Transformer.random(config, seed=0), tokenizer)
+    return str(tmp), f"random weights, default shapes ({_shape(config)}; no trained model found)"
+
+
+def _shape(config) -> str:
+    return (
+        f"V={config.vocab_size} C={config.n_embd} H={config.n_head} L={config.n_layer} "
+        f"ctx={config.max_context}"
+    )
+
+
+def _prompts(n: int) -> list[str]:
+    return [PROMPT_WORDS[i % len(PROMPT_WORDS)] for i in range(n)]
+
+
+# --- measurements --------------------------------------------------------------------------------
+
+
+Measurement = tuple[float, float]  # (tokens per second, CPU microseconds per token)
+
+
+def _cpu_ns(pid: int) -> int:
+    """CPU time a process has used, in ns (scheduler accounting, finer than clock ticks)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def bare_tokens_per_s(
+    path: str, attention_scale: str | None, c: int, max_tokens: int
+) -> Measurement:
+    """The batcher loop alone: C requests at once, step until idle."""
+    from tinyllm_trio.model.batching import ContinuousBatcher, TokenEvent
+    from tinyllm_trio.model.checkpoint import load_model
+    from tinyllm_trio.model.sampling import SamplingParams
+
+    loaded = load_model(path, attention_scale=attention_scale)
+    batcher = ContinuousBatcher(loaded.transformer, loaded.tokenizer, max_batch=c)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for i, prompt in enumerate(_prompts(c)):
+        batcher.submit(i, prompt, params)
+    tokens = 0
+    while not batcher.idle:
+        for event in batcher.step():
+            if isinstance(event, TokenEvent):
+                tokens += len(event.token_ids)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    assert tokens == c * max_tokens, tokens
+    return tokens / elapsed, cpu / tokens * 1e6
+
+
+async def _engine_run(engine, c: int, max_tokens: int) -> Measurement:
+    import trio
+
+    from tinyllm_trio.model.batching import DoneEvent, TokenEvent
+    from tinyllm_trio.model.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    counts: list[int] = []
+
+    async def one(prompt: str) -> None:
+        n = 0
+        async with engine.generate(prompt, params) as events:
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    n += len(event.token_ids)
+                elif not isinstance(event, DoneEvent):
+                    raise RuntimeError(f"generation failed: {event}")
+        counts.append(n)
+
+    pids = [w["pid"] for w in engine.stats()["workers"]]
+    workers0 = sum(_cpu_ns(pid) for pid in pids)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    async with trio.open_nursery() as nursery:
+        for prompt in _prompts(c):
+            nursery.start_soon(one, prompt)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    cpu += (sum(_cpu_ns(pid) for pid in pids) - workers0) / 1e9
+    tokens = sum(counts)
+    assert tokens == c * max_tokens, tokens
+    return tokens / elapsed, cpu / tokens * 1e6
+
+
+def engine_tokens_per_s(
+    path: str,
+    attention_scale: str | None,
+    workers: int,
+    concurrency: Sequence[int],
+    max_tokens: int,
+    runs: int,
+) -> dict[int, list[Measurement]]:
+    """Measurements per concurrency level, one engine started once for all of them."""
+    import trio
+
+    from tinyllm_trio.engine import open_engine
+
+    async def main() -> dict[int, list[Measurement]]:
+        out: dict[int, list[Measurement]] = {}
+        async with open_engine(
+            path,
+            workers=workers,
+            max_batch=max(concurrency),
+            max_queue=0,
+            attention_scale=attention_scale,
+        ) as engine:
+            await _engine_run(engine, min(8, max(concurrency)), 4)  # warm-up
+            for c in concurrency:
+                out[c] = [await _engine_run(engine, c, max_tokens) for _ in range(runs)]
+        return out
+
+    return trio.run(main)
+
+
+_ECHO = """
+import sys
+from tinyllm_trio.ipc.ring import Ring
+inbox, outbox, n = Ring.attach(sys.argv[1]), Ring.attach(sys.argv[2]), int(sys.argv[3])
+for _ in range(n):
+    f = inbox.get(timeout=30)
+    outbox.put(f.msg_type, f.request_id, f.payload)
+"""
+
+_STREAM = """
+import sys
+from tinyllm_trio.ipc.messages import encode
+from tinyllm_trio.ipc.ring import Ring
+from tinyllm_trio.model.batching import TokenEvent
+outbox, n = Ring.attach(sys.argv[1]), int(sys.argv[2])
+frame = encode(TokenEvent(7, [123], " cat"))
+for _ in range(n):
+    outbox.put(*frame, timeout=30)
+"""
+
+
+def ipc_costs(messages: int) -> dict[str, float]:
+    """Round trip of a token message between two processes, and Trio-side receive cost."""
+    import trio
+
+    from tinyllm_trio.ipc.messages import decode, encode
+    from tinyllm_trio.ipc.pool import RESPONSE_SLOT_SIZE, RESPONSE_SLOTS
+    from tinyllm_trio.ipc.ring import Ring, new_prefix
+    from tinyllm_trio.model.batching import TokenEvent
+
+    base = new_prefix()
+    there = Ring.create(base + "-b-there", n_slots=RESPONSE_SLOTS, slot_size=RESPONSE_SLOT_SIZE)
+    back = Ring.create(base + "-b-back", n_slots=RESPONSE_SLOTS, slot_size=RESPONSE_SLOT_SIZE)
+    try:
+        rounds = max(1000, messages // 10)
+        echo = subprocess.Popen([sys.executable, "-c", _ECHO, there.name, back.name, str(rounds)])
+        event = TokenEvent(7, [123], " cat")
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            there.put(*encode(event))
+            frame = back.get(timeout=30)
+            assert decode(frame.msg_type, frame.request_id, frame.payload) == event
+        round_trip = (time.perf_counter() - t0) / rounds
+        echo.wait(timeout=30)
+
+        stream = subprocess.Popen([sys.executable, "-c", _STREAM, there.name, str(messages)])
+
+        async def receive() -> float:  # as the pool reads: Ring.pump, decode each message
+            got = 0
+            t0 = 0.0
+
+            def deliver(frames) -> None:
+                nonlocal got, t0
+                if not t0:
+                    t0 = time.perf_counter()
+                for f in frames:
+                    decode(f.msg_type, f.request_id, f.payload)
+                got += len(frames)
+                if got >= messages:
+                    scope.cancel()
+
+            with trio.CancelScope() as scope:
+                await there.pump(deliver)
+            return (time.perf_counter() - t0) / messages
+
+        streamed = trio.run(receive)
+        stream.wait(timeout=30)
+    finally:
+        there.destroy()
+        back.destroy()
+    return {"round_trip_us": round_trip * 1e6, "streamed_us_per_msg": streamed * 1e6}
+
+
+def run_benchmarks(
+    path: str,
+    *,
+    attention_scale: str | None = None,
+    concurrency: Sequence[int] = CONCURRENCY,
+    workers: Sequence[int] = (1, 2),
+    max_tokens: int = 64,
+    runs: int = 3,
+    ipc_messages: int = 20000,
+    bare: bool = True,
+) -> dict:
+    results: dict = {"max_tokens": max_tokens, "runs": runs, "concurrency": list(concurrency)}
+    if bare:
+        bare_tokens_per_s(path, attention_scale, 2, 4)  # warm-up
+        results["bare"] = {
+            c: _medians(
+                [bare_tokens_per_s(path, attention_scale, c, max_tokens) for _ in range(runs)]
+            )
+            for c in concurrency
+        }
+    results["engine"] = {}
+    for w in workers:
+        per_c = engine_tokens_per_s(path, attention_scale, w, concurrency, max_tokens, runs)
+        results["engine"][w] = {c: _medians(v) for c, v in per_c.items()}
+    results["ipc"] = ipc_costs(ipc_messages)
+    results["cpus"] = len(os.sched_getaffinity(0))
+    return results
+
+
+def _medians(runs: list[Measurement]) -> dict[str, float]:
+    return {
+        "tokens_per_s": statistics.median(r[0] for r in runs),
+        "cpu_us_per_token": statistics.median(r[1] for r in runs),
+    }
+
+
+def format_table(results: dict) -> str:
+    workers = sorted(results["engine"])
+    bare = results.get("bare")
+    head = ["concurrency"]
+    if bare:
+        head += ["bare tok/s", "bare cpu us/tok"]
+    for w in workers:
+        head += [f"engine {w}w tok/s", f"{w}w cpu us/tok"]
+        if bare and w == 1:
+            head += ["1w/bare", "1w/bare cpu"]
+        if w != 1 and 1 in results["engine"]:
+            head.append(f"{w}w/1w")
+    rows = []
+    for c in results["concurrency"]:
+        row = [str(c)]
+        if bare:
+            row += [f"{bare[c]['tokens_per_s']:.0f}", f"{bare[c]['cpu_us_per_token']:.0f}"]
+        for w in workers:
+            m = results["engine"][w][c]
+            row += [f"{m['tokens_per_s']:.0f}", f"{m['cpu_us_per_token']:.0f}"]
+            if bare and w == 1:
+                row.append(f"{m['tokens_per_s'] / bare[c]['tokens_per_s']:.2f}")
+                # efficiency: bare CPU per token / engine CPU per token (1.0 = free IPC)
+                row.append(f"{bare[c]['cpu_us_per_token'] / m['cpu_us_per_token']:.2f}")
+            if w != 1 and 1 in results["engine"]:
+                one = results["engine"][1][c]["tokens_per_s"]
+                row.append(f"{m['tokens_per_s'] / one:.2f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = [
+        f"model: {results.get('model', '?')}",
+        f"{results['max_tokens']} tokens per generation, median of {results['runs']} runs, "
+        f"{results['cpus']} CPUs, BLAS threads 1",
+        "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
+    ]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    ipc = results["ipc"]
+    lines.append(
+        f"IPC: token message round trip between two processes {ipc['round_trip_us']:.1f} us; "
+        f"streamed, Trio receive + decode {ipc['streamed_us_per_msg']:.2f} us/message"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,551 @@
+"""WorkerPool: the dispatcher that owns the worker processes and routes requests to them.
+
+One `WorkerPool` runs N worker slots. A slot is a position that survives restarts: each time
+it (re)starts a worker it creates a fresh pair of rings (new names: a dead worker may have left
+a half-written message behind), spawns ``python -m tinyllm_trio.ipc.worker`` through
+``trio.lowlevel.open_process`` and runs three things in one nursery: a writer task (the only
+producer of the request ring, fed by the slot's outbox channel), a reader task (the only
+consumer of the response ring, routing each event to its request's channel) and the wait for
+the process to exit. When the process exits, for whatever reason, the nursery is cancelled,
+events still in the ring are routed, the slot's in-flight requests end with an `ErrorEvent`
+of kind ``worker_died``, both rings are unlinked, and (unless the pool is stopping) a
+replacement starts, after an exponential back-off if workers keep dying young.
+
+Admission: a request goes at once to the least-loaded ready worker with a free batch slot
+(fewest requests in flight, then lowest index). When every slot is busy it waits in a bounded
+FIFO admission queue; when the queue is full `admit` raises `OverloadedError` at once (the HTTP
+layer answers 429 with Retry-After). A request counts against its worker until the worker
+reports its final event, so a cancelled request frees its slot when the worker has actually
+dropped it (within one decode step), and `stats()` shows exactly what the workers hold.
+
+Everything that changes routing state is synchronous (no await between check and update), so
+Trio's single thread makes it atomic. Messages to a worker go through its unbounded outbox
+(`send_nowait`): a cancel can therefore be sent from a `finally` block or a garbage-collected
+generator without awaiting. Each request's event channel is unbounded too; it is bounded in
+practice by `max_tokens`, and an unbounded channel means one slow consumer can never stall the
+reader that serves every other request on that worker.
+
+Shutdown (`aclose`) is ordered: stop admitting, end queued and running requests with
+``shutting_down`` errors, send each worker `Shutdown`, wait up to a timeout, SIGKILL stragglers,
+unlink every ring. Every ring is also destroyed in `finally` blocks on every other exit path
+(cancellation, Ctrl+C, an exception during start-up), and `run` sweeps the leftovers of dead
+instances (see `ring.sweep_stale`) before it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import trio
+
+from tinyllm_trio.engine import (
+    EngineError,
+    OverloadedError,
+    ShuttingDownError,
+    WorkerStartError,
+)
+from tinyllm_trio.ipc.messages import (
+    Batch,
+    Cancel,
+    MessageError,
+    Ready,
+    Shutdown,
+    Submit,
+    decode,
+    encode,
+)
+from tinyllm_trio.ipc.ring import Frame, Ring, new_prefix, sweep_stale
+from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, Event, TokenEvent
+from tinyllm_trio.model.sampling import SamplingParams
+
+REQUEST_SLOTS = 32
+REQUEST_SLOT_SIZE = 4096  # a 512-token prompt as JSON ids fits in one slot
+RESPONSE_SLOTS = 64
+RESPONSE_SLOT_SIZE = 4096  # a step's batch of 32 token events is ~1.5 KB; logprobs split
+BACKOFF_FIRST = 0.25  # seconds before restarting a worker that died young
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 30.0  # a worker that lived this long resets the back-off
+BLAS_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def unwrap_single_exception() -> Iterator[None]:
+    """Re-raise a nursery's ExceptionGroup holding a single exception as that exception.
+
+    Trio's nurseries always group errors; callers of `open_engine` should see the
+    `WorkerStartError` or their own body's exception, not a group around it.
+    """
+    leaf: BaseException | None = None
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if len(leaves) != 1:
+            raise
+        leaf = leaves[0]
+    if leaf is not None:
+        context = leaf.__context__
+        try:
+            raise leaf
+        finally:
+            leaf.__context__ = context  # not "during handling of" its own group
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "is gone"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    """One request from admission to its final event (the pool's bookkeeping, not public)."""
+
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    send: trio.MemorySendChannel[Event]
+    events: trio.MemoryReceiveChannel[Event]
+    worker: WorkerSlot | None = None
+    finished: bool = False  # the final event was delivered (or the request was withdrawn)
+    cancel_sent: bool = False
+
+    def deliver(self, event: Event) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            self.send.send_nowait(event)
+
+    def finish(self, event: Event) -> None:
+        if not self.finished:
+            self.finished = True
+            self.deliver(event)
+            self.send.close()
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """A worker position: survives its process, counts restarts."""
+
+    index: int
+    generation: int = 0
+    pid: int | None = None
+    ready: bool = False
+    inflight: dict[int, PendingRequest] = field(default_factory=dict)
+    outbox: trio.MemorySendChannel[object] | None = None
+    process: trio.Process | None = None
+    restarts: int = 0
+    last_exit: int | None = None
+    load_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index}" + (f" (pid {self.pid})" if self.pid else "")
+
+    def post(self, msg: object) -> bool:
+        """Queue a message for this worker's writer task; False if no worker is running."""
+        if self.outbox is None:
+            return False
+        try:
+            self.outbox.send_nowait(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+
+class WorkerPool:
+    """N supervised worker processes, their rings, and the admission queue in front of them.
+
+    Use through `open_engine`; `run` is meant for `nursery.start` and reports readiness once
+    every worker has loaded the model.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        workers: int | None = None,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        attention_scale: str | None = None,
+        ready_timeout: float = 120.0,
+    ) -> None:
+        workers = default_workers() if workers is None else workers
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if max_queue < 0:
+            raise ValueError("max_queue must be 0 or more")
+        self.model = None if model is None else os.fspath(model)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.attention_scale = attention_scale
+        self.ready_timeout = ready_timeout
+        self.prefix = new_prefix()
+        self.slots = [WorkerSlot(i) for i in range(workers)]
+        self.accepting = True
+        self._stopping = False
+        self._started = False
+        self._queue: dict[int, PendingRequest] = {}  # FIFO (insertion order)
+        self._next_id = 1
+        self._rings: set[Ring] = set()
+        self._limiter = trio.CapacityLimiter(2 * workers + 2)  # readers + writers, not trio's 40
+        self._all_ready = trio.Event()
+        self._stop_requested = trio.Event()
+        self._stopped = trio.Event()
+        self._activity = trio.lowlevel.ParkingLot()  # unparked when requests finish
+        self.restarts = 0
+        self.outcomes: Counter[str] = Counter()  # finish reasons and error kinds, all requests
+
+    # --- public state ----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return sum(len(s.inflight) for s in self.slots)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @property
+    def any_ready(self) -> bool:
+        return any(s.ready for s in self.slots)
+
+    def stats(self) -> dict[str, object]:
+        """Counts for /metrics and /health: running and waiting requests, per-worker load."""
+        return {
+            "accepting": self.accepting,
+            "running": self.running,
+            "waiting": self.waiting,
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+            "capacity": self.max_batch * len(self.slots),
+            "restarts": self.restarts,
+            "outcomes": dict(self.outcomes),
+            "workers": [
+                {
+                    "index": s.index,
+                    "pid": s.pid,
+                    "ready": s.ready,
+                    "running": len(s.inflight),
+                    "generation": s.generation,
+                    "restarts": s.restarts,
+                    "last_exit": s.last_exit,
+                }
+                for s in self.slots
+            ],
+        }
+
+    # --- admission -------------------------------------------------------------------------------
+
+    def check_admission(self) -> None:
+        """Raise ShuttingDownError / OverloadedError if `admit` would refuse right now."""
+        if not self.accepting:
+            raise ShuttingDownError("the engine is shutting down and accepts no new requests")
+        if self.waiting >= self.max_queue and (self._queue or self._least_loaded() is None):
+            raise OverloadedError(
+                f"all {len(self.slots)} workers are busy ({self.running} requests running) and "
+                f"the admission queue is full ({self.waiting}/{self.max_queue}); retry later"
+            )
+
+    def admit(self, prompt: list[int], params: SamplingParams) -> PendingRequest:
+        """Route a validated request to a worker or the queue; its events arrive on `.events`."""
+        self.check_admission()
+        send, receive = trio.open_memory_channel[Event](math.inf)
+        request = PendingRequest(self._next_id, prompt, params, send, receive)
+        self._next_id += 1
+        slot = None if self._queue else self._least_loaded()
+        if slot is not None:
+            self._assign(request, slot)
+        else:
+            self._queue[request.id] = request
+        return request
+
+    def release(self, request: PendingRequest) -> None:
+        """The caller stopped listening: withdraw the request or cancel it in its worker.
+
+        Synchronous, so it can run in a `finally` block of a cancelled task. Closing `events`
+        wakes a task blocked receiving from it (ClosedResourceError).
+        """
+        request.events.close()
+        if request.finished:
+            return
+        if self._queue.pop(request.id, None) is not None:
+            self._end(request, DoneEvent(request.id, "cancelled", len(request.prompt), 0))
+            return
+        slot = request.worker
+        if slot is not None and not request.cancel_sent and request.id in slot.inflight:
+            request.cancel_sent = slot.post(Cancel(request.id))
+
+    def _least_loaded(self) -> WorkerSlot | None:
+        best = None
+        for slot in self.slots:
+            free = slot.ready and slot.outbox is not None and len(slot.inflight) < self.max_batch
+            if free and (best is None or len(slot.inflight) < len(best.inflight)):
+                best = slot
+        return best
+
+    def _assign(self, request: PendingRequest, slot: WorkerSlot) -> None:
+        request.worker = slot
+        slot.inflight[request.id] = request
+        slot.post(Submit(request.id, request.prompt, request.params))
+
+    def _pump(self) -> None:
+        """Move queued requests to workers with free slots, oldest first."""
+        while self._queue:
+            slot = self._least_loaded()
+            if slot is None:
+                return
+            request = self._queue.pop(next(iter(self._queue)))
+            self._assign(request, slot)
+
+    def _end(self, request: PendingRequest, event: DoneEvent | ErrorEvent) -> None:
+        """Deliver a request's final event (once) and count its outcome."""
+        if not request.finished:
+            self.outcomes[event.finish_reason if isinstance(event, DoneEvent) else event.kind] += 1
+            request.finish(event)
+        self._activity.unpark_all()
+
+    def _end_all(self, message: str, kind: str) -> None:
+        """End every queued and running request with an error; cancel them in their workers."""
+        for request in self._queue.values():
+            self._end(request, ErrorEvent(request.id, message, kind))
+        self._queue.clear()
+        for slot in self.slots:
+            for request in slot.inflight.values():
+                self._end(request, ErrorEvent(request.id, message, kind))
+                if not request.cancel_sent:
+                    request.cancel_sent = slot.post(Cancel(request.id))
+            slot.inflight.clear()
+        self._activity.unpark_all()
+
+    # --- drain and shutdown ----------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> None:
+        """Stop admitting; wait up to `grace` seconds for queued and running requests to finish;
+        end the rest with ``shutting_down`` errors (cancelling them in their workers)."""
+        self.accepting = False
+        with trio.move_on_after(grace):
+            while self.running or self.waiting:
+                await self._activity.park()
+        self._end_all("the server is shutting down", "shutting_down")
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Ordered stop: end all requests, ask every worker to exit, wait up to `timeout`
+        seconds, SIGKILL the rest, and return when every ring is unlinked."""
+        self.accepting = False
+        self._end_all("the server is shutting down", "shutting_down")
+        self._stopping = True
+        self._stop_requested.set()
+        for slot in self.slots:
+            slot.post(Shutdown())
+        with trio.move_on_after(timeout):
+            await self._stopped.wait()
+        for slot in self.slots:
+            if slot.process is not None and slot.process.returncode is None:
+                slot.process.kill()
+        await self._stopped.wait()
+
+    # --- supervision -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start every worker, report readiness once all have loaded, supervise until `aclose`.
+
+        Raises WorkerStartError if a worker fails before its first Ready (a checkpoint that
+        cannot load will not load on a retry either) or if start-up exceeds `ready_timeout`.
+        """
+        sweep_stale()
+        try:
+            with unwrap_single_exception():
+                async with trio.open_nursery() as nursery:
+                    for slot in self.slots:
+                        nursery.start_soon(self._supervise, slot)
+                    with trio.move_on_after(self.ready_timeout) as waited:
+                        await self._all_ready.wait()
+                    if waited.cancelled_caught:
+                        raise WorkerStartError(
+                            f"workers did not load the model within {self.ready_timeout} s"
+                        )
+                    self._started = True
+                    task_status.started()
+        finally:
+            self.accepting = False
+            self._end_all("the engine stopped", "shutting_down")
+            for ring in list(self._rings):  # safety net; normally already destroyed
+                self._drop_ring(ring)
+            self._stopped.set()
+
+    async def _supervise(self, slot: WorkerSlot) -> None:
+        young_deaths = 0
+        while not self._stopping:
+            born = trio.current_time()
+            await self._run_worker(slot)
+            if self._stopping:
+                return
+            if not self._started:
+                why = slot.load_error or f"{slot.name} {_describe_exit(slot.last_exit)}"
+                raise WorkerStartError(f"worker {slot.index} failed to start: {why}")
+            young_deaths = 0 if trio.current_time() - born > STABLE_AFTER else young_deaths + 1
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (young_deaths - 1)) if young_deaths else 0
+            slot.restarts += 1
+            self.restarts += 1
+            why = slot.load_error or f"{slot.name} {_describe_exit(slot.last_exit)}"
+            print(f"tinyllm: {why}; restarting in {delay:.2f} s", file=sys.stderr)
+            with trio.move_on_after(delay):
+                await self._stop_requested.wait()
+
+    def _new_ring(self, name: str, n_slots: int, slot_size: int) -> Ring:
+        ring = Ring.create(name, n_slots=n_slots, slot_size=slot_size)
+        self._rings.add(ring)
+        return ring
+
+    def _drop_ring(self, ring: Ring) -> None:
+        self._rings.discard(ring)
+        ring.destroy()
+
+    def _command(self, slot: WorkerSlot, requests: Ring, responses: Ring) -> list[str]:
+        cmd = [sys.executable, "-m", "tinyllm_trio.ipc.worker"]
+        cmd += ["--requests", requests.name, "--responses", responses.name]
+        cmd += ["--parent-pid", str(os.getpid()), "--index", str(slot.index)]
+        cmd += ["--max-batch", str(self.max_batch)]
+        if self.model is not None:
+            cmd += ["--model", self.model]
+        if self.attention_scale is not None:
+            cmd += ["--attention-scale", self.attention_scale]
+        return cmd
+
+    async def _run_worker(self, slot: WorkerSlot) -> None:
+        """One worker process from spawn to exit, with its rings; returns after cleanup."""
+        slot.generation += 1
+        slot.load_error = None
+        base = f"{self.prefix}-w{slot.index}g{slot.generation}"
+        requests = self._new_ring(base + "-req", REQUEST_SLOTS, REQUEST_SLOT_SIZE)
+        try:
+            responses = self._new_ring(base + "-resp", RESPONSE_SLOTS, RESPONSE_SLOT_SIZE)
+            try:
+                try:
+                    process = await trio.lowlevel.open_process(
+                        self._command(slot, requests, responses),
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,  # the terminal's Ctrl+C is the server's alone
+                        env={**os.environ, **BLAS_ENV},
+                    )
+                except OSError as e:  # e.g. EAGAIN, ENOMEM: a failed start, retried with back-off
+                    slot.load_error = f"could not start a worker process: {e}"
+                    slot.last_exit = None
+                    return
+                await self._serve_process(slot, process, requests, responses)
+            finally:
+                self._drop_ring(responses)
+        finally:
+            self._drop_ring(requests)
+
+    async def _serve_process(
+        self, slot: WorkerSlot, process: trio.Process, requests: Ring, responses: Ring
+    ) -> None:
+        slot.process, slot.pid = process, process.pid
+        outbox, outbox_receive = trio.open_memory_channel[object](math.inf)
+        slot.outbox = outbox
+        if self._stopping:  # aclose() ran while this worker was being spawned
+            slot.post(Shutdown())
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop, requests, outbox_receive)
+                nursery.start_soon(self._read_loop, slot, responses)
+                await process.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            slot.outbox = None
+            slot.ready = False
+            if process.returncode is None:  # we were cancelled: never leave it running
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+            slot.last_exit = process.returncode
+            slot.process = None
+            # events the worker wrote before it died still count (e.g. a Done just in time)
+            while (frame := responses.get(timeout=0)) is not None:
+                self._route(slot, frame)
+            slot.ready = False
+            if slot.inflight:
+                message = (
+                    f"{slot.name} {_describe_exit(process.returncode)} while running this request"
+                )
+                for request in slot.inflight.values():
+                    self._end(request, ErrorEvent(request.id, message, "worker_died"))
+                slot.inflight.clear()
+            self._pump()  # queued requests may fit on the other workers
+
+    async def _write_loop(self, requests: Ring, outbox: trio.MemoryReceiveChannel[object]) -> None:
+        async for msg in outbox:
+            await requests.send(*encode(msg), limiter=self._limiter)
+
+    async def _read_loop(self, slot: WorkerSlot, responses: Ring) -> None:
+        def deliver(frames: list[Frame]) -> None:
+            for frame in frames:
+                self._route(slot, frame)
+
+        await responses.pump(deliver, limiter=self._limiter)
+
+    def _route(self, slot: WorkerSlot, frame: Frame) -> None:
+        """Hand one message from a worker to whoever waits for it."""
+        try:
+            msg = decode(frame.msg_type, frame.request_id, frame.payload)
+        except MessageError as e:
+            print(f"tinyllm: {slot.name} sent a bad message: {e}", file=sys.stderr)
+            return
+        for item in msg.messages if isinstance(msg, Batch) else [msg]:
+            self._route_one(slot, item)
+
+    def _route_one(self, slot: WorkerSlot, msg: object) -> None:
+        if isinstance(msg, Ready):
+            if slot.process is None:  # read after its process exited: not ready at all
+                return
+            slot.ready = True
+            slot.pid = msg.pid
+            if all(s.ready for s in self.slots):
+                self._all_ready.set()
+            self._pump()
+            return
+        request = slot.inflight.get(msg.request_id)
+        if request is None:
+            if isinstance(msg, ErrorEvent) and msg.kind == "load_failed":
+                slot.load_error = msg.message
+            return  # a request that was already ended here (cancelled, shut down)
+        if isinstance(msg, TokenEvent):
+            request.deliver(msg)
+        elif isinstance(msg, DoneEvent | ErrorEvent):
+            del slot.inflight[request.id]
+            self._end(request, msg)
+            self._pump()
+
+
+__all__ = ["EngineError", "PendingRequest", "WorkerPool", "WorkerSlot", "default_workers"]

@@ -1,0 +1,206 @@
+"""The worker process: one model, one continuous batcher, two rings.
+
+Run by the pool as ``python -m tinyllm_trio.ipc.worker --requests NAME --responses NAME ...``
+(never by hand). The server has already created both rings; the worker attaches, loads the
+checkpoint once, announces `Ready` on its response ring, then loops:
+
+- idle (nothing active or waiting): block on the request ring, in bounded slices so that the
+  death of the server is noticed (``os.getppid()`` changes when the parent dies);
+- busy: take every request already waiting without blocking, then run one batcher step, which
+  admits new sequences (prefill), advances every active one by a token and drops finished or
+  cancelled ones; write its events to the response ring, all of them as one `Batch` message.
+
+Writing blocks while the response ring is full: a slow server slows the worker down, and no
+event is ever dropped or reordered. A cancel reaches the batcher before the next step, so its
+sequence is gone within one decode step.
+
+Signals: the pool starts workers in their own session, so the terminal's Ctrl+C never reaches
+them; SIGINT is also ignored here, in case someone signals the process group by hand. The
+server stops a worker with a `Shutdown` message (then SIGKILL if it does not exit in time).
+If the server itself dies (SIGKILL, OOM), the worker notices within a wait slice, unlinks the
+rings it was given (nobody else will) and exits, so no orphan survives its server.
+
+BLAS runs single-threaded (the pool sets ``OPENBLAS_NUM_THREADS`` etc. in the environment, and
+this module sets them too before numpy is imported): the parallelism is one process per core.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+
+from tinyllm_trio.ipc.messages import (  # noqa: E402
+    Batch,
+    Cancel,
+    MessageError,
+    Ready,
+    Shutdown,
+    Submit,
+    decode,
+    encode,
+)
+from tinyllm_trio.ipc.ring import Frame, PeerGoneError, Ring  # noqa: E402
+
+EXIT_LOAD_FAILED = 3
+
+
+def _error_kind(exc: BaseException) -> str:
+    from tinyllm_trio.model.sampling import InvalidParameterError
+    from tinyllm_trio.model.transformer import ContextLengthError
+
+    if isinstance(exc, ContextLengthError):
+        return "context_length"
+    if isinstance(exc, InvalidParameterError | ValueError | MessageError):
+        return "invalid_request"
+    return "internal"
+
+
+class Worker:
+    """The request loop of one worker process (separate from `main` so it reads as a loop)."""
+
+    def __init__(
+        self,
+        requests: Ring,
+        responses: Ring,
+        make_batcher: Callable[[], object],
+        alive: Callable[[], bool],
+        name: str,
+    ) -> None:
+        self.requests = requests
+        self.responses = responses
+        self._make_batcher = make_batcher
+        self.batcher = make_batcher()
+        self.alive = alive
+        self.name = name
+        self.inflight: set[int] = set()
+
+    def send(self, event: object) -> None:
+        """Write one event; blocks while the server is behind (back-pressure, never a drop)."""
+        self.responses.put(*encode(event), alive=self.alive)
+
+    def run(self) -> int:
+        """Serve until a Shutdown message (returns 0); PeerGoneError if the server dies."""
+        while True:
+            for frame in self._incoming(block=self.batcher.idle):
+                if not self._handle(frame):
+                    return 0
+            if not self.alive():  # checked every step too: an orphan must not keep computing
+                raise PeerGoneError("the server is gone")
+            if not self.batcher.idle:
+                self._step()
+
+    def _incoming(self, *, block: bool) -> list[Frame]:
+        frames: list[Frame] = []
+        if block:
+            frame = self.requests.get(alive=self.alive)  # bounded slices, checks the parent
+            if frame is not None:
+                frames.append(frame)
+        while (frame := self.requests.get(timeout=0)) is not None:
+            frames.append(frame)
+        return frames
+
+    def _handle(self, frame: Frame) -> bool:
+        """Apply one request message; False means shut down."""
+        from tinyllm_trio.model.batching import ErrorEvent
+
+        try:
+            msg = decode(frame.msg_type, frame.request_id, frame.payload)
+        except MessageError as e:
+            self.send(ErrorEvent(frame.request_id, f"bad request message: {e}", "invalid_request"))
+            return True
+        if isinstance(msg, Shutdown):
+            return False
+        if isinstance(msg, Cancel):
+            if msg.request_id in self.inflight:
+                self.batcher.cancel(msg.request_id)
+        elif isinstance(msg, Submit):
+            try:
+                self.batcher.submit(msg.request_id, msg.prompt, msg.params)
+            except Exception as e:
+                self.send(ErrorEvent(msg.request_id, str(e), _error_kind(e)))
+            else:
+                self.inflight.add(msg.request_id)
+        else:
+            self.send(ErrorEvent(frame.request_id, f"unexpected {type(msg).__name__}", "internal"))
+        return True
+
+    def _step(self) -> None:
+        from tinyllm_trio.model.batching import DoneEvent, ErrorEvent
+
+        try:
+            events = self.batcher.step()
+        except Exception as e:
+            # A bug in the model code: fail what is running, start from a clean batcher (its
+            # cache may be half-updated), and keep serving.
+            traceback.print_exc(file=sys.stderr)
+            message = f"internal error in {self.name}: {type(e).__name__}: {e}"
+            events = [ErrorEvent(rid, message, "internal") for rid in sorted(self.inflight)]
+            self.batcher = self._make_batcher()
+        if events:  # one message per step: the server wakes once, not once per token
+            self.send(events[0] if len(events) == 1 else Batch(events))
+        for event in events:
+            if isinstance(event, DoneEvent | ErrorEvent):
+                self.inflight.discard(event.request_id)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tinyllm_trio.ipc.worker")
+    p.add_argument("--requests", required=True, help="request ring name (created by the server)")
+    p.add_argument("--responses", required=True, help="response ring name")
+    p.add_argument("--parent-pid", type=int, required=True, help="exit when this process dies")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: packaged)")
+    p.add_argument("--attention-scale", choices=["head", "embd"], default=None)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--index", type=int, default=0, help="worker number, for messages")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    name = f"worker {args.index} (pid {os.getpid()})"
+
+    def alive() -> bool:
+        return os.getppid() == args.parent_pid
+
+    requests = Ring.attach(args.requests)
+    responses = Ring.attach(args.responses)
+    try:
+        from tinyllm_trio.model.batching import ContinuousBatcher, ErrorEvent
+        from tinyllm_trio.model.checkpoint import load_model
+
+        try:
+            loaded = load_model(args.model, attention_scale=args.attention_scale)
+        except Exception as e:
+            msg = f"{name} could not load the model: {type(e).__name__}: {e}"
+            print(f"tinyllm: {msg}", file=sys.stderr)
+            responses.put(*encode(ErrorEvent(0, msg, "load_failed")), alive=alive, timeout=5)
+            return EXIT_LOAD_FAILED
+
+        def make_batcher() -> ContinuousBatcher:
+            return ContinuousBatcher(loaded.transformer, loaded.tokenizer, args.max_batch)
+
+        worker = Worker(requests, responses, make_batcher, alive, name)
+        info = {"index": args.index, "max_batch": args.max_batch, "model": str(loaded.path)}
+        worker.send(Ready(os.getpid(), info))
+        return worker.run()
+    except PeerGoneError:
+        # The server died without cleaning up: nobody else will unlink these names.
+        requests.unlink()
+        responses.unlink()
+        return 0
+    finally:
+        requests.close()
+        responses.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

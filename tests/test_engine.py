@@ -1,0 +1,309 @@
+"""The Engine API over real worker processes: correctness under concurrency, validation before
+any event, cancellation, overload, crashes, drain and bounded shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+
+from tinyllm_trio import (
+    Completion,
+    ContextLengthError,
+    InvalidParameterError,
+    OverloadedError,
+    SamplingParams,
+    ShuttingDownError,
+    WorkerDiedError,
+    open_engine,
+)
+from tinyllm_trio.model.batching import ContinuousBatcher, DoneEvent, ErrorEvent, TokenEvent
+from tinyllm_trio.model.checkpoint import load_model
+
+PROMPTS = [
+    "once upon a time",
+    "the cat",
+    "lily and tom were friends",
+    "a bird sang",
+    "the dog liked to run",
+    "they saw a big tree",
+    "look said the cat",
+    "the children laughed",
+]
+LONG = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)  # ~0.3 s on long_checkpoint
+
+
+def _solo(checkpoint: Path, prompt: str, params: SamplingParams) -> tuple[list[int], str]:
+    """(token ids, text) of one request run alone in an in-process batcher."""
+    loaded = load_model(checkpoint)
+    batcher = ContinuousBatcher(loaded.transformer, loaded.tokenizer, max_batch=1)
+    batcher.submit(1, prompt, params)
+    ids, text = [], []
+    while not batcher.idle:
+        for event in batcher.step():
+            if isinstance(event, TokenEvent):
+                ids.extend(event.token_ids)
+                text.append(event.text)
+    return ids, "".join(text)
+
+
+async def _wait_until(predicate, timeout: float = 2.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_many_concurrent_greedy_generations_match_solo_runs(tiny_checkpoint: Path) -> None:
+    """40 generations through 2 workers at once: each one's tokens and text are exactly what
+    the same prompt produces alone; nothing is mixed between requests."""
+    cases = [
+        (PROMPTS[i % len(PROMPTS)], SamplingParams(max_tokens=5 + i % 17, temperature=0))
+        for i in range(40)
+    ]
+    expected = {(p, s.max_tokens): _solo(tiny_checkpoint, p, s) for p, s in set(cases)}
+    results: dict[int, tuple[list[int], str, DoneEvent]] = {}
+    async with open_engine(tiny_checkpoint, workers=2, max_batch=32) as engine:
+
+        async def run(i: int, prompt: str, params: SamplingParams) -> None:
+            ids, text = [], []
+            async for event in engine.generate(prompt, params):
+                if isinstance(event, TokenEvent):
+                    ids.extend(event.token_ids)
+                    text.append(event.text)
+                else:
+                    results[i] = (ids, "".join(text), event)
+
+        async with trio.open_nursery() as nursery:
+            for i, (prompt, params) in enumerate(cases):
+                nursery.start_soon(run, i, prompt, params)
+        stats = engine.stats()
+    assert len(results) == 40
+    for i, (prompt, params) in enumerate(cases):
+        ids, text, done = results[i]
+        assert isinstance(done, DoneEvent), done
+        assert (ids, text) == expected[(prompt, params.max_tokens)], (i, prompt)
+        assert done.completion_tokens == len(ids)
+    assert stats["outcomes"]["length"] + stats["outcomes"].get("stop", 0) == 40
+    assert all(w["generation"] == 1 for w in stats["workers"])
+
+
+async def test_complete_returns_text_usage_and_logprobs(tiny_checkpoint: Path) -> None:
+    async with open_engine(tiny_checkpoint, workers=1) as engine:
+        completion = await engine.complete("once upon a time", max_tokens=7, temperature=0)
+        assert isinstance(completion, Completion)
+        ids, text = _solo(tiny_checkpoint, "once upon a time", SamplingParams(7, temperature=0))
+        assert (completion.token_ids, completion.text) == (ids, text)
+        assert completion.prompt_tokens == len(engine.tokenizer.encode("once upon a time"))
+        assert completion.completion_tokens == len(ids)
+        assert completion.logprobs is None
+        assert set(completion.timings) >= {"queue_ms", "prefill_ms", "decode_ms"}
+
+        with_lp = await engine.complete([2, 7, 8], max_tokens=4, temperature=0, logprobs=3)
+        assert len(with_lp.logprobs) == with_lp.completion_tokens
+        assert all(len(lp["top_logprobs"]) == 3 for lp in with_lp.logprobs)
+
+
+async def test_invalid_requests_raise_before_any_event(tiny_checkpoint: Path) -> None:
+    async with open_engine(tiny_checkpoint, workers=1) as engine:
+        context = engine.model_config.max_context
+        with pytest.raises(InvalidParameterError) as exc:
+            engine.generate("hi", temperature=-1)
+        assert exc.value.param == "temperature"
+        with pytest.raises(InvalidParameterError, match="max_tokens"):
+            engine.generate("hi", SamplingParams(), max_tokens=0)
+        with pytest.raises(ContextLengthError, match=f"context is {context} tokens"):
+            engine.generate([2] * context)
+        engine.generate([2] * (context - 1))  # exactly one token of room: fine
+        with pytest.raises(InvalidParameterError, match="not an integer"):
+            engine.generate([2, engine.model_config.vocab_size])
+        with pytest.raises(InvalidParameterError, match="empty"):
+            engine.generate([])
+        with pytest.raises(ContextLengthError):
+            await engine.complete("the cat " * context)
+        assert engine.stats()["outcomes"] == {}  # nothing reached a worker
+
+
+async def test_cancel_mid_generation_frees_the_slot(long_checkpoint: Path) -> None:
+    """Each way of leaving a stream early (async with, cancel scope, break) cancels the request
+    in its worker: the worker reports the request "cancelled" (had the cancel arrived after the
+    500 tokens, it would say "length") and the slot is free again (running == 0)."""
+    async with open_engine(long_checkpoint, workers=1) as engine:
+        async with engine.generate("once upon a time", LONG) as events:
+            seen = 0
+            async for event in events:
+                assert isinstance(event, TokenEvent)
+                seen += 1
+                if seen == 3:
+                    break
+        await _wait_until(lambda: engine.stats()["running"] == 0)
+        assert engine.stats()["outcomes"] == {"cancelled": 1}
+
+        got = 0
+        with trio.move_on_after(0.05):
+            async for _ in engine.generate("the cat", LONG):
+                got += 1
+        assert got > 0
+        await _wait_until(lambda: engine.stats()["running"] == 0)
+        assert engine.stats()["outcomes"] == {"cancelled": 2}
+
+        async for _ in engine.generate("the dog", LONG):
+            break  # no aclose: Trio finalizes the abandoned generator
+        await _wait_until(lambda: engine.stats()["outcomes"].get("cancelled") == 3)
+        assert engine.stats()["running"] == 0
+
+
+async def test_overload_is_refused_at_once_and_queued_requests_run_later(
+    long_checkpoint: Path,
+) -> None:
+    """1 batch slot + 1 queue place: a third request is refused at once (before any event);
+    closing the running stream from another task frees the slot and the queued one runs."""
+    async with open_engine(long_checkpoint, workers=1, max_batch=1, max_queue=1) as engine:
+        finals: dict[str, object] = {}
+
+        async def consume(name: str, gen) -> None:
+            async for event in gen:
+                if not isinstance(event, TokenEvent):
+                    finals[name] = event
+
+        async with trio.open_nursery() as nursery:
+            running = engine.generate("the dog", LONG)
+            nursery.start_soon(consume, "long", running)
+            await _wait_until(lambda: engine.stats()["running"] == 1)
+            nursery.start_soon(consume, "queued", engine.generate("once", max_tokens=3))
+            await _wait_until(lambda: engine.stats()["waiting"] == 1)
+            with pytest.raises(OverloadedError, match="queue is full") as exc:
+                engine.generate("one too many")
+            assert exc.value.retry_after >= 1
+            with pytest.raises(OverloadedError):
+                await engine.complete("one too many")
+            await running.aclose()  # while the "long" task is blocked in __anext__
+        assert finals["long"] == DoneEvent(
+            running.request_id, "cancelled", running.prompt_tokens, finals["long"].completion_tokens
+        )
+        assert isinstance(finals["queued"], DoneEvent)
+        assert finals["queued"].completion_tokens == 3
+        await _wait_until(lambda: engine.stats()["running"] == 0)
+        assert engine.stats()["outcomes"] == {"cancelled": 1, "length": 1}
+
+
+async def test_complete_raises_worker_died_and_the_engine_recovers(long_checkpoint: Path) -> None:
+    async with open_engine(long_checkpoint, workers=1) as engine:
+        old_pid = engine.stats()["workers"][0]["pid"]
+
+        async def kill_soon() -> None:
+            await _wait_until(lambda: engine.stats()["running"] == 1)
+            await trio.sleep(0.02)
+            os.kill(old_pid, signal.SIGKILL)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_soon)
+            with pytest.raises(WorkerDiedError, match="SIGKILL"), trio.fail_after(2):
+                await engine.complete("once upon a time", LONG)
+        await _wait_until(
+            lambda: engine.ready and engine.stats()["workers"][0]["pid"] != old_pid, 10
+        )
+        completion = await engine.complete("the cat", max_tokens=3, temperature=0)
+        assert completion.completion_tokens == 3
+        assert engine.stats()["restarts"] == 1
+
+
+async def test_drain_finishes_short_requests_and_ends_long_ones(long_checkpoint: Path) -> None:
+    async with open_engine(long_checkpoint, workers=1) as engine:
+        finals: dict[str, object] = {}
+
+        async def run(name: str, params: SamplingParams) -> None:
+            async for event in engine.generate("once upon a time", params):
+                if not isinstance(event, TokenEvent):
+                    finals[name] = event
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "short", SamplingParams(max_tokens=20, temperature=0))
+            nursery.start_soon(run, "long", SamplingParams(max_tokens=5000, ignore_eos=True))
+            await _wait_until(lambda: engine.stats()["running"] == 2)
+            t0 = trio.current_time()
+            await engine.drain(grace=0.15)
+            assert trio.current_time() - t0 < 0.5
+            assert not engine.ready and not engine.accepting
+            with pytest.raises(ShuttingDownError):
+                engine.generate("too late")
+        assert isinstance(finals["short"], DoneEvent)
+        assert isinstance(finals["long"], ErrorEvent) and finals["long"].kind == "shutting_down"
+
+
+async def test_leaving_open_engine_with_requests_in_flight_is_bounded(
+    long_checkpoint: Path,
+) -> None:
+    """Streams that outlive the engine block (they run in an outer nursery) end with a
+    shutting_down error; the block exits promptly; workers and IPC objects are gone
+    (the conftest fixture checks)."""
+    finals: list[object] = []
+    async with trio.open_nursery() as outer:
+        async with open_engine(long_checkpoint, workers=2) as engine:
+
+            async def consume(i: int) -> None:
+                async for event in engine.generate(PROMPTS[i % 8], LONG):
+                    if not isinstance(event, TokenEvent):
+                        finals.append(event)
+
+            for i in range(10):
+                outer.start_soon(consume, i)
+            await _wait_until(lambda: engine.stats()["running"] == 10)
+            t0 = trio.current_time()
+        assert trio.current_time() - t0 < 3.0
+    assert len(finals) == 10
+    assert all(isinstance(e, ErrorEvent) and e.kind == "shutting_down" for e in finals)
+
+
+async def test_cancelling_open_engine_from_outside_cleans_up(long_checkpoint: Path) -> None:
+    """A cancel scope around the engine fires while 6 requests stream: the block unwinds within
+    a bounded time and leaves no worker or IPC object (checked by the conftest fixture)."""
+    with trio.CancelScope() as scope:
+        async with open_engine(long_checkpoint, workers=2) as engine, trio.open_nursery() as n:
+            for i in range(6):
+                n.start_soon(engine.complete, PROMPTS[i], LONG)
+            await _wait_until(lambda: engine.stats()["running"] == 6)
+            t0 = trio.current_time()
+            scope.cancel()
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    assert trio.current_time() - t0 < 3.0
+
+
+async def test_body_errors_surface_unwrapped_and_engines_do_not_collide(
+    tiny_checkpoint: Path,
+) -> None:
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        async with (
+            open_engine(tiny_checkpoint, workers=1) as a,
+            open_engine(tiny_checkpoint, workers=1) as b,
+        ):
+            ra = await a.complete("the cat", max_tokens=4, temperature=0)
+            rb = await b.complete("the cat", max_tokens=4, temperature=0)
+            assert ra.token_ids == rb.token_ids
+            raise Boom
+
+
+def test_engine_benchmark_runs_and_reports(tiny_checkpoint: Path) -> None:
+    """`tinyllm-trio bench engine` end to end on a tiny model (keeps the benchmark working)."""
+    from tinyllm_trio.ipc.bench import format_table, run_benchmarks
+
+    results = run_benchmarks(
+        str(tiny_checkpoint),
+        concurrency=[1, 4],
+        workers=[1, 2],
+        max_tokens=8,
+        runs=1,
+        ipc_messages=2000,
+    )
+    for c in (1, 4):
+        assert results["bare"][c]["tokens_per_s"] > 0
+        assert results["engine"][2][c]["cpu_us_per_token"] > 0
+    assert results["ipc"]["round_trip_us"] > 0
+    table = format_table(results)
+    assert "1w/bare" in table and "2w/1w" in table and "round trip" in table

@@ -1,0 +1,333 @@
+"""Worker processes and the pool, with real subprocesses: the worker loop over rings made by the
+test (back-pressure), routing, admission and overload, crash detection and recovery, leftovers
+of a SIGKILLed server."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from tinyllm_trio.engine import OverloadedError, WorkerStartError
+from tinyllm_trio.ipc.messages import Batch, Ready, Shutdown, Submit, decode, encode
+from tinyllm_trio.ipc.pool import WorkerPool
+from tinyllm_trio.ipc.ring import Ring, new_prefix, shm_entries
+from tinyllm_trio.model.batching import ContinuousBatcher, DoneEvent, ErrorEvent, TokenEvent
+from tinyllm_trio.model.checkpoint import load_model
+from tinyllm_trio.model.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+
+def _solo(checkpoint: Path, prompt: list[int], params: SamplingParams) -> list[int]:
+    """Token ids of one request run alone in an in-process batcher (the reference)."""
+    loaded = load_model(checkpoint)
+    batcher = ContinuousBatcher(loaded.transformer, loaded.tokenizer, max_batch=1)
+    batcher.submit(1, prompt, params)
+    ids: list[int] = []
+    while not batcher.idle:
+        for event in batcher.step():
+            if isinstance(event, TokenEvent):
+                ids.extend(event.token_ids)
+    return ids
+
+
+# --- the worker process on its own ---------------------------------------------------------------
+
+
+def test_worker_back_pressure_never_drops_or_reorders(tiny_checkpoint: Path) -> None:
+    """A worker whose response ring (4 slots) is not read blocks instead of dropping events;
+    read late, every request's tokens are complete, in order, and equal to a solo run."""
+    base = new_prefix()
+    requests = Ring.create(base + "-req", n_slots=8, slot_size=4096)
+    responses = Ring.create(base + "-resp", n_slots=4, slot_size=256)
+    tokenizer = load_model(tiny_checkpoint).tokenizer
+    prompts = [tokenizer.encode(p) for p in ("once upon a time", "the dog", "a bird")]
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tinyllm_trio.ipc.worker",
+            "--requests",
+            requests.name,
+            "--responses",
+            responses.name,
+            "--parent-pid",
+            str(os.getpid()),
+            "--model",
+            str(tiny_checkpoint),
+        ]
+    )
+    try:
+        ready = responses.get(timeout=20)
+        assert isinstance(decode(ready.msg_type, ready.request_id, ready.payload), Ready)
+        for i, prompt in enumerate(prompts, start=1):
+            requests.put(*encode(Submit(i, prompt, GREEDY)))
+        time.sleep(0.3)  # 3 x 41 events into a 4-slot ring: the worker must be blocked by now
+        assert worker.poll() is None
+        events: dict[int, list] = {1: [], 2: [], 3: []}
+        done = 0
+        while done < 3:
+            frame = responses.get(timeout=10)
+            assert frame is not None, "the worker stopped sending"
+            msg = decode(frame.msg_type, frame.request_id, frame.payload)
+            for event in msg.messages if isinstance(msg, Batch) else [msg]:
+                events[event.request_id].append(event)
+                done += isinstance(event, DoneEvent)
+        for i, prompt in enumerate(prompts, start=1):
+            tokens = [t for e in events[i] if isinstance(e, TokenEvent) for t in e.token_ids]
+            assert tokens == _solo(tiny_checkpoint, prompt, GREEDY)
+            assert isinstance(events[i][-1], DoneEvent)
+            assert events[i][-1].completion_tokens == 40
+        requests.put(*encode(Shutdown()))
+        assert worker.wait(timeout=10) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        requests.destroy()
+        responses.destroy()
+
+
+def test_worker_exits_and_unlinks_when_its_server_dies(tiny_checkpoint: Path) -> None:
+    """A worker whose parent was SIGKILLed notices within a wait slice and leaves nothing."""
+    script = textwrap.dedent(
+        f"""
+        import os, subprocess, sys, time
+        from tinyllm_trio.ipc.ring import Ring, new_prefix
+        base = new_prefix()
+        req = Ring.create(base + "-req", n_slots=4, slot_size=4096)
+        resp = Ring.create(base + "-resp", n_slots=4, slot_size=1024)
+        w = subprocess.Popen([sys.executable, "-m", "tinyllm_trio.ipc.worker",
+            "--requests", req.name, "--responses", resp.name,
+            "--parent-pid", str(os.getpid()), "--model", {str(tiny_checkpoint)!r}],
+            start_new_session=True)
+        assert resp.get(timeout=20) is not None  # Ready
+        print(w.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        worker_pid = int(server.stdout.readline())
+        assert len(shm_entries(server.pid)) == 6
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        deadline = time.monotonic() + 3
+        while _alive(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(worker_pid), "the orphaned worker kept running"
+        assert shm_entries(server.pid) == []
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# --- the pool ------------------------------------------------------------------------------------
+
+
+async def _start(nursery: trio.Nursery, checkpoint: Path, **kw) -> WorkerPool:
+    pool = WorkerPool(checkpoint, **kw)
+    await nursery.start(pool.run)
+    return pool
+
+
+async def _collect(pool: WorkerPool, prompt: list[int], params: SamplingParams) -> list:
+    request = pool.admit(prompt, params)
+    try:
+        return [event async for event in request.events]
+    finally:
+        pool.release(request)
+
+
+async def test_least_loaded_routing_and_stats(tiny_checkpoint: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        pool = await _start(nursery, tiny_checkpoint, workers=2, max_batch=4)
+        try:
+            requests = [pool.admit([2, 7, 8], GREEDY) for _ in range(6)]
+            stats = pool.stats()
+            assert [w["running"] for w in stats["workers"]] == [3, 3]
+            assert stats["running"] == 6 and stats["waiting"] == 0
+            assert {r.worker.index for r in requests[:2]} == {0, 1}
+            for request in requests:
+                events = [e async for e in request.events]
+                assert isinstance(events[-1], DoneEvent)
+                pool.release(request)
+            assert pool.stats()["running"] == 0
+            assert pool.outcomes["length"] == 6
+        finally:
+            await pool.aclose()
+
+
+async def test_admission_queue_overload_and_withdrawal(tiny_checkpoint: Path) -> None:
+    """One worker, 2 batch slots, 2 queue places: the 5th request is refused at once; a queued
+    request that is abandoned leaves the queue; queued ones run in FIFO order."""
+    long = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    async with trio.open_nursery() as nursery:
+        pool = await _start(nursery, tiny_checkpoint, workers=1, max_batch=2, max_queue=2)
+        try:
+            running = [pool.admit([2, 7], long) for _ in range(2)]
+            queued = [pool.admit([2, 8], GREEDY) for _ in range(2)]
+            assert (pool.running, pool.waiting) == (2, 2)
+            with pytest.raises(OverloadedError, match="queue is full"):
+                pool.admit([2, 9], GREEDY)
+            pool.release(queued[0])  # the client went away while queued
+            assert pool.waiting == 1
+            assert pool.outcomes["cancelled"] == 1
+            events = [e async for e in queued[1].events]
+            assert isinstance(events[-1], DoneEvent) and events[-1].completion_tokens == 40
+            for request in running:
+                assert isinstance([e async for e in request.events][-1], DoneEvent)
+        finally:
+            await pool.aclose()
+
+
+async def test_sigkill_fails_only_that_workers_requests_and_pool_recovers(
+    long_checkpoint: Path,
+) -> None:
+    """Kill a worker mid-stream: its requests end with worker_died within 2 s, the other
+    worker's requests finish normally, a replacement starts and serves new requests."""
+    long = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)  # ~0.3 s of decoding
+    async with trio.open_nursery() as nursery:
+        pool = await _start(nursery, long_checkpoint, workers=2, max_batch=8)
+        try:
+            victim = pool.slots[0]
+            old_pid = victim.pid
+            doomed = [pool.admit([2, 7], long) for _ in range(4)]
+            on_victim = [r for r in doomed if r.worker is victim]
+            assert len(on_victim) == 2
+            assert isinstance(await on_victim[0].events.receive(), TokenEvent)
+            t0 = trio.current_time()
+            os.kill(victim.pid, signal.SIGKILL)
+            for request in on_victim:
+                with trio.fail_after(2):
+                    events = [e async for e in request.events]
+                final = events[-1]
+                assert isinstance(final, ErrorEvent) and final.kind == "worker_died", final
+                assert "SIGKILL" in final.message
+                assert sum(isinstance(e, TokenEvent) for e in events) < 400  # cut short
+            assert trio.current_time() - t0 < 2
+            for request in doomed:
+                if request.worker is not victim:
+                    events = [e async for e in request.events]
+                    assert isinstance(events[-1], DoneEvent)
+                    assert events[-1].completion_tokens == 500
+            with trio.fail_after(10):
+                while not (victim.ready and victim.pid != old_pid):
+                    await trio.sleep(0.02)
+            stats = pool.stats()
+            assert stats["restarts"] == 1 and victim.generation == 2
+            assert stats["outcomes"] == {"worker_died": 2, "length": 2}
+            # the replacement serves requests (it is the least loaded: both are idle, index 0)
+            fresh = pool.admit([2, 7], GREEDY)
+            assert fresh.worker is victim
+            events = [e async for e in fresh.events]
+            assert isinstance(events[-1], DoneEvent)
+        finally:
+            await pool.aclose()
+
+
+async def test_a_worker_that_cannot_load_fails_startup_clearly(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")  # exists, so the worker tries: and fails
+    pool = WorkerPool(tmp_path, workers=1)
+    with pytest.raises(WorkerStartError, match="could not load the model"), trio.fail_after(20):
+        await pool.run()  # raises before it would report readiness
+
+
+async def test_a_worker_that_cannot_be_spawned_fails_startup_clearly(
+    tiny_checkpoint: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(WorkerPool, "_command", lambda *a: ["/nonexistent/python"])
+    pool = WorkerPool(tiny_checkpoint, workers=1)
+    with pytest.raises(WorkerStartError, match="could not start a worker process"):
+        with trio.fail_after(20):
+            await pool.run()
+
+
+async def test_replacements_back_off_when_workers_keep_dying(
+    tiny_checkpoint: Path, monkeypatch
+) -> None:
+    import tinyllm_trio.ipc.pool as pool_mod
+
+    monkeypatch.setattr(pool_mod, "BACKOFF_FIRST", 0.2)
+    async with trio.open_nursery() as nursery:
+        pool = await _start(nursery, tiny_checkpoint, workers=1)
+        try:
+            slot = pool.slots[0]
+            starts = []
+            for _ in range(3):
+                pid = slot.pid
+                os.kill(pid, signal.SIGKILL)
+                with trio.fail_after(10):
+                    while not (slot.ready and slot.pid != pid):
+                        await trio.sleep(0.01)
+                starts.append(trio.current_time())
+            # delays 0.2, 0.4, 0.8 s (plus start-up): the gaps grow
+            gaps = [b - a for a, b in itertools.pairwise(starts)]
+            assert gaps[1] > gaps[0] + 0.25
+            assert pool.restarts == 3
+        finally:
+            await pool.aclose()
+
+
+# --- a SIGKILLed server --------------------------------------------------------------------------
+
+SERVER = textwrap.dedent(
+    """
+    import sys, trio
+    from tinyllm_trio import open_engine
+
+    async def main():
+        async with open_engine(sys.argv[1], workers=1) as engine:
+            print(engine.stats()["workers"][0]["pid"], flush=True)
+            await trio.sleep(60)
+
+    trio.run(main)
+    """
+)
+
+
+async def test_leftovers_of_a_killed_server_are_removed_by_the_next(tiny_checkpoint: Path) -> None:
+    """Server and worker SIGKILLed together (as an OOM kill of both would) leave their rings;
+    the next pool to start removes them and uses fresh names of its own."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(tiny_checkpoint)], stdout=subprocess.PIPE
+    )
+    try:
+        worker_pid = int(await trio.to_thread.run_sync(server.stdout.readline))
+        os.kill(worker_pid, signal.SIGKILL)
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        leftovers = shm_entries(server.pid)
+        assert len(leftovers) == 6  # two rings: a segment and two semaphores each
+        async with trio.open_nursery() as nursery:
+            pool = await _start(nursery, tiny_checkpoint, workers=1)
+            assert shm_entries(server.pid) == []
+            assert len(shm_entries(os.getpid())) == 6
+            await pool.aclose()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+        await trio.sleep(0.05)
+        if _alive(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
