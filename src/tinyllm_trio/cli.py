@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
-        default=None,
+        default=os.environ.get("TINYLLM_MODEL") or None,
         help="checkpoint directory (ours, or the original release's model/ dir); "
         "default: the packaged model (env TINYLLM_MODEL)",
     )
@@ -60,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=5, help="runs per measurement (median reported)")
     b.add_argument("--json", dest="json_path", default=None, help="also write results here")
     b.set_defaults(_run="tinyllm_trio.model.bench:run_cli")
+    b = bench.add_parser(
+        "engine", help="Engine tokens/s over worker processes vs the bare batcher loop; IPC cost"
+    )
+    _declare(b, "tinyllm_trio.ipc.bench:add_arguments")
+    b.set_defaults(_run="tinyllm_trio.ipc.bench:run_cli")
+    b = bench.add_parser(
+        "http",
+        help="streaming HTTP load generator (ours, any OpenAI-compatible server, or llama-server)",
+    )
+    _declare(b, "tinyllm_trio.http.loadgen:add_arguments")
+    b.set_defaults(_run="tinyllm_trio.http.loadgen:run_cli")
 
     p = sub.add_parser("serve", help="start the HTTP server")
     _declare(p, "tinyllm_trio.config:add_server_arguments")  # beside ServerConfig

@@ -1,0 +1,292 @@
+"""Server configuration: one `ServerConfig`, built from flags and environment, passed down.
+
+Every knob of `tinyllm-trio serve` is declared once, in `_OPTIONS` below, with its flag, its
+environment variable, its type and its default. `add_server_arguments` turns that table into
+argparse flags (each `--help` line names the environment variable), and `ServerConfig.from_args`
+/ `ServerConfig.from_env` turn parsed flags or a bare environment back into the dataclass.
+
+Precedence: a flag given on the command line wins, then the environment variable, then the
+default. Limits live here with documented defaults, the way hypercorn keeps
+`h11_max_incomplete_size`, `keep_alive_timeout` and `graceful_timeout` in one config object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the HTTP server and the engine it starts need to know.
+
+    Times are seconds, sizes bytes. `None` for `workers` means one worker per CPU core;
+    `None` for `model` means the packaged default checkpoint; `None` for `model_name` means the
+    engine's own `model_id`.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # engine
+    model: str | None = None
+    attention_scale: str | None = None
+    workers: int | None = None
+    max_batch: int = 32
+    max_queue: int = 256
+    model_name: str | None = None
+    # limits and timeouts
+    max_body_size: int = 1 * MiB
+    max_header_size: int = 16 * 1024
+    max_connections: int = 512
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keep_alive_timeout: float = 15.0
+    send_timeout: float = 30.0
+    sse_ping_interval: float = 15.0
+    shutdown_grace: float = 10.0
+    # security and logging
+    api_key: str | None = field(default=None, repr=False)
+    log_format: str = "text"
+    log_level: str = "info"
+    access_log: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        for name in ("max_batch", "max_queue", "max_body_size", "max_header_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        for name in (
+            "header_timeout",
+            "body_timeout",
+            "keep_alive_timeout",
+            "send_timeout",
+            "sse_ping_interval",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.shutdown_grace < 0:
+            raise ValueError(f"shutdown_grace must be >= 0, got {self.shutdown_grace}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+
+    @classmethod
+    def from_args(
+        cls, args: argparse.Namespace, env: Mapping[str, str] | None = None
+    ) -> ServerConfig:
+        """Flags (from a parser `add_server_arguments` prepared), then env, then defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for opt in _OPTIONS:
+            given = getattr(args, opt.dest, None)
+            if given is not None:
+                values[opt.dest] = given
+            elif opt.env in env:
+                values[opt.dest] = opt.parse_env(env[opt.env])
+        return cls(**values)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
+        """Defaults overridden by the environment, then by keyword arguments (for embedding)."""
+        return replace(cls.from_args(argparse.Namespace(), env), **overrides)
+
+
+def _to_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional K/M/G suffix (binary: 1M = 1048576)."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1024, "M": MiB, "G": 1024 * MiB}.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        return int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+@dataclass(frozen=True)
+class _Option:
+    flag: str
+    dest: str
+    type: Callable[[str], Any]
+    help: str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+    @property
+    def env(self) -> str:
+        return "TINYLLM_" + self.dest.upper()
+
+    def parse_env(self, text: str) -> Any:
+        try:
+            value = self.type(text)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise ValueError(f"environment variable {self.env}={text!r}: {exc}") from None
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"environment variable {self.env}={text!r}: not one of {self.choices}")
+        return value
+
+
+_DEFAULTS = {f.name: f.default for f in fields(ServerConfig)}
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option("--host", "host", str, "address to listen on"),
+    _Option("--port", "port", int, "TCP port (0 picks a free one; the log says which)"),
+    _Option(
+        "--model",
+        "model",
+        str,
+        "checkpoint directory (ours, or the original release's model/ dir); "
+        "unset: the packaged default model",
+    ),
+    _Option(
+        "--attention-scale",
+        "attention_scale",
+        str.lower,
+        "override the checkpoint's attention scale: head = 1/sqrt(head_size), "
+        "embd = 1/sqrt(n_embd)",
+        choices=("head", "embd"),
+    ),
+    _Option("--workers", "workers", int, "worker processes; unset: one per CPU core"),
+    _Option("--max-batch", "max_batch", int, "sequences decoded together per worker"),
+    _Option(
+        "--max-queue",
+        "max_queue",
+        int,
+        "requests waiting for a slot before new ones get 429 + Retry-After",
+    ),
+    _Option(
+        "--model-name",
+        "model_name",
+        str,
+        "model id served by /v1/models and echoed in responses; unset: the engine's id",
+    ),
+    _Option(
+        "--max-body-size",
+        "max_body_size",
+        _size,
+        "largest request body (K/M suffixes allowed); larger -> 413 without reading it",
+        metavar="BYTES",
+    ),
+    _Option(
+        "--max-header-size",
+        "max_header_size",
+        _size,
+        "largest request head (request line + headers); larger -> 431",
+        metavar="BYTES",
+    ),
+    _Option(
+        "--max-connections",
+        "max_connections",
+        int,
+        "open client connections; beyond it new ones get 503 and are closed",
+    ),
+    _Option(
+        "--header-timeout",
+        "header_timeout",
+        float,
+        "seconds for a request's head to arrive once it started -> 408",
+        metavar="SECONDS",
+    ),
+    _Option(
+        "--body-timeout",
+        "body_timeout",
+        float,
+        "seconds for a request body to arrive in full -> 408",
+        metavar="SECONDS",
+    ),
+    _Option(
+        "--keep-alive-timeout",
+        "keep_alive_timeout",
+        float,
+        "seconds an idle keep-alive connection is kept open",
+        metavar="SECONDS",
+    ),
+    _Option(
+        "--send-timeout",
+        "send_timeout",
+        float,
+        "seconds a write to a client may stall (client not reading) before it is dropped",
+        metavar="SECONDS",
+    ),
+    _Option(
+        "--sse-ping-interval",
+        "sse_ping_interval",
+        float,
+        "seconds of silence before a streaming response sends ': ping' comments "
+        "(while queued or in prefill)",
+        metavar="SECONDS",
+    ),
+    _Option(
+        "--shutdown-grace",
+        "shutdown_grace",
+        float,
+        "seconds in-flight requests get to finish after SIGINT/SIGTERM before they are "
+        "cancelled with a final error event",
+        metavar="SECONDS",
+    ),
+    _Option(
+        "--api-key",
+        "api_key",
+        str,
+        "require 'Authorization: Bearer KEY' on the generation endpoints "
+        "(/process, /v1/*, /tokenize, /detokenize); /health, /ping, /metrics stay open",
+        metavar="KEY",
+    ),
+    _Option("--log-format", "log_format", str.lower, "log line format", choices=("text", "json")),
+    _Option(
+        "--log-level",
+        "log_level",
+        str.lower,
+        "logging level",
+        choices=("debug", "info", "warning", "error"),
+    ),
+    _Option(
+        "--access-log",
+        "access_log",
+        _to_bool,
+        "log one line per request (true/false)",
+        metavar="BOOL",
+    ),
+)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every `serve` flag; defaults stay None so `from_args` can tell 'not given'."""
+    parser.epilog = (
+        "Every flag has an environment variable (shown with it); a flag given on the command "
+        "line wins over the variable, which wins over the default."
+    )
+    for opt in _OPTIONS:
+        default = _DEFAULTS[opt.dest]
+        shown = "unset" if default is None else default
+        if opt.dest == "max_body_size" or opt.dest == "max_header_size":
+            shown = f"{default} bytes"
+        parser.add_argument(
+            opt.flag,
+            dest=opt.dest,
+            type=opt.type,
+            choices=opt.choices,
+            default=None,
+            metavar=opt.metavar,
+            help=f"{opt.help} [env {opt.env}; default: {shown}]",
+        )
+
+
+__all__ = ["ServerConfig", "add_server_arguments"]

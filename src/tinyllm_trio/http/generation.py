@@ -1,0 +1,426 @@
+"""One `engine.generate` call as the HTTP endpoints see it.
+
+The three generation endpoints (/process, /v1/completions, /v1/chat/completions) differ only in
+how they frame events, so the rest lives here once:
+
+- **Errors before the response starts become HTTP statuses.** The engine validates before its
+  first event (invalid parameters, prompt too long, queue full), so we wait for the first event
+  before sending the response head: a bad request is a 400 with `param`, overload a 429 with
+  `Retry-After`, a prompt over the context a 400 `context_length_exceeded`. Errors after the head
+  went out are written in the stream by the endpoint's `StreamFormat.error`.
+- **The client leaving cancels the generation**, queued or running: a read stays pending on the
+  socket while we wait (`Exchange.watch_for_disconnect`); EOF cancels the scope around the
+  iteration, and leaving the iteration closes the engine's iterator, which cancels the request
+  in its worker within one decode step.
+- **Shutdown cancels through a scope the server owns** (`AppState.generation_scope`): after the
+  grace period the server cancels every generation still running, and each one ends its stream
+  with a final error event instead of a truncated body.
+- **While queued, SSE streams are kept alive**: if the first event takes longer than
+  `sse_ping_interval`, the head is sent and `: ping` comments follow (which SSE clients,
+  the openai SDK included, ignore), so idle-timeout proxies and clients do not give up.
+- **Each token is written as it arrives**: one `send_chunk` (one HTTP chunk, one `send_all`)
+  per event, no buffering, no per-token allocation beyond the encoded bytes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from tinyllm_trio.engine import (
+    EngineError,
+    OverloadedError,
+    ShuttingDownError,
+    WorkerDiedError,
+)
+from tinyllm_trio.http.connection import ClientGone, Exchange, HTTPError
+from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, TokenEvent
+from tinyllm_trio.model.sampling import InvalidParameterError, SamplingParams
+from tinyllm_trio.model.transformer import ContextLengthError
+
+SHUTDOWN_MESSAGE = "the server is shutting down; this generation was cancelled"
+
+
+class AppState(Protocol):
+    """What a generation needs from the server (see `routes.AppState`)."""
+
+    engine: Any
+    config: Any
+    metrics: Any
+    draining: bool
+
+    def generation_scope(self) -> Any: ...
+
+
+def engine_error(exc: BaseException, prompt_param: str = "prompt") -> HTTPError:
+    """The HTTP answer for an exception `engine.generate` raised."""
+    if isinstance(exc, InvalidParameterError):
+        return HTTPError(400, str(exc), param=exc.param, code="invalid_parameter")
+    if isinstance(exc, ContextLengthError):
+        return HTTPError(400, str(exc), param=prompt_param, code="context_length_exceeded")
+    if isinstance(exc, OverloadedError):
+        retry_after = getattr(exc, "retry_after", None) or 1
+        return HTTPError(
+            429,
+            str(exc) or "the server is overloaded; retry later",
+            code="overloaded",
+            headers=[(b"Retry-After", str(max(1, round(retry_after))).encode("ascii"))],
+        )
+    if isinstance(exc, ShuttingDownError):
+        return HTTPError(503, str(exc) or SHUTDOWN_MESSAGE, code="shutting_down")
+    if isinstance(exc, WorkerDiedError):
+        return HTTPError(
+            503, str(exc) or "the worker died", code="worker_died", headers=[(b"Retry-After", b"1")]
+        )
+    if isinstance(exc, EngineError):
+        return HTTPError(500, str(exc), code=getattr(exc, "kind", None) or "engine_error")
+    if isinstance(exc, ValueError):  # bad token ids, empty prompt
+        return HTTPError(400, str(exc), param=prompt_param)
+    return HTTPError(500, f"internal error: {type(exc).__name__}", code="internal_error")
+
+
+def error_event(event: ErrorEvent, prompt_param: str = "prompt") -> HTTPError:
+    """The HTTP answer for an engine `ErrorEvent` (before or after the head)."""
+    kind = event.kind
+    if kind == "invalid_request":
+        return HTTPError(400, event.message, param=prompt_param)
+    if kind == "context_length":
+        return HTTPError(400, event.message, param=prompt_param, code="context_length_exceeded")
+    if kind == "worker_died":
+        return HTTPError(503, event.message, code="worker_died", headers=[(b"Retry-After", b"1")])
+    if kind == "shutting_down":
+        return HTTPError(503, event.message, code="shutting_down")
+    if kind == "overloaded":
+        return HTTPError(429, event.message, code="overloaded", headers=[(b"Retry-After", b"1")])
+    return HTTPError(500, event.message, code=kind or "internal_error")
+
+
+def sampling_params(prompt_param: str = "prompt", **values: Any) -> SamplingParams:
+    """`SamplingParams` from request fields (None = default); invalid values are a 400."""
+    given = {k: v for k, v in values.items() if v is not None}
+    try:
+        return SamplingParams(**given)
+    except InvalidParameterError as exc:
+        raise HTTPError(400, str(exc), param=exc.param, code="invalid_parameter") from None
+    except (TypeError, ValueError) as exc:
+        raise HTTPError(400, f"invalid sampling parameters: {exc}") from None
+
+
+class StreamFormat(Protocol):
+    """How one endpoint frames a generation as HTTP chunks."""
+
+    content_type: bytes
+    headers: Sequence[tuple[bytes, bytes]]
+    ping: bytes | None  # a keep-alive chunk the client ignores, or None if the format has none
+
+    def opening(self) -> bytes | None: ...
+    def token(self, event: TokenEvent) -> bytes | None: ...
+    def closing(self, done: DoneEvent) -> list[bytes]: ...
+    def error(self, error: HTTPError) -> list[bytes]: ...
+
+
+@dataclass
+class Collected:
+    """A whole generation, for the non-streaming responses."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[dict[str, Any]] | None = field(default=None)
+    text_offsets: list[int] = field(default_factory=list)  # where each logprobs token starts
+
+
+class HTTPGeneration:
+    """An open `engine.generate` iterator with its timing metrics; use `async with`."""
+
+    __slots__ = (
+        "_app",
+        "_arrival",
+        "_closed",
+        "_done",
+        "_iter",
+        "_last_token_at",
+        "_metrics",
+        "_prompt",
+        "_tokens",
+        "exchange",
+        "params",
+        "prompt_param",
+    )
+
+    def __init__(
+        self,
+        app: AppState,
+        exchange: Exchange,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        prompt_param: str = "prompt",
+        arrival: float | None = None,
+    ) -> None:
+        self._app = app
+        self._metrics = app.metrics
+        self.exchange = exchange
+        self._prompt = prompt
+        self.params = params
+        self.prompt_param = prompt_param
+        self._arrival = exchange.arrival if arrival is None else arrival
+        self._iter: Any = None
+        self._last_token_at: float | None = None
+        self._tokens = 0
+        self._done: str | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> HTTPGeneration:
+        self._metrics.generations_active.inc()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        m = self._metrics
+        m.generations_active.dec()
+        if self._done is None:
+            self._finish_metrics("cancelled" if exc_info[0] is not None else "error")
+        it, self._iter = self._iter, None
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()  # cancels the request in its worker
+
+    def _finish_metrics(self, reason: str) -> None:
+        self._done = reason
+        m = self._metrics
+        m.request_success.labels(reason).inc()
+        if self._tokens:
+            m.generation_tokens.inc(self._tokens)
+
+    async def first(self, fmt: StreamFormat | None = None) -> TokenEvent | DoneEvent | ErrorEvent:
+        """The first event. Raises `HTTPError` for anything that went wrong before it.
+
+        With a streaming `fmt` that has a ping, the response head and `: ping` comments are sent
+        while the wait lasts longer than `sse_ping_interval`; check `exchange.response_started`
+        before answering an error with a status.
+        """
+        if fmt is None or fmt.ping is None:
+            return await self._first()
+        failure: Exception | None = None
+        event: Any = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._ping_while_waiting, fmt)
+            try:
+                event = await self._first()
+            except Exception as exc:  # re-raised below, outside the nursery
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return event
+
+    async def _first(self) -> TokenEvent | DoneEvent | ErrorEvent:
+        if self._app.draining:
+            self._done = "rejected"
+            raise HTTPError(
+                503,
+                "the server is shutting down",
+                code="shutting_down",
+                headers=[(b"Retry-After", b"1")],
+            )
+        try:
+            it = self._app.engine.generate(self._prompt, self.params)
+            if inspect.isawaitable(it):
+                it = await it
+            self._iter = it
+            event = await it.__anext__()
+        except StopAsyncIteration:
+            raise HTTPError(500, "the engine ended the request without an event") from None
+        except HTTPError:
+            raise
+        except Exception as exc:
+            self._done = "rejected"  # counted by its HTTP status, not as a generation
+            raise engine_error(exc, self.prompt_param) from exc
+        if type(event) is ErrorEvent:
+            self._finish_metrics("error")
+            raise error_event(event, self.prompt_param)
+        self._observe(event)
+        return event
+
+    async def _ping_while_waiting(self, fmt: StreamFormat) -> None:
+        interval = self._app.config.sse_ping_interval
+        ex = self.exchange
+        try:
+            while True:
+                await trio.sleep(interval)
+                # Shielded: the main task cancels us when the first event arrives, and a
+                # write cut in half would tear the stream. Each write is bounded by
+                # send_timeout inside send_bytes.
+                with trio.CancelScope(shield=True):
+                    if not ex.response_started:
+                        await ex.start_stream(200, fmt.content_type, fmt.headers)
+                    await ex.send_chunk(fmt.ping)
+        except ClientGone:
+            return  # the main task's next write (or the disconnect watcher) notices
+
+    async def next(self) -> TokenEvent | DoneEvent | ErrorEvent:
+        """The next event; engine exceptions mid-stream come back as an ErrorEvent."""
+        try:
+            event = await self._iter.__anext__()
+        except StopAsyncIteration:
+            event = ErrorEvent(-1, "the engine ended the request without a final event")
+        except Exception as exc:
+            err = engine_error(exc, self.prompt_param)
+            event = ErrorEvent(-1, err.message, "worker_died" if err.status == 503 else "internal")
+        self._observe(event)
+        return event
+
+    def _observe(self, event: TokenEvent | DoneEvent | ErrorEvent) -> None:
+        now = time.perf_counter()
+        m = self._metrics
+        kind = type(event)
+        if kind is TokenEvent:
+            last = self._last_token_at
+            if last is None:
+                m.ttft.observe(now - self._arrival)
+            else:
+                m.itl.observe(now - last)
+            self._last_token_at = now
+            self._tokens += len(event.token_ids)
+        elif kind is DoneEvent:
+            m.e2e.observe(now - self._arrival)
+            queue_ms = event.timings.get("queue_ms") if event.timings else None
+            if queue_ms is not None:
+                m.queue_time.observe(queue_ms / 1000.0)
+            m.prompt_tokens.inc(event.prompt_tokens)
+            self._tokens = max(self._tokens, event.completion_tokens)
+            self._finish_metrics(event.finish_reason)
+        else:
+            self._finish_metrics("error")
+
+
+async def watching_disconnect(exchange: Exchange, body: Callable[[], Any]) -> Any:
+    """Run `await body()` while watching the socket; the client leaving cancels it.
+
+    Returns what `body` returned; raises `ClientGone` if the client left (the connection is
+    then closed by its loop). Exceptions from `body` are re-raised as they are, not wrapped in
+    an exception group.
+    """
+    failure: Exception | None = None
+    result: Any = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(exchange.watch_for_disconnect, nursery.cancel_scope)
+        try:
+            result = await body()
+        except Exception as exc:
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if exchange.connection.peer_closed:
+        raise ClientGone("the client closed the connection")
+    return result
+
+
+async def stream_response(app: AppState, generation: HTTPGeneration, fmt: StreamFormat) -> None:
+    """Stream a generation with `fmt`: head, opening, one chunk per event, closing."""
+    ex = generation.exchange
+
+    async def body() -> None:
+        async with generation:
+            with app.generation_scope() as scope:
+                await _stream_events(generation, fmt)
+            if scope.cancelled_caught:
+                await _end_with_error(
+                    ex, fmt, HTTPError(503, SHUTDOWN_MESSAGE, code="shutting_down")
+                )
+
+    await watching_disconnect(ex, body)
+
+
+async def _stream_events(generation: HTTPGeneration, fmt: StreamFormat) -> None:
+    ex = generation.exchange
+    try:
+        event = await generation.first(fmt)
+    except HTTPError as err:
+        if not ex.response_started:
+            raise
+        await _end_with_error(ex, fmt, err)
+        return
+    if not ex.response_started:
+        await ex.start_stream(200, fmt.content_type, fmt.headers)
+    opening = fmt.opening()
+    if opening is not None:
+        await ex.send_chunk(opening)
+    send_chunk = ex.send_chunk
+    token = fmt.token
+    while True:
+        kind = type(event)
+        if kind is TokenEvent:
+            data = token(event)
+            if data is not None:
+                await send_chunk(data)
+        elif kind is DoneEvent:
+            for data in fmt.closing(event):
+                await send_chunk(data)
+            await ex.end_stream()
+            return
+        else:
+            await _end_with_error(ex, fmt, error_event(event, generation.prompt_param))
+            return
+        event = await generation.next()
+
+
+async def _end_with_error(ex: Exchange, fmt: StreamFormat, err: HTTPError) -> None:
+    """The error path once the head is out: an error event in the stream, then its end."""
+    if not ex.response_started:
+        await ex.respond_error(err)
+        return
+    for data in fmt.error(err):
+        await ex.send_chunk(data)
+    await ex.end_stream()
+
+
+async def collect_response(app: AppState, generation: HTTPGeneration) -> Collected:
+    """Run a generation to its end (non-streaming); errors raise `HTTPError`."""
+
+    async def body() -> Collected:
+        async with generation:
+            with app.generation_scope() as scope:
+                return await _collect(generation)
+            assert scope.cancelled_caught
+            raise HTTPError(503, SHUTDOWN_MESSAGE, code="shutting_down")
+
+    return await watching_disconnect(generation.exchange, body)
+
+
+async def _collect(generation: HTTPGeneration) -> Collected:
+    parts: list[str] = []
+    size = 0
+    logprobs: list[dict[str, Any]] | None = [] if generation.params.logprobs is not None else None
+    offsets: list[int] = []
+    event = await generation.first()
+    while True:
+        kind = type(event)
+        if kind is TokenEvent:
+            if logprobs is not None and event.logprobs:
+                logprobs.extend(event.logprobs)
+                offsets.extend([size] * len(event.logprobs))
+            parts.append(event.text)
+            size += len(event.text)
+        elif kind is DoneEvent:
+            return Collected(
+                "".join(parts),
+                event.finish_reason,
+                event.prompt_tokens,
+                event.completion_tokens,
+                logprobs,
+                offsets,
+            )
+        else:
+            raise error_event(event, generation.prompt_param)
+        event = await generation.next()

@@ -1,0 +1,134 @@
+"""Prometheus metrics for one server, in its own `CollectorRegistry`.
+
+Each server gets its own registry (not prometheus-client's global one), so two servers in one
+process (tests, or an app embedding two) never share or collide on counters.
+
+Names follow vLLM's metric set under a `tinyllm_` prefix, so the usual dashboards map across:
+
+- `tinyllm_http_requests_total{endpoint,method,status}`: every answered request. `endpoint` is
+  the route template (`/v1/models/{id}`), or `other` for unknown paths, to bound cardinality.
+- `tinyllm_prompt_tokens_total`, `tinyllm_generation_tokens_total`: tokens in and out.
+- `tinyllm_request_success_total{finished_reason}`: generations that ended (`stop`, `length`,
+  `error`, `cancelled` when the client left or the server cancelled it).
+- `tinyllm_num_requests_running` / `tinyllm_num_requests_waiting`: read from `engine.stats()` at
+  scrape time (running in a worker / queued for a slot), plus `tinyllm_worker_restarts_total`
+  and `tinyllm_worker_requests_running{worker}` (each worker's load).
+- `tinyllm_http_generations_active`: generations the HTTP layer is streaming now; returns to 0
+  when a client disconnects mid-stream, which is how tests see the slot being freed.
+- Histograms: `tinyllm_time_to_first_token_seconds`, `tinyllm_inter_token_latency_seconds`,
+  `tinyllm_e2e_request_latency_seconds`, `tinyllm_request_queue_time_seconds`. Times are
+  measured in the server process with `time.perf_counter()`, from the moment the request head
+  was parsed (TTFT, E2E), as vLLM measures them from arrival.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.encode("ascii")
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+_ITL_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
+)  # fmt: skip
+
+
+class _EngineCollector:
+    """Gauges read from `engine.stats()` when scraped (nothing to keep in sync)."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
+        self._stats = stats
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        stats = self._stats() or {}
+        running = GaugeMetricFamily(
+            "tinyllm_num_requests_running", "Requests being generated in a worker now"
+        )
+        running.add_metric([], float(stats.get("running", 0)))
+        waiting = GaugeMetricFamily(
+            "tinyllm_num_requests_waiting", "Requests queued for a worker slot"
+        )
+        waiting.add_metric([], float(stats.get("waiting", 0)))
+        restarts = CounterMetricFamily(
+            "tinyllm_worker_restarts", "Worker processes replaced after they died"
+        )
+        restarts.add_metric([], float(stats.get("restarts", 0)))
+        per_worker = GaugeMetricFamily(
+            "tinyllm_worker_requests_running",
+            "Requests running in each worker process",
+            labels=["worker"],
+        )
+        for worker in stats.get("workers") or ():
+            per_worker.add_metric([str(worker.get("index", "?"))], float(worker.get("running", 0)))
+        yield from (running, waiting, restarts, per_worker)
+
+
+class Metrics:
+    """The server's instruments; `render()` is the /metrics body."""
+
+    def __init__(self, engine_stats: Callable[[], dict[str, Any] | None]) -> None:
+        self.registry = r = CollectorRegistry()
+        self.http_requests = Counter(
+            "tinyllm_http_requests",
+            "HTTP requests answered, by endpoint, method and status",
+            ["endpoint", "method", "status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "tinyllm_prompt_tokens", "Prompt tokens of finished generations", registry=r
+        )
+        self.generation_tokens = Counter(
+            "tinyllm_generation_tokens", "Generated tokens streamed to clients", registry=r
+        )
+        self.request_success = Counter(
+            "tinyllm_request_success",
+            "Generations that ended, by finish reason",
+            ["finished_reason"],
+            registry=r,
+        )
+        self.generations_active = Gauge(
+            "tinyllm_http_generations_active",
+            "Generations the HTTP layer is producing now",
+            registry=r,
+        )
+        self.connections = Gauge("tinyllm_http_connections", "Open client connections", registry=r)
+        self.ttft = Histogram(
+            "tinyllm_time_to_first_token_seconds",
+            "From request arrival to the first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "tinyllm_inter_token_latency_seconds",
+            "Between successive generated tokens of one request",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "tinyllm_e2e_request_latency_seconds",
+            "From request arrival to the end of its generation",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "tinyllm_request_queue_time_seconds",
+            "Time a request waited for a worker slot",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        r.register(_EngineCollector(engine_stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,467 @@
+"""The OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models(/{id}).
+
+Enough of OpenAI's API that the official `openai` SDK, vLLM's and SGLang's benchmark clients
+work unchanged. Request fields:
+
+- `max_tokens` (both) and `max_completion_tokens` (chat; wins when both are given): an integer
+  from 1 to the context length. Defaults: 16 for completions (OpenAI's legacy default), the
+  whole context for chat (generation then ends on EOS, a stop string or the context limit).
+- `temperature` (default 1.0, 0 = greedy), `top_p`, `stop` (a string or up to 4 strings),
+  `seed`, `presence_penalty`, `frequency_penalty`; extras as llama-server and vLLM accept them:
+  `top_k`, `min_p`, `repetition_penalty`, `ignore_eos` (for benchmarks).
+- `logprobs`: completions take an integer N (the chosen token plus N alternatives); chat takes
+  `logprobs: true` plus `top_logprobs: N`.
+- `n` must be 1 (else 400 with `param: "n"`); `echo`, non-empty `logit_bias`, non-empty
+  `tools` and a `response_format` other than text are refused with 400 rather than silently
+  ignored, since they would change what the client gets. `model` is accepted whatever it says
+  (one model is served). Unknown fields are ignored.
+- completions `prompt`: a string, a list of token ids (taken as given: no BOS is added), or a
+  one-element list of either. Several prompts in one request are refused (400, `param: prompt`).
+
+The chat template, for a story model that has never seen a conversation: the text content of
+every message (system, developer, user, assistant, in order) joined with newlines is the
+story so far, and the assistant's reply is its continuation. Roles only select which messages
+count (all of them do); no role markers are inserted, since the tokenizer would only spell them
+out as words the model never learned.
+
+Streaming is SSE: `data: {json}\\n\\n` per token, `finish_reason` on the last content chunk (or
+on an empty final chunk when generation stopped on EOS), with `stream_options.include_usage`
+one more chunk with `choices: []` and `usage` (the others then carry `"usage": null`), and
+`data: [DONE]\\n\\n` last. An error after the stream started is `data: {"error": {...}}`
+followed by `data: [DONE]`. The per-token chunk is two precomputed byte strings around the
+JSON-encoded text delta, so the hot path costs one `json.dumps` of a short string.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from tinyllm_trio.http.connection import Exchange, HTTPError, json_bytes
+from tinyllm_trio.http.generation import (
+    Collected,
+    HTTPGeneration,
+    collect_response,
+    sampling_params,
+    stream_response,
+)
+from tinyllm_trio.model.batching import DoneEvent, TokenEvent
+
+if TYPE_CHECKING:
+    from tinyllm_trio.http.routes import AppState
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+_EXTRA_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "ignore_eos",
+)
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_DONE = b"data: [DONE]\n\n"
+
+
+# ---- request parsing ---------------------------------------------------------------------
+
+
+async def _json_object(ex: Exchange) -> dict[str, Any]:
+    body = await ex.json()
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the request body must be a JSON object")
+    return body
+
+
+def _max_tokens(value: Any, param: str, default: int, context: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HTTPError(400, f"'{param}' must be an integer", param=param)
+    if not 1 <= value <= context:
+        raise HTTPError(400, f"'{param}' must be between 1 and {context}", param=param)
+    return value
+
+
+def _check_common(body: dict[str, Any]) -> tuple[bool, bool]:
+    """Refuse what we cannot honour; return (stream, include_usage)."""
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise HTTPError(400, "only n=1 is supported", param="n", code="unsupported_value")
+    best_of = body.get("best_of")
+    if best_of is not None and (isinstance(best_of, bool) or best_of != 1):
+        raise HTTPError(400, "only best_of=1 is supported", param="best_of")
+    if body.get("echo"):
+        raise HTTPError(400, "echo is not supported", param="echo")
+    if body.get("logit_bias"):
+        raise HTTPError(400, "logit_bias is not supported", param="logit_bias")
+    if body.get("tools"):
+        raise HTTPError(400, "tools are not supported by this model", param="tools")
+    response_format = body.get("response_format")
+    if response_format is not None and (
+        not isinstance(response_format, dict) or response_format.get("type", "text") != "text"
+    ):
+        raise HTTPError(400, "only the text response format is supported", param="response_format")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise HTTPError(400, "'stream' must be a boolean", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise HTTPError(400, "'stream_options' must be an object", param="stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise HTTPError(
+            400, "'include_usage' must be a boolean", param="stream_options.include_usage"
+        )
+    return stream, include_usage and stream
+
+
+def _sampling(body: dict[str, Any], max_tokens: int, logprobs: int | None):
+    return sampling_params(
+        max_tokens=max_tokens,
+        logprobs=logprobs,
+        **{name: body.get(name) for name in _EXTRA_FIELDS},
+    )
+
+
+def completion_prompt(prompt: Any, vocab_size: int) -> str | list[int]:
+    """The `prompt` field as text or token ids (one prompt only)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise HTTPError(
+                400,
+                f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})",
+                param="prompt",
+            )
+        return list(prompt)
+    if (
+        isinstance(prompt, list)
+        and len(prompt) > 1
+        and all(isinstance(p, str | list) for p in prompt)
+    ):
+        raise HTTPError(
+            400, "only one prompt per request is supported", param="prompt", code="unsupported"
+        )
+    raise HTTPError(
+        400, "'prompt' must be a string or a non-empty list of token ids", param="prompt"
+    )
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def chat_prompt(messages: Any) -> str:
+    """The documented chat template: message texts in order, joined with newlines."""
+    if not isinstance(messages, list) or not messages:
+        raise HTTPError(400, "'messages' must be a non-empty list", param="messages")
+    texts = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise HTTPError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise HTTPError(
+                400, f"messages[{i}].role must be one of {sorted(_ROLES)}", param=f"messages[{i}]"
+            )
+        content = message.get("content")
+        if content is None:
+            continue
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text"):
+                    raise HTTPError(
+                        400,
+                        f"messages[{i}].content[{j}]: only text parts are supported",
+                        param=f"messages[{i}].content",
+                    )
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise HTTPError(
+                        400,
+                        f"messages[{i}].content[{j}].text must be a string",
+                        param=f"messages[{i}].content",
+                    )
+                texts.append(text)
+        else:
+            raise HTTPError(
+                400,
+                f"messages[{i}].content must be a string or a list of text parts",
+                param=f"messages[{i}].content",
+            )
+    return "\n".join(texts)
+
+
+# ---- logprobs shapes ---------------------------------------------------------------------
+
+
+def _completion_logprobs(entries: list[dict[str, Any]], offsets: list[int]) -> dict[str, Any]:
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprob(entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "token": entry["token"],
+        "logprob": entry["logprob"],
+        "bytes": list(entry["token"].encode("utf-8", "replace")),
+        "top_logprobs": [
+            {
+                "token": t["token"],
+                "logprob": t["logprob"],
+                "bytes": list(t["token"].encode("utf-8", "replace")),
+            }
+            for t in entry["top_logprobs"]
+        ],
+    }
+
+
+def _chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"content": [_chat_logprob(e) for e in entries], "refusal": None}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+# ---- streaming ---------------------------------------------------------------------------
+
+
+class SSEFormat:
+    """OpenAI's SSE framing for one stream of `text_completion` or `chat.completion.chunk`."""
+
+    content_type = b"text/event-stream"
+    headers = ((b"Cache-Control", b"no-cache"), (b"X-Accel-Buffering", b"no"))
+    ping = b": ping\n\n"
+
+    def __init__(self, *, chat: bool, model: str, include_usage: bool, logprobs: bool) -> None:
+        self._chat = chat
+        self._include_usage = include_usage
+        self._logprobs = logprobs
+        self._finished = False
+        self._text_size = 0
+        self._base = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        head = b"data: " + json_bytes(self._base)[:-1] + b',"choices":[{"index":0,'
+        usage = b',"usage":null' if include_usage else b""
+        if chat:
+            self._prefix = head + b'"delta":{"content":'
+            self._suffix = b'},"logprobs":null,"finish_reason":null}]' + usage + b"}\n\n"
+        else:
+            self._prefix = head + b'"text":'
+            self._suffix = b',"logprobs":null,"finish_reason":null}]' + usage + b"}\n\n"
+
+    def _event(self, choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> bytes:
+        obj = dict(self._base)
+        obj["choices"] = [] if choice is None else [choice]
+        if self._include_usage:
+            obj["usage"] = usage
+        return b"data: " + json_bytes(obj) + b"\n\n"
+
+    def _choice(
+        self, text: str | None, finish_reason: str | None, logprobs: list[dict] | None
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0}
+        if self._chat:
+            choice["delta"] = {} if text is None else {"content": text}
+            choice["logprobs"] = _chat_logprobs(logprobs) if logprobs else None
+        else:
+            choice["text"] = text or ""
+            choice["logprobs"] = (
+                _completion_logprobs(logprobs, [self._text_size] * len(logprobs))
+                if logprobs
+                else None
+            )
+        choice["finish_reason"] = finish_reason
+        return choice
+
+    def opening(self) -> bytes | None:
+        if not self._chat:
+            return None
+        return self._event(
+            {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        )
+
+    def token(self, event: TokenEvent) -> bytes | None:
+        text = event.text
+        if event.finish_reason is None and not (self._logprobs and event.logprobs):
+            if not text:
+                return None
+            self._text_size += len(text)
+            return self._prefix + json.dumps(text).encode("ascii") + self._suffix
+        if event.finish_reason is not None:
+            self._finished = True
+        choice = self._choice(text, event.finish_reason, event.logprobs if self._logprobs else None)
+        self._text_size += len(text)
+        return self._event(choice)
+
+    def closing(self, done: DoneEvent) -> list[bytes]:
+        out = []
+        if not self._finished:
+            reason = done.finish_reason if done.finish_reason in ("stop", "length") else "stop"
+            out.append(self._event(self._choice(None, reason, None)))
+        if self._include_usage:
+            out.append(self._event(None, _usage(done.prompt_tokens, done.completion_tokens)))
+        out.append(_DONE)
+        return [b"".join(out)]
+
+    def error(self, error: HTTPError) -> list[bytes]:
+        return [b"data: " + json_bytes(error.to_dict()) + b"\n\n" + _DONE]
+
+
+# ---- handlers ----------------------------------------------------------------------------
+
+
+async def completions(app: AppState, ex: Exchange) -> None:
+    """`POST /v1/completions`."""
+    engine = app.require_engine()
+    body = await _json_object(ex)
+    stream, include_usage = _check_common(body)
+    context = app.max_context
+    prompt = completion_prompt(body.get("prompt"), int(engine.model_config.vocab_size))
+    max_tokens = _max_tokens(
+        body.get("max_tokens"), "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS, context
+    )
+    logprobs = body.get("logprobs")
+    params = _sampling(body, max_tokens, logprobs)
+    generation = HTTPGeneration(app, ex, prompt, params, prompt_param="prompt")
+    if stream:
+        fmt = SSEFormat(
+            chat=False,
+            model=app.model_name,
+            include_usage=include_usage,
+            logprobs=params.logprobs is not None,
+        )
+        await stream_response(app, generation, fmt)
+        return
+    result = await collect_response(app, generation)
+    choice = {
+        "index": 0,
+        "text": result.text,
+        "logprobs": _completion_logprobs(result.logprobs, result.text_offsets)
+        if result.logprobs is not None
+        else None,
+        "finish_reason": result.finish_reason,
+    }
+    await ex.respond_json(200, _response(app, "text_completion", "cmpl-", choice, result))
+
+
+async def chat_completions(app: AppState, ex: Exchange) -> None:
+    """`POST /v1/chat/completions` (chat template: see the module docstring)."""
+    app.require_engine()
+    body = await _json_object(ex)
+    stream, include_usage = _check_common(body)
+    context = app.max_context
+    prompt = chat_prompt(body.get("messages"))
+    if body.get("max_completion_tokens") is not None:
+        max_tokens = _max_tokens(
+            body["max_completion_tokens"], "max_completion_tokens", context, context
+        )
+    else:
+        max_tokens = _max_tokens(body.get("max_tokens"), "max_tokens", context, context)
+    want_logprobs = body.get("logprobs")
+    top = body.get("top_logprobs")
+    if want_logprobs is not None and not isinstance(want_logprobs, bool):
+        raise HTTPError(400, "'logprobs' must be a boolean", param="logprobs")
+    if top is not None and not want_logprobs:
+        raise HTTPError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
+        raise HTTPError(400, "'top_logprobs' must be an integer", param="top_logprobs")
+    logprobs = (top or 0) if want_logprobs else None
+    try:
+        params = _sampling(body, max_tokens, logprobs)
+    except HTTPError as exc:
+        if exc.param == "logprobs":
+            exc.param = "top_logprobs"
+        raise
+    generation = HTTPGeneration(app, ex, prompt, params, prompt_param="messages")
+    if stream:
+        fmt = SSEFormat(
+            chat=True,
+            model=app.model_name,
+            include_usage=include_usage,
+            logprobs=params.logprobs is not None,
+        )
+        await stream_response(app, generation, fmt)
+        return
+    result = await collect_response(app, generation)
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": result.text},
+        "logprobs": _chat_logprobs(result.logprobs) if result.logprobs is not None else None,
+        "finish_reason": result.finish_reason,
+    }
+    await ex.respond_json(200, _response(app, "chat.completion", "chatcmpl-", choice, result))
+
+
+def _response(
+    app: AppState, obj: str, id_prefix: str, choice: dict[str, Any], result: Collected
+) -> dict[str, Any]:
+    return {
+        "id": id_prefix + uuid.uuid4().hex,
+        "object": obj,
+        "created": int(time.time()),
+        "model": app.model_name,
+        "choices": [choice],
+        "usage": _usage(result.prompt_tokens, result.completion_tokens),
+    }
+
+
+def _model_card(app: AppState) -> dict[str, Any]:
+    card: dict[str, Any] = {
+        "id": app.model_name,
+        "object": "model",
+        "created": app.created,
+        "owned_by": "tinyllm",
+    }
+    if app.engine is not None:
+        card["max_model_len"] = app.max_context
+    return card
+
+
+async def list_models(app: AppState, ex: Exchange) -> None:
+    """`GET /v1/models`: the one model served."""
+    await ex.respond_json(200, {"object": "list", "data": [_model_card(app)]})
+
+
+async def get_model(app: AppState, ex: Exchange) -> None:
+    """`GET /v1/models/{id}`: 404 for any id but the one served."""
+    model_id = unquote(ex.path[len("/v1/models/") :])
+    if model_id != app.model_name:
+        raise HTTPError(
+            404, f"The model '{model_id}' does not exist", param="model", code="model_not_found"
+        )
+    await ex.respond_json(200, _model_card(app))

@@ -1,0 +1,93 @@
+"""Operations endpoints: /ping, /health, /metrics, /tokenize, /detokenize.
+
+- `GET /ping`: liveness, the original's exact answer `{"status": "ok"}`; always 200.
+- `GET /health` (also `/v1/health`): readiness. 503 with an OpenAI-shaped error while the
+  workers load (`code: "loading"`) or while the server drains on SIGINT/SIGTERM
+  (`code: "shutting_down"`), 200 `{"status": "ok"}` when it takes requests.
+- `GET /metrics`: Prometheus text (see `metrics.py`).
+- `POST /tokenize`: `{"prompt": str}` (or llama-server's `content`, or a chat `messages` list
+  through the chat template), `add_special` (default true: BOS first, as generation encodes),
+  `with_pieces` -> `{"tokens": [...], "count": n, "max_model_len": ctx}`; with pieces, each
+  token is `{"id", "piece"}`.
+- `POST /detokenize`: `{"tokens": [ids]}` -> `{"prompt": text, "content": text}` (vLLM's and
+  llama-server's field names).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tinyllm_trio.http.connection import Exchange, HTTPError
+from tinyllm_trio.http.metrics import CONTENT_TYPE
+from tinyllm_trio.http.openai_api import chat_prompt
+
+if TYPE_CHECKING:
+    from tinyllm_trio.http.routes import AppState
+
+_PING_BODY = b'{"status": "ok"}'
+
+
+async def ping(app: AppState, ex: Exchange) -> None:
+    await ex.respond(200, _PING_BODY)
+
+
+async def health(app: AppState, ex: Exchange) -> None:
+    if app.draining:
+        raise HTTPError(503, "the server is shutting down", code="shutting_down")
+    if not app.ready:
+        raise HTTPError(503, "Loading model", code="loading", headers=[(b"Retry-After", b"1")])
+    await ex.respond(200, _PING_BODY)
+
+
+async def metrics(app: AppState, ex: Exchange) -> None:
+    await ex.respond(200, app.metrics.render(), CONTENT_TYPE)
+
+
+async def _body(ex: Exchange) -> dict[str, Any]:
+    body = await ex.json()
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the request body must be a JSON object")
+    return body
+
+
+def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise HTTPError(400, f"'{name}' must be a boolean", param=name)
+    return value
+
+
+async def tokenize(app: AppState, ex: Exchange) -> None:
+    tokenizer = app.require_engine().tokenizer
+    body = await _body(ex)
+    if "messages" in body:
+        text = chat_prompt(body["messages"])
+    else:
+        text = body.get("prompt", body.get("content"))
+        if not isinstance(text, str):
+            raise HTTPError(400, "'prompt' must be a string", param="prompt")
+    add_special = _flag(body, "add_special", True)
+    ids = tokenizer.encode(text, bos=add_special)
+    tokens: list[Any] = ids
+    if _flag(body, "with_pieces", False):
+        tokens = [{"id": i, "piece": tokenizer.token_text(i)} for i in ids]
+    await ex.respond_json(
+        200, {"tokens": tokens, "count": len(ids), "max_model_len": app.max_context}
+    )
+
+
+async def detokenize(app: AppState, ex: Exchange) -> None:
+    tokenizer = app.require_engine().tokenizer
+    body = await _body(ex)
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
+        raise HTTPError(400, "'tokens' must be a list of integers", param="tokens")
+    try:
+        text = tokenizer.decode(ids)
+    except ValueError as exc:
+        raise HTTPError(400, str(exc), param="tokens") from None
+    await ex.respond_json(200, {"prompt": text, "content": text})

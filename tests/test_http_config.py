@@ -1,0 +1,70 @@
+"""ServerConfig: flags, environment variables, defaults, validation, and `serve --help`."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from tinyllm_trio.cli import build_parser
+from tinyllm_trio.config import ServerConfig, add_server_arguments
+
+
+def _parse(argv: list[str], env: dict[str, str] | None = None) -> ServerConfig:
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    return ServerConfig.from_args(parser.parse_args(argv), env or {})
+
+
+def test_defaults() -> None:
+    config = _parse([])
+    assert (config.host, config.port) == ("127.0.0.1", 8080)
+    assert config.max_body_size == 1024 * 1024 and config.shutdown_grace == 10.0
+    assert config.workers is None and config.model is None and config.api_key is None
+
+
+def test_flag_beats_environment_beats_default() -> None:
+    env = {"TINYLLM_PORT": "9000", "TINYLLM_HOST": "0.0.0.0", "TINYLLM_API_KEY": "k"}
+    config = _parse(["--port", "9100"], env)
+    assert (config.port, config.host, config.api_key) == (9100, "0.0.0.0", "k")
+
+
+def test_environment_parsing() -> None:
+    env = {
+        "TINYLLM_MAX_BODY_SIZE": "2M",
+        "TINYLLM_MAX_HEADER_SIZE": "8k",
+        "TINYLLM_WORKERS": "3",
+        "TINYLLM_SHUTDOWN_GRACE": "2.5",
+        "TINYLLM_ACCESS_LOG": "off",
+        "TINYLLM_LOG_FORMAT": "JSON",
+        "TINYLLM_MODEL": "/models/x",
+    }
+    config = _parse([], env)
+    assert config.max_body_size == 2 * 1024 * 1024 and config.max_header_size == 8192
+    assert (config.workers, config.shutdown_grace, config.access_log) == (3, 2.5, False)
+    assert (config.log_format, config.model) == ("json", "/models/x")
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"TINYLLM_PORT": "eighty"},
+        {"TINYLLM_PORT": "70000"},
+        {"TINYLLM_LOG_FORMAT": "xml"},
+        {"TINYLLM_MAX_BATCH": "0"},
+        {"TINYLLM_ACCESS_LOG": "maybe"},
+        {"TINYLLM_HEADER_TIMEOUT": "0"},
+    ],
+)
+def test_invalid_environment_is_a_clear_error(env: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match=r"TINYLLM_|must|port"):
+        _parse([], env)
+
+
+def test_help_documents_every_flag_with_its_environment_variable() -> None:
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    text = serve.format_help()
+    for name in ServerConfig.__dataclass_fields__:
+        flag = "--" + name.replace("_", "-")
+        assert flag in text, flag
+        assert "TINYLLM_" + name.upper() in text, name
