@@ -57,34 +57,42 @@ def _no_ipc_leaks() -> Iterator[None]:
     assert shm_entries(os.getpid()) == [], "shared memory / semaphores left in /dev/shm"
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random model saved in our checkpoint format (fast to load and to run)."""
+def save_random_checkpoint(path: Path, *, seed: int, **dims: int) -> Path:
+    """A random model (weights std 0.2, float32) over a vocabulary built from STORY, saved in
+    our format at `path`; `dims` are ModelConfig fields (default: TinyLLM's real shapes)."""
     from tinyllm_trio.model.checkpoint import save_checkpoint
     from tinyllm_trio.model.tokenizer import build_vocab
     from tinyllm_trio.model.transformer import ModelConfig, Transformer
 
     tokenizer = build_vocab([STORY], n_words=60, n_chars=30)
-    config = ModelConfig(
-        vocab_size=tokenizer.vocab_size, n_embd=32, n_head=2, n_layer=2, max_context=64
-    )
-    path = tmp_path_factory.mktemp("tiny-model")
-    save_checkpoint(path, Transformer.random(config, seed=7, std=0.2), tokenizer, dtype="float32")
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, **dims)
+    model = Transformer.random(config, seed=seed, std=0.2)
+    save_checkpoint(path, model, tokenizer, dtype="float32")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random model saved in our checkpoint format (fast to load and to run)."""
+    return save_random_checkpoint(
+        tmp_path_factory.mktemp("tiny-model"),
+        seed=7,
+        n_embd=32,
+        n_head=2,
+        n_layer=2,
+        max_context=64,
+    )
 
 
 @pytest.fixture(scope="session")
 def long_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model with a 512-token context whose generations last long enough (hundreds of ms)
     that a cancel or a SIGKILL reliably lands while they are still running."""
-    from tinyllm_trio.model.checkpoint import save_checkpoint
-    from tinyllm_trio.model.tokenizer import build_vocab
-    from tinyllm_trio.model.transformer import ModelConfig, Transformer
-
-    tokenizer = build_vocab([STORY], n_words=60, n_chars=30)
-    config = ModelConfig(
-        vocab_size=tokenizer.vocab_size, n_embd=128, n_head=4, n_layer=6, max_context=512
+    return save_random_checkpoint(
+        tmp_path_factory.mktemp("long-model"),
+        seed=11,
+        n_embd=128,
+        n_head=4,
+        n_layer=6,
+        max_context=512,
     )
-    path = tmp_path_factory.mktemp("long-model")
-    save_checkpoint(path, Transformer.random(config, seed=11, std=0.2), tokenizer, dtype="float32")
-    return path

@@ -51,6 +51,7 @@ class FakeEngine:
     max_context: int = 64
     calls: list[tuple[Any, SamplingParams]] = field(default_factory=list)
     running: int = 0
+    waiting: int = 0
     cancelled: int = 0
     finished: int = 0
 
@@ -65,7 +66,7 @@ class FakeEngine:
         )
 
     def stats(self) -> dict[str, Any]:
-        return {"running": self.running, "waiting": 0, "restarts": 0}
+        return {"running": self.running, "waiting": self.waiting, "restarts": 0}
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None):
         params = params or SamplingParams()

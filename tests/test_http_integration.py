@@ -26,7 +26,7 @@ import openai
 import pytest
 import trio
 
-from conftest import STORY
+from conftest import save_random_checkpoint
 from http_fixtures import dechunk, post, raw_request, read_until, running_server, split_response
 from tinyllm_trio.engine import Engine, open_engine
 from tinyllm_trio.http.client import HTTPClient, sse_events
@@ -36,15 +36,7 @@ from tinyllm_trio.ipc.ring import shm_entries
 @pytest.fixture(scope="module")
 def slow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """TinyLLM's real shapes (6 layers, 192 wide, context 512): slow enough to catch mid-stream."""
-    from tinyllm_trio.model.checkpoint import save_checkpoint
-    from tinyllm_trio.model.tokenizer import build_vocab
-    from tinyllm_trio.model.transformer import ModelConfig, Transformer
-
-    tokenizer = build_vocab([STORY], n_words=60, n_chars=30)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size)
-    path = tmp_path_factory.mktemp("slow-model")
-    save_checkpoint(path, Transformer.random(config, seed=3, std=0.2), tokenizer, dtype="float32")
-    return path
+    return save_random_checkpoint(tmp_path_factory.mktemp("slow-model"), seed=3)
 
 
 @asynccontextmanager

@@ -6,6 +6,7 @@ client ever reached the engine (it holds no worker slot).
 
 from __future__ import annotations
 
+import hmac
 import json
 
 import trio
@@ -183,7 +184,15 @@ async def test_request_id_is_echoed_or_generated() -> None:
         assert split_response(raw)[1]["x-request-id"] != "bad id\x7f"
 
 
-async def test_api_key_guards_generation_endpoints_only() -> None:
+async def test_api_key_guards_generation_endpoints_only(monkeypatch) -> None:
+    compared: list[tuple[bytes, bytes]] = []
+    constant_time = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return constant_time(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)  # the key is checked in constant time
     engine = FakeEngine()
     async with running_server(engine, api_key="sekrit") as (_, port):
         body = b'{"message": "hi", "max_tokens": 1}'
@@ -194,6 +203,7 @@ async def test_api_key_guards_generation_endpoints_only() -> None:
             assert status == 401 and headers["www-authenticate"] == "Bearer"
             assert json.loads(payload)["error"]["type"] == "authentication_error"
         assert engine.calls == []
+        assert len(compared) == 1  # the Basic scheme is refused before any comparison
         ok = await raw_request(
             port, post("/process", body, extra="Authorization: Bearer sekrit\r\n")
         )

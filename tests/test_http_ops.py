@@ -63,7 +63,7 @@ async def test_metrics_count_requests_tokens_and_latencies() -> None:
     async with running_server(engine) as (_, port):
         await raw_request(port, post("/process", b'{"message": "hi", "max_tokens": 5}'))
         await raw_request(port, get("/nope"))
-        engine.running = 3  # what engine.stats() reports is exported at scrape time
+        engine.running, engine.waiting = 3, 2  # engine.stats() is exported at scrape time
         text = await _metrics(port)
         # a second server has its own registry
         async with running_server(FakeEngine()) as (_, other):
@@ -79,6 +79,7 @@ async def test_metrics_count_requests_tokens_and_latencies() -> None:
     assert _metric(text, "tinyllm_e2e_request_latency_seconds_count") == 1
     assert _metric(text, "tinyllm_request_queue_time_seconds_sum") == 0.002
     assert _metric(text, "tinyllm_num_requests_running") == 3
+    assert _metric(text, "tinyllm_num_requests_waiting") == 2
     assert _metric(text, "tinyllm_http_generations_active") == 0
     assert "/process" not in other_text
 

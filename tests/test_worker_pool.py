@@ -331,3 +331,40 @@ async def test_leftovers_of_a_killed_server_are_removed_by_the_next(tiny_checkpo
         await trio.sleep(0.05)
         if _alive(worker_pid):
             os.kill(worker_pid, signal.SIGKILL)
+
+
+async def test_workers_pin_blas_ignore_sigint_and_inherit_no_sockets(tiny_checkpoint: Path) -> None:
+    """The seed's workers were forked with the server's sockets and took the terminal's Ctrl+C.
+    Ours: own session, SIGINT ignored, no socket among their fds (even one the server marked
+    inheritable), BLAS pinned to one thread (one worker per core; no BLAS thread pool)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.set_inheritable(True)
+    try:
+        async with trio.open_nursery() as nursery:
+            pool = await _start(nursery, tiny_checkpoint, workers=1)
+            try:
+                pid = pool.slots[0].pid
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                for var in (b"OPENBLAS_NUM_THREADS", b"OMP_NUM_THREADS", b"MKL_NUM_THREADS"):
+                    assert var + b"=1" in environ
+                status = dict(
+                    line.split(":\t", 1)
+                    for line in Path(f"/proc/{pid}/status").read_text().split("\n")
+                    if ":\t" in line
+                )
+                assert int(status["Threads"]) == 1  # no BLAS threads
+                assert int(status["SigIgn"], 16) & (1 << (signal.SIGINT - 1))
+                assert os.getsid(pid) != os.getsid(0)  # the terminal's Ctrl+C is not theirs
+                fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+                assert not [fd for fd in fds if fd.startswith("socket:")], fds
+                os.kill(pid, signal.SIGINT)  # ignored: still serving
+                events = await _collect(pool, [2, 7, 8], GREEDY)
+                assert isinstance(events[-1], DoneEvent) and pool.slots[0].pid == pid
+            finally:
+                await pool.aclose()
+    finally:
+        listener.close()

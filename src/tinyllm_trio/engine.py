@@ -43,7 +43,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, Event, TokenEvent
+from tinyllm_trio.model.batching import (
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    TokenEvent,
+    check_prompt_room,
+)
 from tinyllm_trio.model.sampling import InvalidParameterError, SamplingParams
 from tinyllm_trio.model.tokenizer import HybridTokenizer
 from tinyllm_trio.model.transformer import ContextLengthError, ModelConfig
@@ -251,12 +257,7 @@ class Engine:
                     )
             if not ids:
                 raise InvalidParameterError("prompt", "the prompt is empty")
-        context = self.model_config.max_context
-        if len(ids) + 1 > context:
-            raise ContextLengthError(
-                f"the prompt has {len(ids)} tokens; this model's context is {context} tokens "
-                "and at least one must be left for the completion"
-            )
+        check_prompt_room(len(ids), self.model_config.max_context)
         return ids
 
     def generate(

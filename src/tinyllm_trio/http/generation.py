@@ -43,6 +43,19 @@ from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, TokenEvent
 from tinyllm_trio.model.sampling import InvalidParameterError, SamplingParams
 from tinyllm_trio.model.transformer import ContextLengthError
 
+# Request fields every generation endpoint passes to SamplingParams as given (absent or null:
+# the default); `temperature` and `max_tokens` have endpoint-specific defaults.
+SAMPLING_FIELDS = (
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "ignore_eos",
+)
 SHUTDOWN_MESSAGE = "the server is shutting down; this generation was cancelled"
 
 

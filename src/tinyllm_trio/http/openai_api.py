@@ -42,7 +42,7 @@ from urllib.parse import unquote
 
 from tinyllm_trio.http.connection import Exchange, HTTPError, json_bytes
 from tinyllm_trio.http.generation import (
-    Collected,
+    SAMPLING_FIELDS,
     HTTPGeneration,
     collect_response,
     sampling_params,
@@ -54,18 +54,7 @@ if TYPE_CHECKING:
     from tinyllm_trio.http.routes import AppState
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-_EXTRA_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "stop",
-    "ignore_eos",
-)
+_EXTRA_FIELDS = ("temperature", *SAMPLING_FIELDS)
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _DONE = b"data: [DONE]\n\n"
 
@@ -358,25 +347,7 @@ async def completions(app: AppState, ex: Exchange) -> None:
     logprobs = body.get("logprobs")
     params = _sampling(body, max_tokens, logprobs)
     generation = HTTPGeneration(app, ex, prompt, params, prompt_param="prompt")
-    if stream:
-        fmt = SSEFormat(
-            chat=False,
-            model=app.model_name,
-            include_usage=include_usage,
-            logprobs=params.logprobs is not None,
-        )
-        await stream_response(app, generation, fmt)
-        return
-    result = await collect_response(app, generation)
-    choice = {
-        "index": 0,
-        "text": result.text,
-        "logprobs": _completion_logprobs(result.logprobs, result.text_offsets)
-        if result.logprobs is not None
-        else None,
-        "finish_reason": result.finish_reason,
-    }
-    await ex.respond_json(200, _response(app, "text_completion", "cmpl-", choice, result))
+    await _answer(app, generation, chat=False, stream=stream, include_usage=include_usage)
 
 
 async def chat_completions(app: AppState, ex: Exchange) -> None:
@@ -408,29 +379,36 @@ async def chat_completions(app: AppState, ex: Exchange) -> None:
             exc.param = "top_logprobs"
         raise
     generation = HTTPGeneration(app, ex, prompt, params, prompt_param="messages")
+    await _answer(app, generation, chat=True, stream=stream, include_usage=include_usage)
+
+
+async def _answer(
+    app: AppState, generation: HTTPGeneration, *, chat: bool, stream: bool, include_usage: bool
+) -> None:
+    """Answer with a generation: an SSE stream, or one `text_completion` / `chat.completion`."""
     if stream:
         fmt = SSEFormat(
-            chat=True,
+            chat=chat,
             model=app.model_name,
             include_usage=include_usage,
-            logprobs=params.logprobs is not None,
+            logprobs=generation.params.logprobs is not None,
         )
         await stream_response(app, generation, fmt)
         return
     result = await collect_response(app, generation)
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": result.text},
-        "logprobs": _chat_logprobs(result.logprobs) if result.logprobs is not None else None,
-        "finish_reason": result.finish_reason,
-    }
-    await ex.respond_json(200, _response(app, "chat.completion", "chatcmpl-", choice, result))
-
-
-def _response(
-    app: AppState, obj: str, id_prefix: str, choice: dict[str, Any], result: Collected
-) -> dict[str, Any]:
-    return {
+    logprobs: Any = None
+    if chat:
+        content: dict[str, Any] = {"message": {"role": "assistant", "content": result.text}}
+        if result.logprobs is not None:
+            logprobs = _chat_logprobs(result.logprobs)
+        obj, id_prefix = "chat.completion", "chatcmpl-"
+    else:
+        content = {"text": result.text}
+        if result.logprobs is not None:
+            logprobs = _completion_logprobs(result.logprobs, result.text_offsets)
+        obj, id_prefix = "text_completion", "cmpl-"
+    choice = {"index": 0, **content, "logprobs": logprobs, "finish_reason": result.finish_reason}
+    response = {
         "id": id_prefix + uuid.uuid4().hex,
         "object": obj,
         "created": int(time.time()),
@@ -438,6 +416,7 @@ def _response(
         "choices": [choice],
         "usage": _usage(result.prompt_tokens, result.completion_tokens),
     }
+    await generation.exchange.respond_json(200, response)
 
 
 def _model_card(app: AppState) -> dict[str, Any]:

@@ -38,24 +38,18 @@ import json
 from typing import TYPE_CHECKING
 
 from tinyllm_trio.http.connection import Exchange, HTTPError
-from tinyllm_trio.http.generation import HTTPGeneration, sampling_params, stream_response
+from tinyllm_trio.http.generation import (
+    SAMPLING_FIELDS,
+    HTTPGeneration,
+    sampling_params,
+    stream_response,
+)
 from tinyllm_trio.model.batching import DoneEvent, TokenEvent
 
 if TYPE_CHECKING:
     from tinyllm_trio.http.routes import AppState
 
 DEFAULT_MAX_TOKENS = 50
-_SAMPLING_FIELDS = (
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "stop",
-    "ignore_eos",
-)
 _NOT_LAST = b', "is_last": false}'
 _LAST = b', "is_last": true}'
 
@@ -126,7 +120,7 @@ async def process(app: AppState, ex: Exchange) -> None:
     params = sampling_params(
         max_tokens=max_tokens,
         temperature=0.0 if temperature is None else temperature,
-        **{name: body.get(name) for name in _SAMPLING_FIELDS},
+        **{name: body.get(name) for name in SAMPLING_FIELDS},
     )
     generation = HTTPGeneration(app, ex, message, params, prompt_param="message")
     await stream_response(app, generation, ProcessFormat(message))

@@ -38,7 +38,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+from tinyllm_trio.model.blas import blas_pinned, single_threaded_env
+
 CONCURRENCY = (1, 8, 32, 64)
 PROMPT_WORDS = ("once upon a time", "the little cat", "lily and tom went to the park and")
 
@@ -79,10 +80,9 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if any(os.environ.get(v) != "1" for v in _THREAD_VARS):
-        env = {**os.environ, **{v: "1" for v in _THREAD_VARS}}
+    if not blas_pinned():
         cmd = [sys.executable, "-m", "tinyllm_trio.ipc.bench", *_argv(args)]
-        return subprocess.call(cmd, env=env)
+        return subprocess.call(cmd, env=single_threaded_env())
     if args.runs < 1 or args.max_tokens < 1:
         print("--runs and --max-tokens must be >= 1", file=sys.stderr)
         return 2

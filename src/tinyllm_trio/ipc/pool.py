@@ -64,6 +64,7 @@ from tinyllm_trio.ipc.messages import (
 )
 from tinyllm_trio.ipc.ring import Frame, Ring, new_prefix, sweep_stale
 from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, Event, TokenEvent
+from tinyllm_trio.model.blas import single_threaded_env
 from tinyllm_trio.model.sampling import SamplingParams
 
 REQUEST_SLOTS = 32
@@ -73,7 +74,6 @@ RESPONSE_SLOT_SIZE = 4096  # a step's batch of 32 token events is ~1.5 KB; logpr
 BACKOFF_FIRST = 0.25  # seconds before restarting a worker that died young
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0  # a worker that lived this long resets the back-off
-BLAS_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def default_workers() -> int:
@@ -456,7 +456,7 @@ class WorkerPool:
                         self._command(slot, requests, responses),
                         stdin=subprocess.DEVNULL,
                         start_new_session=True,  # the terminal's Ctrl+C is the server's alone
-                        env={**os.environ, **BLAS_ENV},
+                        env=single_threaded_env(),  # one BLAS thread: one worker per core
                     )
                 except OSError as e:  # e.g. EAGAIN, ENOMEM: a failed start, retried with back-off
                     slot.load_error = f"could not start a worker process: {e}"

@@ -402,13 +402,7 @@ class Ring:
                 await trio.to_thread.run_sync(
                     _acquire_blocking, self._items, None, None, True, limiter=limiter
                 )
-            frame = self._read_slot()
-            if frame is not None:
-                frames.append(frame)
-        while len(frames) < max_messages and _try_acquire(self._items):
-            frame = self._read_slot()
-            if frame is not None:
-                frames.append(frame)
+            self._read_ready(frames, max_messages)
         await trio.lowlevel.checkpoint()
         return frames
 
@@ -437,14 +431,21 @@ class Ring:
             while not frames:
                 if not _try_acquire(self._items):
                     _acquire_blocking(self._items, None, None, in_trio_thread=True)
-                frame = self._read_slot()
-                if frame is not None:
-                    frames.append(frame)
-            while len(frames) < max_messages and _try_acquire(self._items):
-                frame = self._read_slot()
-                if frame is not None:
-                    frames.append(frame)
+                self._read_ready(frames, max_messages)
             trio.from_thread.run_sync(deliver, frames)
+
+    def _read_ready(self, frames: list[Frame], max_messages: int) -> None:
+        """Read the slot whose `items` count the caller holds, then every slot already filled,
+        without waiting, appending whole messages to `frames` until it holds `max_messages`.
+
+        `frames` may stay empty (the slots read so far are the start of a split message).
+        """
+        while True:
+            frame = self._read_slot()
+            if frame is not None:
+                frames.append(frame)
+            if len(frames) >= max_messages or not _try_acquire(self._items):
+                return
 
     # --- lifetime --------------------------------------------------------------------------------
 

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import os
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+from tinyllm_trio.model.blas import SINGLE_THREAD_ENV
+
+for _var, _value in SINGLE_THREAD_ENV.items():  # before anything imports numpy
+    os.environ.setdefault(_var, _value)
 
 import argparse  # noqa: E402
 import signal  # noqa: E402

@@ -71,6 +71,19 @@ class ErrorEvent:
 Event = TokenEvent | DoneEvent | ErrorEvent
 
 
+def check_prompt_room(n_tokens: int, max_context: int) -> None:
+    """Raise ContextLengthError unless a prompt of `n_tokens` leaves room for one more token.
+
+    The one rule for "prompt too long", applied by the Engine before a request is sent (so the
+    HTTP layer can answer 400 at once) and by the batcher that runs it.
+    """
+    if n_tokens >= max_context:
+        raise ContextLengthError(
+            f"the prompt has {n_tokens} tokens; this model's context is {max_context} tokens "
+            "and at least one must be left for the completion"
+        )
+
+
 class StopMatcher:
     """Releases generated text, holding back what could still become a stop string."""
 
@@ -182,12 +195,7 @@ class ContinuousBatcher:
         ids = self.encode_prompt(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
-        context = self.transformer.config.max_context
-        if len(ids) >= context:
-            raise ContextLengthError(
-                f"the prompt has {len(ids)} tokens; this model's context is {context} tokens "
-                "and at least one must be left for the completion"
-            )
+        check_prompt_room(len(ids), self.transformer.config.max_context)
         sampler = Sampler(params, self.transformer.config.vocab_size, ids, eos_id=EOS)
         # The decoder reads the prompt first, so the completion's first delta carries the
         # spacing a continuation needs (" there", but "," with no space).

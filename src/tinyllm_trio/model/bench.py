@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+from tinyllm_trio.model.blas import BLAS_THREAD_VARS, blas_pinned, single_threaded_env
+
 BATCHES = (1, 8, 32, 64)
 PREFILL_TOKENS = 128
 DECODE_PROMPT = 16
@@ -41,7 +41,7 @@ DECODE_STEPS = 64
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if any(os.environ.get(v) != "1" for v in _THREAD_VARS):
+    if not blas_pinned():
         return _rerun_single_threaded(args)
     if args.runs < 1:
         print("--runs must be >= 1", file=sys.stderr)
@@ -55,7 +55,7 @@ def run_cli(args: argparse.Namespace) -> int:
         return 1
     results = run_benchmarks(transformer, runs=args.runs)
     print(f"model: {label}")
-    print(f"BLAS threads: 1 ({', '.join(f'{v}=1' for v in _THREAD_VARS)})")
+    print(f"BLAS threads: 1 ({', '.join(f'{v}=1' for v in BLAS_THREAD_VARS)})")
     print(format_table(results, args.runs))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(to_json(results), indent=2) + "\n")
@@ -63,7 +63,6 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def _rerun_single_threaded(args: argparse.Namespace) -> int:
-    env = dict(os.environ, **{v: "1" for v in _THREAD_VARS})
     cmd = [sys.executable, "-m", "tinyllm_trio", "bench", "model", "--runs", str(args.runs)]
     if args.model:
         cmd += ["--model", str(args.model)]
@@ -71,7 +70,7 @@ def _rerun_single_threaded(args: argparse.Namespace) -> int:
         cmd += ["--attention-scale", args.attention_scale]
     if args.json_path:
         cmd += ["--json", str(args.json_path)]
-    return subprocess.run(cmd, env=env, check=False).returncode
+    return subprocess.run(cmd, env=single_threaded_env(), check=False).returncode
 
 
 def _load(model: str | None, attention_scale: str | None):

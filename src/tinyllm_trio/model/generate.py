@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from tinyllm_trio.model.batching import ContinuousBatcher, ErrorEvent, TokenEvent
-from tinyllm_trio.model.checkpoint import load_model
+from tinyllm_trio.model.checkpoint import CheckpointError, load_model
 from tinyllm_trio.model.sampling import InvalidParameterError, SamplingParams
 
 
@@ -32,7 +32,11 @@ def run_cli(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    loaded = load_model(args.model, attention_scale=args.attention_scale)
+    try:
+        loaded = load_model(args.model, attention_scale=args.attention_scale)
+    except CheckpointError as exc:
+        print(f"tinyllm-trio generate: {exc}", file=sys.stderr)
+        return 1
     batcher = ContinuousBatcher(loaded.transformer, loaded.tokenizer, max_batch=1)
     try:
         batcher.submit(0, args.prompt, params)
