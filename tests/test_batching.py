@@ -140,8 +140,9 @@ def test_cancel_frees_the_slot_within_one_step(model, tokenizer) -> None:
 
 def test_cancel_while_waiting(model, tokenizer) -> None:
     batcher = ContinuousBatcher(model, tokenizer, max_batch=1)
-    batcher.submit(1, "the cat", SamplingParams(max_tokens=5))
-    batcher.submit(2, "the dog", SamplingParams(max_tokens=5))
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    batcher.submit(1, "the cat", params)
+    batcher.submit(2, "the dog", params)
     batcher.cancel(2)
     events = _run(batcher)
     assert _done(events[2]).finish_reason == "cancelled"
