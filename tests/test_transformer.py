@@ -19,6 +19,7 @@ from tinyllm_trio.model.transformer import (
     KVCache,
     ModelConfig,
     Transformer,
+    _softmax_terms,
     expected_shapes,
     gelu_,
     sinusoidal_positions,
@@ -390,3 +391,56 @@ def test_kv_cache_repr_state():
     assert len(cache) == 0 and cache.seq_ids == ()
     with pytest.raises(KeyError):
         cache.length("x")
+
+
+# ---- decode-step numerics -----------------------------------------------------------------
+
+
+def test_gelu_stays_exact_far_out():
+    """Past |x| = 10 the erfc term vanishes: gelu(x) -> x and -> 0 without overflow or NaN."""
+    x = np.concatenate([np.linspace(-60, 60, 12001), [-1e15, -1e6, 1e6, 1e15]]).astype(np.float32)
+    got = gelu_(x.copy(), *(np.empty_like(x) for _ in range(3)))
+    exact = np.array([0.5 * v * math.erfc(-v / math.sqrt(2)) for v in x.astype(float)])
+    assert np.isfinite(got).all()
+    assert np.abs(got - exact).max() <= 1e-6 * np.maximum(1.0, np.abs(exact)).max()
+    assert np.abs(got - exact).max(initial=0.0, where=np.abs(x) <= 10) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "offset",
+    [0.0, 120.0, -120.0, 60.0],  # in range, overflowing exp, underflowing exp, mixed below
+)
+def test_softmax_terms_match_a_shifted_softmax(offset):
+    """The decode step's softmax skips the max shift only when that is safe: rows whose
+    unshifted exp would overflow or underflow must still come out right."""
+    rng = np.random.default_rng(0)
+    s = (3 * rng.standard_normal((24, 37))).astype(np.float32)
+    s += np.float32(offset)
+    if offset == 60.0:
+        s[::2] -= 180.0  # every other row far below, the rest near exp's overflow
+    s[1, 20:] = -np.inf  # masked positions
+    e, sums = np.empty_like(s), np.empty(24, np.float32)
+    _softmax_terms(s, e, sums, np.ones(37, np.float32))
+    s64 = s.astype(np.float64)
+    want = np.exp(s64 - s64.max(axis=1, keepdims=True))
+    want /= want.sum(axis=1, keepdims=True)
+    got = e / sums[:, None]
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() < 1e-6
+    assert (got[1, 20:] == 0).all()
+
+
+def test_decode_matches_forward_with_huge_attention_scores():
+    """Large weights give scores whose exp overflows float32: decode (unshifted softmax
+    when safe, shifted otherwise) must still agree with the full forward pass."""
+    m = Transformer.random(SMALL, seed=5, std=1.5)
+    ids = _ids(30, seed=8)
+    full = m.forward(ids)
+    cache = m.new_cache(3)
+    m.prefill(cache, "a", ids[:5])
+    m.prefill(cache, "b", ids[:11])
+    for t in range(11, 30):
+        out = m.decode_step(cache, ["a", "b"], [ids[t - 6], ids[t]])
+        scale = np.abs(full[t]).max()
+        assert np.abs(out[1] - full[t]).max() < TOL * max(1.0, scale)
+        assert np.abs(out[0] - full[t - 6]).max() < TOL * max(1.0, np.abs(full[t - 6]).max())

@@ -27,13 +27,19 @@ How the decode step stays cheap (llama2.c's "run state" idea, in numpy):
   into the hole (one copy of its used positions, once per finished sequence, not per step);
 - Q, K and V of all heads come from one [C, 3C] matmul (the scale is folded into W_q); attention
   is batched over sequences and heads with stacked matmuls; sequences of different lengths are
-  padded to the longest with an additive -inf mask;
+  padded to the longest with an additive -inf mask; the softmax skips the row-max shift when
+  the unshifted row sums show it is safe (`_softmax_terms`), and is normalised after the
+  product with V;
+- elementwise work (LayerNorm, the exact-erf GELU) is in-place numpy passes on preallocated
+  buffers, with the pass count kept low (see `gelu_`, `_layernorm`); a batch-32 step is still
+  dominated by matmuls and by reading the KV cache from memory (~20 us per context position);
 - the LM head is one matmul. BLAS threads are the caller's business (a worker runs one per core;
   set OPENBLAS_NUM_THREADS=1 before numpy is imported, as the worker and the bench do).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 from collections.abc import Hashable, Mapping, Sequence
@@ -52,6 +58,9 @@ __all__ = [
 
 LN_EPS = 1e-5
 _F32 = np.float32
+# decode-step softmax: unshifted exp(scores) is used when every row sum lies in this range
+# (see _softmax_terms)
+_SUM_LO, _SUM_HI = _F32(2.0**-64), _F32(2.0**64)
 
 
 class ContextLengthError(ValueError):
@@ -147,33 +156,42 @@ def sinusoidal_positions(max_context: int, n_embd: int) -> np.ndarray:
 # Exact-erf GELU without scipy: gelu(x) = x * Phi(x) = relu(x) - |x|/2 * erfc(|x|/sqrt(2)).
 # erfc(s) for s >= 0 by Abramowitz & Stegun 7.1.26: t = 1/(1 + p s),
 # erfc(s) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-s^2), absolute error <= 1.5e-7,
-# i.e. below float32 resolution of Phi. The 1/2 is folded into the coefficients.
+# i.e. below float32 resolution of Phi. Evaluated as: the 1/2 folded into the coefficients; t
+# scaled by c = a5^(1/5), tc = c t = (c/p') / (1/p' + |x|) with p' = p/sqrt2 (two passes), so
+# that the polynomial in tc is monic (one pass fewer): a_i t^i = (a_i / c^i) tc^i.
 _AS_P = 0.3275911 / math.sqrt(2.0)  # applied to |x| rather than |x|/sqrt(2)
 _AS_A = tuple(0.5 * a for a in (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429))
+_AS_C = _AS_A[4] ** 0.2
+_AS_B = tuple(a / _AS_C ** (i + 1) for i, a in enumerate(_AS_A[:4]))  # b1..b4, b5 = 1
 
 
 def gelu_(x: np.ndarray, t: np.ndarray, u: np.ndarray, acc: np.ndarray) -> np.ndarray:
-    """Exact (erf) GELU of `x` in place; t, u, acc are scratch arrays of x's shape."""
-    a1, a2, a3, a4, a5 = _AS_A
+    """Exact (erf) GELU of `x` in place; t, u, acc are scratch arrays of x's shape.
+
+    Every step is one in-place numpy pass over the FFN hidden layer (B x 4C per layer, the
+    largest elementwise work of a decode step), so the pass count and each pass's cost matter:
+    19 passes; 1/t is a np.divide (np.reciprocal has no SIMD float32 loop here, ~1.7x slower)
+    and relu(x) is (x + |x|) / 2, exact in float32, instead of np.maximum(x, 0), which is ~4x
+    slower than an add."""
+    b1, b2, b3, b4 = _AS_B
     np.abs(x, out=u)  # |x|
-    np.multiply(u, _AS_P, out=t)
-    t += 1.0
-    np.reciprocal(t, out=t)  # t = 1 / (1 + p |x|/sqrt2)
-    np.multiply(t, a5, out=acc)
-    acc += a4
+    np.add(u, 1.0 / _AS_P, out=t)
+    np.divide(_AS_C / _AS_P, t, out=t)  # tc = c / (1 + p |x|/sqrt2)
+    np.add(t, b4, out=acc)
     acc *= t
-    acc += a3
+    acc += b3
     acc *= t
-    acc += a2
+    acc += b2
     acc *= t
-    acc += a1
+    acc += b1
     acc *= t  # erfc(|x|/sqrt2) / 2 without the exp factor
-    np.multiply(x, x, out=t)
-    t *= -0.5
+    np.multiply(x, -0.5, out=t)
+    t *= x
     np.exp(t, out=t)  # exp(-x^2/2)
     acc *= t
     acc *= u  # |x|/2 * erfc(|x|/sqrt2)
-    np.maximum(x, 0.0, out=x)
+    x += u
+    x *= 0.5  # relu(x), exactly
     x -= acc
     return x
 
@@ -182,20 +200,28 @@ def _layernorm(
     x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray, sq: np.ndarray
 ) -> np.ndarray:
     """LayerNorm over the last axis of x [N, C] into out [N, C] (eps 1e-5, biased variance);
-    sq is [N, C] scratch."""
-    inv_n = 1.0 / x.shape[-1]
-    mu = np.add.reduce(x, axis=-1)  # (N,)
-    mu *= -inv_n
-    np.add(x, mu[:, None], out=out)  # centred
-    np.multiply(out, out, out=sq)
-    rstd = np.add.reduce(sq, axis=-1)  # (N,)
-    rstd *= inv_n
-    rstd += LN_EPS
-    rstd **= -0.5
-    out *= rstd[:, None]
-    out *= w
+    sq is [N, C] scratch. Short rows (C = 192) make numpy's per-call overhead the cost, so the
+    mean and the sum of squares are each one np.vecdot (a reduction plus a scaling would be
+    two calls), and 1/std and w are applied as one [N, C] factor."""
+    n = x.shape[-1]
+    mu = np.vecdot(x, _mean_weights(n))  # (N,)
+    np.subtract(x, mu[:, None], out=out)  # centred
+    var = np.vecdot(out, out)  # (N,) sum of squares
+    var *= 1.0 / n
+    var += LN_EPS
+    np.sqrt(var, out=var)
+    np.divide(w, var[:, None], out=sq)  # w / std, per row
+    out *= sq
     out += b
     return out
+
+
+@functools.cache
+def _mean_weights(n: int) -> np.ndarray:
+    """[1/n] * n in float32: np.vecdot(x, this) is the mean of each row of x."""
+    w = np.full(n, 1.0 / n, dtype=_F32)
+    w.flags.writeable = False
+    return w
 
 
 def _softmax_(a: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -207,6 +233,27 @@ def _softmax_(a: np.ndarray, m: np.ndarray) -> np.ndarray:
     np.add.reduce(a, axis=-1, keepdims=True, out=m)
     a /= m
     return a
+
+
+def _softmax_terms(s: np.ndarray, e: np.ndarray, sums: np.ndarray, ones: np.ndarray) -> None:
+    """Unnormalised softmax of each row of s [R, L] (-inf entries allowed, never a whole row):
+    e [R, L] = exp(s - shift_r) and sums [R] its row sums; softmax = e / sums[:, None].
+    ones is [L] of 1.0 (the row sums are one BLAS matrix-vector product).
+
+    Softmax is shift-invariant, so the shift need not be the row max, and numpy's max over
+    short rows costs more than the exp: the decode step's score rows (a few dozen entries)
+    are used unshifted whenever every row sum lies in [2^-64, 2^64]. Then no term overflowed
+    (nor can e @ V), and the largest term is >= 2^-64 / L, a normal float, so any term that
+    underflowed is below 2^-60 of it, far under float32 resolution. Otherwise (huge or very
+    negative scores) the row max is subtracted, as usual."""
+    with np.errstate(over="ignore"):  # an overflow only sends us to the shifted path
+        np.exp(s, out=e)
+    np.matmul(e, ones, out=sums)
+    if sums.min() >= _SUM_LO and sums.max() <= _SUM_HI:
+        return
+    np.subtract(s, np.max(s, axis=-1, keepdims=True), out=e)
+    np.exp(e, out=e)
+    np.matmul(e, ones, out=sums)
 
 
 def _zeros_hugepages(shape: tuple[int, ...]) -> np.ndarray:
@@ -291,7 +338,9 @@ class KVCache:
         self.ff = np.zeros((4, capacity, 4 * C), dtype=_F32)  # FFN hidden + 3 GELU scratch
         self.att = np.zeros(capacity * H * T, dtype=_F32)  # scores, reshaped per step
         self.mask = np.zeros((capacity, T), dtype=_F32)  # 0 where visible, -inf where not
-        self.att_max = np.zeros((capacity, H, 1, 1), dtype=_F32)  # softmax row max / sum
+        self.att_e = np.zeros(capacity * H * T, dtype=_F32)  # exp(scores), reshaped per step
+        self.att_max = np.zeros((capacity, H, 1, 1), dtype=_F32)  # softmax row sums
+        self.ones = np.ones(T, dtype=_F32)  # row sums of the scores as one matrix-vector product
         self.positions = np.arange(T)
 
     def __len__(self) -> int:
@@ -536,7 +585,12 @@ class Transformer:
         q = heads[:, 0]  # (B, H, 1, hs), already scaled
         kv_new = heads[:, 1:, :, 0]  # (B, 2, H, hs): this token's keys and values
         y4 = y.reshape(B, H, 1, hs)
-        att_max = cache.att_max[:B]
+        att_rows = att.reshape(B * H, Lmax)
+        e_rows = cache.att_e[: B * H * Lmax].reshape(B * H, Lmax)
+        e = e_rows.reshape(B, H, 1, Lmax)
+        att_sum = cache.att_max[:B]  # (B, H, 1, 1)
+        att_sum_rows = att_sum.reshape(B * H)
+        ones = cache.ones[:Lmax]
         for i, layer in enumerate(self.layers):
             _layernorm(x, layer.ln1_w, layer.ln1_b, h, y)
             np.matmul(h, layer.w_qkv, out=qkv)  # (B, 3C)
@@ -547,12 +601,9 @@ class Transformer:
             if ragged:
                 att += mask4
             # softmax, normalised after the matmul with V (hs divisions per row instead of Lmax)
-            np.max(att, axis=-1, keepdims=True, out=att_max)
-            att -= att_max
-            np.exp(att, out=att)
-            np.add.reduce(att, axis=-1, keepdims=True, out=att_max)
-            np.matmul(att, values, out=y4)  # (B, H, 1, hs) == (B, C)
-            y4 /= att_max
+            _softmax_terms(att_rows, e_rows, att_sum_rows, ones)
+            np.matmul(e, values, out=y4)  # (B, H, 1, hs) == (B, C)
+            y4 /= att_sum
             x += np.matmul(y, layer.w_proj, out=h)
             _layernorm(x, layer.ln2_w, layer.ln2_b, h, y)
             np.matmul(h, layer.w_fc, out=f)  # (B, 4C)
