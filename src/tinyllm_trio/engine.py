@@ -168,8 +168,10 @@ class Generation:
         try:
             try:
                 async for event in request.events:
-                    if isinstance(event, TokenEvent):
+                    if isinstance(event, TokenEvent):  # the per-token path, checked first
                         self._completion_tokens += len(event.token_ids)
+                        yield event
+                        continue
                     yield event
                     if isinstance(event, DoneEvent | ErrorEvent):
                         return
@@ -188,8 +190,9 @@ class Generation:
         if self._request is not None:
             self._pool.release(self._request)
 
-    def __aiter__(self) -> Generation:
-        return self
+    def __aiter__(self) -> AsyncIterator[Event]:
+        # The event stream itself: `async for` then skips the `__anext__` wrapper per event.
+        return self._events
 
     async def __anext__(self) -> Event:
         return await self._events.__anext__()

@@ -160,6 +160,7 @@ class HTTPGeneration:
         "_iter",
         "_last_token_at",
         "_metrics",
+        "_next",
         "_prompt",
         "_tokens",
         "exchange",
@@ -185,6 +186,7 @@ class HTTPGeneration:
         self.prompt_param = prompt_param
         self._arrival = exchange.arrival if arrival is None else arrival
         self._iter: Any = None
+        self._next: Any = None  # the underlying iterator's __anext__ (one call layer less)
         self._last_token_at: float | None = None
         self._tokens = 0
         self._done: str | None = None
@@ -202,7 +204,7 @@ class HTTPGeneration:
         m.generations_active.dec()
         if self._done is None:
             self._finish_metrics("cancelled" if exc_info[0] is not None else "error")
-        it, self._iter = self._iter, None
+        it, self._iter, self._next = self._iter, None, None
         aclose = getattr(it, "aclose", None)
         if aclose is not None:
             await aclose()  # cancels the request in its worker
@@ -250,7 +252,8 @@ class HTTPGeneration:
             if inspect.isawaitable(it):
                 it = await it
             self._iter = it
-            event = await it.__anext__()
+            self._next = it.__aiter__().__anext__
+            event = await self._next()
         except StopAsyncIteration:
             raise HTTPError(500, "the engine ended the request without an event") from None
         except HTTPError:
@@ -283,7 +286,7 @@ class HTTPGeneration:
     async def next(self) -> TokenEvent | DoneEvent | ErrorEvent:
         """The next event; engine exceptions mid-stream come back as an ErrorEvent."""
         try:
-            event = await self._iter.__anext__()
+            event = await self._next()
         except StopAsyncIteration:
             event = ErrorEvent(-1, "the engine ended the request without a final event")
         except Exception as exc:
@@ -299,9 +302,9 @@ class HTTPGeneration:
         if kind is TokenEvent:
             last = self._last_token_at
             if last is None:
-                m.ttft.observe(now - self._arrival)
+                m.observe_ttft(now - self._arrival)
             else:
-                m.itl.observe(now - last)
+                m.observe_itl(now - last)
             self._last_token_at = now
             self._tokens += len(event.token_ids)
         elif kind is DoneEvent:

@@ -15,8 +15,9 @@ Output tokens come from the server's usage report (OpenAI `stream_options.includ
 llama-server's `tokens_predicted`), or by counting token events when there is none.
 
 The client is this package's small trio + h11 client (no extra dependency). It runs on the same
-machine as the server, so its own CPU use counts against the server's: it parses each event
-with one `json.loads` and does nothing else per token. A PNG plot is written with `--plot`
+machine as the server, so its own CPU use counts against the server's: per token it waits for
+the socket, reads once, and recognises the usual one-line token event by a few substring
+checks (anything else gets `json.loads`). A PNG plot is written with `--plot`
 only when matplotlib is importable; it is not a dependency of this package.
 
     tinyllm-trio bench http --url http://127.0.0.1:8080
@@ -43,6 +44,7 @@ _STORY = (
     "dog in the big green park every day and the sun was warm"
 )
 _WORDS = tuple(_STORY.split())
+_QUICK_PREFIXES = (b'"choices":[{"index":0,"text":"', b'"choices":[{"index":0,"delta":{"content":"')
 
 
 @dataclass
@@ -128,8 +130,13 @@ class Target:
             "temperature": self.temperature,
         }
 
-    def parse(self, payload: str) -> tuple[int, int | None, bool]:
+    def parse(self, payload: str | bytes) -> tuple[int, int | None, bool]:
         """(token events in it, total output tokens if reported, is it the last event)."""
+        if type(payload) is bytes:
+            quick = self._quick(payload) if self.api == "openai" else None
+            if quick is not None:
+                return quick
+            payload = payload.decode("utf-8")
         if payload == "[DONE]":
             return 0, None, True
         event = json.loads(payload)
@@ -144,6 +151,27 @@ class Target:
         choices = event.get("choices") or []
         tokens = sum(1 for c in choices if c.get("text") or (c.get("delta") or {}).get("content"))
         return tokens, total, False
+
+    @staticmethod
+    def _quick(payload: bytes) -> tuple[int, int | None, bool] | None:
+        """`parse` of a compact one-choice OpenAI token chunk without `json.loads`; None for
+        anything else (which `parse` then decodes in full).
+
+        The usual chunk is ``{...,"choices":[{"index":0,"text":"<delta>",...}],...}`` (or
+        ``"delta":{"content":"<delta>"``): its token count is whether the delta is non-empty.
+        A raw ``"error"``, ``"usage":{`` or second ``"index":`` cannot hide inside a JSON string
+        (quotes there are escaped), so their absence means no error, no usage and one choice.
+        """
+        for prefix in _QUICK_PREFIXES:
+            at = payload.find(prefix)
+            if at >= 0:
+                break
+        else:
+            return None
+        if b'"error"' in payload or b'"usage":{' in payload or payload.count(b'"index":') != 1:
+            return None
+        end = at + len(prefix)
+        return (0 if payload[end : end + 1] == b'"' else 1), None, False
 
     async def discover_model(self) -> None:
         if self.api != "openai" or self.model:
@@ -172,7 +200,17 @@ async def _one_request(client: HTTPClient, target: Target, index: int) -> Reques
     itl: list[float] = []
     async for chunk in response.chunks():
         now = time.perf_counter()
-        for payload in sse_events(buffer, chunk):
+        if (
+            not buffer
+            and chunk[:5] == b"data:"
+            and chunk[-2:] == b"\n\n"
+            and chunk.find(b"\n") == len(chunk) - 2
+            and b"\r" not in chunk
+        ):  # the usual chunk: exactly one event of one `data:` line (what sse_events would say)
+            payloads: Any = (chunk[5:-2].lstrip(b" "),)
+        else:
+            payloads = sse_events(buffer, chunk)
+        for payload in payloads:
             n, total, _ = target.parse(payload)
             if total is not None:
                 reported = total

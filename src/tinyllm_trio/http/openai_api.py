@@ -29,14 +29,14 @@ on an empty final chunk when generation stopped on EOS), with `stream_options.in
 one more chunk with `choices: []` and `usage` (the others then carry `"usage": null`), and
 `data: [DONE]\\n\\n` last. An error after the stream started is `data: {"error": {...}}`
 followed by `data: [DONE]`. The per-token chunk is two precomputed byte strings around the
-JSON-encoded text delta, so the hot path costs one `json.dumps` of a short string.
+JSON-encoded text delta, so the hot path costs one JSON string escape of a short string.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
+from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps(str) runs
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -310,7 +310,7 @@ class SSEFormat:
             if not text:
                 return None
             self._text_size += len(text)
-            return self._prefix + json.dumps(text).encode("ascii") + self._suffix
+            return self._prefix + _json_string(text).encode("ascii") + self._suffix
         if event.finish_reason is not None:
             self._finished = True
         choice = self._choice(text, event.finish_reason, event.logprobs if self._logprobs else None)

@@ -90,6 +90,9 @@ Message = Submit | Cancel | Shutdown | Ready | TokenEvent | DoneEvent | ErrorEve
 
 _TOKEN_HEAD = struct.Struct("<HIB")
 _ITEM_HEAD = struct.Struct("<BQI")  # type, request id, payload length of one batched message
+_TOKEN1_HEAD = struct.Struct("<HIBI")  # a token message's head and its one id (the common case)
+_TOKEN = int(MsgType.TOKEN)
+_TYPES = {int(t): t for t in MsgType}
 
 
 def _json(obj: Any) -> bytes:
@@ -144,18 +147,37 @@ def encode(msg: Message) -> tuple[int, int, bytes]:
 
 def _decode_batch(request_id: int, payload: bytes) -> Batch:
     items: list[Message] = []
+    append = items.append
+    unpack_item = _ITEM_HEAD.unpack_from
+    unpack_token1 = _TOKEN1_HEAD.unpack_from
+    head_size = _ITEM_HEAD.size
+    token1_size = _TOKEN1_HEAD.size
+    size = len(payload)
     pos = 0
-    while pos < len(payload):
-        if pos + _ITEM_HEAD.size > len(payload):
+    while pos < size:
+        if pos + head_size > size:
             raise MessageError("batch item header runs past the payload")
-        item_type, item_id, length = _ITEM_HEAD.unpack_from(payload, pos)
-        pos += _ITEM_HEAD.size
-        if pos + length > len(payload):
+        item_type, item_id, length = unpack_item(payload, pos)
+        pos += head_size
+        end = pos + length
+        if end > size:
             raise MessageError("batch item runs past the payload")
+        if item_type == _TOKEN and length >= token1_size:
+            # The hot path, one per generated token: one id, no finish reason, no logprobs.
+            # Anything else takes the general decoder below, which validates it in full.
+            n_ids, text_len, reason_len, token_id = unpack_token1(payload, pos)
+            if n_ids == 1 and reason_len == 0 and token1_size + text_len == length:
+                try:
+                    text = payload[pos + token1_size : end].decode()
+                except UnicodeDecodeError as e:
+                    raise MessageError(f"token message text is not UTF-8: {e}") from None
+                append(TokenEvent(item_id, [token_id], text, None, None))
+                pos = end
+                continue
         if item_type == MsgType.BATCH:
             raise MessageError("a batch cannot contain a batch")
-        items.append(decode(item_type, item_id, payload[pos : pos + length]))
-        pos += length
+        append(decode(item_type, item_id, payload[pos:end]))
+        pos = end
     return Batch(items, request_id)
 
 
@@ -189,10 +211,9 @@ def _decode_token(request_id: int, payload: bytes) -> TokenEvent:
 
 def decode(msg_type: int, request_id: int, payload: bytes) -> Message:
     """The message a frame carries; MessageError for an unknown type or a malformed payload."""
-    try:
-        kind = MsgType(msg_type)
-    except ValueError:
-        raise MessageError(f"unknown message type {msg_type}") from None
+    kind = _TYPES.get(msg_type)
+    if kind is None:
+        raise MessageError(f"unknown message type {msg_type}")
     if kind is MsgType.TOKEN:
         return _decode_token(request_id, payload)
     if kind is MsgType.BATCH:
