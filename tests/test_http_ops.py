@@ -247,3 +247,23 @@ async def test_json_access_log_carries_the_request_id() -> None:
     access = [e for e in lines if e["logger"] == "tinyllm_trio.access"]
     assert access[0]["request_id"] == "trace-42" and access[0]["status"] == 200
     assert access[0]["path"] == "/ping" and access[0]["level"] == "info"
+
+
+def test_fast_histogram_observer_counts_like_observe() -> None:
+    """The per-token observer must export exactly what prometheus-client's observe would."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from tinyllm_trio.http.metrics import fast_observer
+
+    values = [0.0, 0.0005, 0.001, 0.0011, 0.025, 0.1, 0.9999, 1.0, 2.5, 7.0, 1e9]
+    exported = []
+    for fast in (False, True):
+        registry = CollectorRegistry()
+        hist = Histogram("t_seconds", "t", buckets=(0.001, 0.025, 0.1, 1.0, 2.5), registry=registry)
+        observe = fast_observer(hist) if fast else hist.observe
+        for value in values:
+            observe(value)
+        text = generate_latest(registry).decode()  # minus the creation timestamp
+        exported.append("\n".join(x for x in text.splitlines() if "_created" not in x))
+    assert exported[0] == exported[1]
+    assert 't_seconds_bucket{le="0.001"} 3.0' in exported[1]
