@@ -20,10 +20,10 @@ import trio
 from tinyllm_trio.config import ServerConfig
 from tinyllm_trio.engine import OverloadedError
 from tinyllm_trio.http.server import HTTPServer
-from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, TokenEvent
+from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, TokenEvent, encode_prompt
 from tinyllm_trio.model.sampling import SamplingParams
 from tinyllm_trio.model.tokenizer import build_vocab
-from tinyllm_trio.model.transformer import ContextLengthError, ModelConfig
+from tinyllm_trio.model.transformer import ModelConfig
 
 STORY = "lily and tom were friends . they worried about the cat . the dog ran to the park !"
 
@@ -70,12 +70,8 @@ class FakeEngine:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None):
         params = params or SamplingParams()
+        ids = encode_prompt(prompt, self.tokenizer, self.model_config)  # as the Engine does
         self.calls.append((prompt, params))
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if len(ids) >= self.model_config.max_context:
-            raise ContextLengthError(
-                f"the prompt has {len(ids)} tokens; the context is {self.max_context}"
-            )
         if self.overloaded:
             raise OverloadedError("the queue is full")
         self.running += 1

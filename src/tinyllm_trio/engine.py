@@ -48,7 +48,7 @@ from tinyllm_trio.model.batching import (
     ErrorEvent,
     Event,
     TokenEvent,
-    check_prompt_room,
+    encode_prompt,
 )
 from tinyllm_trio.model.sampling import InvalidParameterError, SamplingParams
 from tinyllm_trio.model.tokenizer import HybridTokenizer
@@ -248,20 +248,7 @@ class Engine:
         Raises InvalidParameterError (param "prompt") for an empty list or an id outside the
         vocabulary, and ContextLengthError when no room is left for one generated token.
         """
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            for i in ids:
-                if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab:
-                    raise InvalidParameterError(
-                        "prompt", f"token id {i!r} is not an integer in [0, {vocab})"
-                    )
-            if not ids:
-                raise InvalidParameterError("prompt", "the prompt is empty")
-        check_prompt_room(len(ids), self.model_config.max_context)
-        return ids
+        return encode_prompt(prompt, self.tokenizer, self.model_config)
 
     def generate(
         self,

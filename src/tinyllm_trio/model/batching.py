@@ -28,9 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from tinyllm_trio.model.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
+from tinyllm_trio.model.sampling import (
+    InvalidParameterError,
+    Sampler,
+    SamplingParams,
+    log_softmax,
+    top_logprobs,
+)
 from tinyllm_trio.model.tokenizer import EOS, HybridTokenizer, StreamDecoder
-from tinyllm_trio.model.transformer import ContextLengthError, Transformer
+from tinyllm_trio.model.transformer import ContextLengthError, ModelConfig, Transformer
 
 
 @dataclass
@@ -71,17 +77,40 @@ class ErrorEvent:
 Event = TokenEvent | DoneEvent | ErrorEvent
 
 
-def check_prompt_room(n_tokens: int, max_context: int) -> None:
-    """Raise ContextLengthError unless a prompt of `n_tokens` leaves room for one more token.
+def encode_prompt(
+    prompt: str | Sequence[int], tokenizer: HybridTokenizer, config: ModelConfig
+) -> list[int]:
+    """The one rule for turning a prompt into the ids a sequence starts from.
 
-    The one rule for "prompt too long", applied by the Engine before a request is sent (so the
-    HTTP layer can answer 400 at once) and by the batcher that runs it.
+    Text is encoded with BOS first (never EOS last); a list of ids is taken as given. Applied by
+    the Engine before a request is sent (so the HTTP layer can answer 400 at once) and by the
+    batcher that runs it. Raises InvalidParameterError (param "prompt") for an empty prompt or
+    an id outside the vocabulary, and ContextLengthError when no room is left for one token.
     """
-    if n_tokens >= max_context:
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = list(prompt)
+        for i in ids:
+            if not isinstance(i, int | np.integer) or isinstance(i, bool):
+                bad = True
+            else:
+                bad = not 0 <= i < config.vocab_size
+            if bad:
+                raise InvalidParameterError(
+                    "prompt",
+                    f"token id {i!r} is outside the vocabulary: not an integer in "
+                    f"[0, {config.vocab_size})",
+                )
+        ids = [int(i) for i in ids]
+    if not ids:
+        raise InvalidParameterError("prompt", "the prompt is empty")
+    if len(ids) >= config.max_context:
         raise ContextLengthError(
-            f"the prompt has {n_tokens} tokens; this model's context is {max_context} tokens "
-            "and at least one must be left for the completion"
+            f"the prompt has {len(ids)} tokens; this model's context is {config.max_context} "
+            "tokens and at least one must be left for the completion"
         )
+    return ids
 
 
 class StopMatcher:
@@ -173,17 +202,6 @@ class ContinuousBatcher:
     def idle(self) -> bool:
         return not (self._active or self._waiting or self._finished_waiting)
 
-    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
-        """Prompt text is encoded with BOS first (never EOS last); ids are checked and kept."""
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        ids = [int(i) for i in prompt]
-        vocab = self.transformer.config.vocab_size
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        return ids
-
     def submit(self, request_id: int, prompt: str | Sequence[int], params: SamplingParams) -> None:
         """Queue a request; it is admitted at the next step with a free slot.
 
@@ -192,10 +210,7 @@ class ContinuousBatcher:
         """
         if request_id in self._active or any(s.request_id == request_id for s in self._waiting):
             raise ValueError(f"request id {request_id} is already in use")
-        ids = self.encode_prompt(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        check_prompt_room(len(ids), self.transformer.config.max_context)
+        ids = encode_prompt(prompt, self.tokenizer, self.transformer.config)
         sampler = Sampler(params, self.transformer.config.vocab_size, ids, eos_id=EOS)
         # The decoder reads the prompt first, so the completion's first delta carries the
         # spacing a continuation needs (" there", but "," with no space).
