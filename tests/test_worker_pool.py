@@ -339,6 +339,8 @@ async def test_workers_pin_blas_ignore_sigint_and_inherit_no_sockets(tiny_checkp
     inheritable), BLAS pinned to one thread (one worker per core; no BLAS thread pool)."""
     import socket
 
+    from tinyllm_trio.model.blas import blas_env
+
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -351,6 +353,8 @@ async def test_workers_pin_blas_ignore_sigint_and_inherit_no_sockets(tiny_checkp
                 environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 for var in (b"OPENBLAS_NUM_THREADS", b"OMP_NUM_THREADS", b"MKL_NUM_THREADS"):
                     assert var + b"=1" in environ
+                for var, value in blas_env().items():  # the kernel set too, where one is picked
+                    assert f"{var}={value}".encode() in environ
                 status = dict(
                     line.split(":\t", 1)
                     for line in Path(f"/proc/{pid}/status").read_text().split("\n")

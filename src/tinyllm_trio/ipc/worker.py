@@ -22,15 +22,16 @@ rings it was given (nobody else will) and exits, so no orphan survives its serve
 
 BLAS runs single-threaded (the pool sets ``OPENBLAS_NUM_THREADS`` etc. in the environment, and
 this module sets them too before numpy is imported): the parallelism is one process per core.
+The same place picks OpenBLAS's kernel set where ours is faster (`model/blas.py`).
 """
 
 from __future__ import annotations
 
 import os
 
-from tinyllm_trio.model.blas import SINGLE_THREAD_ENV
+from tinyllm_trio.model.blas import blas_env
 
-for _var, _value in SINGLE_THREAD_ENV.items():  # before anything imports numpy
+for _var, _value in blas_env().items():  # before anything imports numpy
     os.environ.setdefault(_var, _value)
 
 import argparse  # noqa: E402

@@ -9,8 +9,9 @@ What it measures (each number is the median of `--runs` runs, tokens per second)
 BLAS is pinned to one thread, because the server runs one worker process per core and a worker
 that spawned BLAS threads would fight its neighbours. The thread count is read by OpenBLAS when
 numpy is first imported, so `run_cli` re-runs the benchmark in a child process with
-OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS = 1 unless they are already 1 here.
-(`threadpoolctl` could do it in-process, but it is not a dependency.)
+OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS = 1 unless they are already 1 here,
+and with the kernel set the workers use (`model/blas.py`: OPENBLAS_CORETYPE=Zen on AMD Zen 4;
+set OPENBLAS_CORETYPE yourself to compare another).
 
 The table's last column divides by this process's CPU time instead of wall-clock time: the same
 number on an idle core, and the honest one-core figure on a machine shared with other work
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinyllm_trio.model.blas import BLAS_THREAD_VARS, blas_pinned, single_threaded_env
+from tinyllm_trio.model.blas import (
+    BLAS_THREAD_VARS,
+    CORETYPE_VAR,
+    blas_pinned,
+    single_threaded_env,
+)
 
 BATCHES = (1, 8, 32, 64)
 PREFILL_TOKENS = 128
@@ -56,6 +63,7 @@ def run_cli(args: argparse.Namespace) -> int:
     results = run_benchmarks(transformer, runs=args.runs)
     print(f"model: {label}")
     print(f"BLAS threads: 1 ({', '.join(f'{v}=1' for v in BLAS_THREAD_VARS)})")
+    print(f"BLAS kernels: {os.environ.get(CORETYPE_VAR) or 'OpenBLAS default'} ({CORETYPE_VAR})")
     print(format_table(results, args.runs))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(to_json(results), indent=2) + "\n")
