@@ -291,13 +291,13 @@ async def test_body_errors_surface_unwrapped_and_engines_do_not_collide(
 
 def test_engine_benchmark_runs_and_reports(tiny_checkpoint: Path) -> None:
     """`tinyllm-trio bench engine` end to end on a tiny model (keeps the benchmark working)."""
-    from tinyllm_trio.ipc.bench import format_table, run_benchmarks
+    from tinyllm_trio.ipc.bench import Load, format_table, run_benchmarks
 
     results = run_benchmarks(
         str(tiny_checkpoint),
         concurrency=[1, 4],
         workers=[1, 2],
-        max_tokens=8,
+        load=Load(max_tokens=8, prompt_words=3),
         runs=1,
         ipc_messages=2000,
     )
@@ -307,3 +307,17 @@ def test_engine_benchmark_runs_and_reports(tiny_checkpoint: Path) -> None:
     assert results["ipc"]["round_trip_us"] > 0
     table = format_table(results)
     assert "1w/bare" in table and "2w/1w" in table and "round trip" in table
+    assert "one wave" in table
+
+
+def test_engine_benchmark_closed_loop_runs_every_request(tiny_checkpoint: Path) -> None:
+    """With more requests than clients, each client takes the next one as it finishes (the
+    load bench http sends), and every request's tokens are counted (asserted inside)."""
+    from tinyllm_trio.ipc.bench import Load, bare_tokens_per_s, engine_tokens_per_s
+
+    load = Load(max_tokens=5, prompt_words=2, per_level=7)
+    assert load.requests(3) == 7 and Load(per_level="auto").requests(32) == 128
+    rate, cpu = bare_tokens_per_s(str(tiny_checkpoint), None, 3, load)
+    assert rate > 0 and cpu > 0
+    measured = engine_tokens_per_s(str(tiny_checkpoint), None, 2, [3], load, runs=1)
+    assert measured[3][0][0] > 0

@@ -71,3 +71,28 @@ async def test_loadgen_against_a_llama_server_stand_in() -> None:
     for lv in report["_levels"]:
         assert (lv.requests, lv.failed) == (6, 0)
         assert lv.output_tokens_per_s > 0
+
+
+def test_engine_ratio_compares_the_same_concurrency() -> None:
+    """--engine-json: HTTP tokens/s over the Engine's at the same level, largest worker count,
+    levels the Engine did not measure left out."""
+    from tinyllm_trio.http.loadgen import LevelResult, engine_ratios, format_ratios
+
+    def level(c: int, rate: float) -> LevelResult:
+        summary = {"p50": 1.0, "p90": 1.0, "p99": 1.0}
+        return LevelResult(c, 4, 0, 1.0, 4.0, rate, summary, summary, 1.0, [])
+
+    engine = {
+        "max_tokens": 128,
+        "requests": {"32": 128},
+        "engine": {
+            "1": {"32": {"tokens_per_s": 9999.0}},
+            "2": {"32": {"tokens_per_s": 6000.0}, "64": {"tokens_per_s": 7000.0}},
+        },
+    }
+    ratios = engine_ratios([level(32, 5100.0), level(8, 2000.0)], engine)
+    assert ratios["engine_workers"] == 2
+    assert ratios["levels"] == {
+        "32": {"http_tokens_per_s": 5100.0, "engine_tokens_per_s": 6000.0, "ratio": 0.85}
+    }
+    assert "0.85" in format_ratios(ratios)

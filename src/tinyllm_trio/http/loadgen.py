@@ -38,12 +38,8 @@ from urllib.parse import urlsplit
 import trio
 
 from tinyllm_trio.http.client import HTTPClient, sse_events
+from tinyllm_trio.workload import MAX_TOKENS, PROMPT_WORDS, prompt_text, requests_per_level
 
-_STORY = (
-    "once upon a time there was a little girl named lily . she liked to play with her "
-    "dog in the big green park every day and the sun was warm"
-)
-_WORDS = tuple(_STORY.split())
 _QUICK_PREFIXES = (b'"choices":[{"index":0,"text":"', b'"choices":[{"index":0,"delta":{"content":"')
 
 
@@ -84,12 +80,6 @@ def percentile(values: list[float], q: float) -> float:
 
 def _summary_ms(values: list[float]) -> dict[str, float]:
     return {f"p{q}": round(percentile(values, q) * 1000.0, 3) for q in (50, 90, 99)}
-
-
-def prompt_text(index: int, words: int) -> str:
-    """A short story prompt; rotated by `index` so no two consecutive requests share it."""
-    start = index % len(_WORDS)
-    return " ".join((_WORDS * (2 + words // len(_WORDS)))[start : start + words])
 
 
 class Target:
@@ -295,6 +285,39 @@ def format_table(levels: list[LevelResult]) -> str:
     return "\n".join(lines)
 
 
+def engine_ratios(levels: list[LevelResult], engine: dict[str, Any]) -> dict[str, Any]:
+    """HTTP tokens/s over the in-process Engine's at each concurrency both measured, with the
+    Engine's largest worker count. The Engine run must be the same load (tokens, requests)."""
+    workers = max(engine["engine"], key=int)
+    by_c = engine["engine"][workers]
+    rows = {}
+    for lv in levels:
+        measured = by_c.get(str(lv.concurrency)) or by_c.get(lv.concurrency)
+        if measured:
+            rate = measured["tokens_per_s"]
+            rows[str(lv.concurrency)] = {
+                "http_tokens_per_s": lv.output_tokens_per_s,
+                "engine_tokens_per_s": round(rate, 1),
+                "ratio": round(lv.output_tokens_per_s / rate, 3),
+            }
+    return {
+        "engine_workers": int(workers),
+        "engine_max_tokens": engine.get("max_tokens"),
+        "engine_requests": engine.get("requests"),
+        "levels": rows,
+    }
+
+
+def format_ratios(ratios: dict[str, Any]) -> str:
+    lines = [f"HTTP / Engine ({ratios['engine_workers']} workers, same load, in process):"]
+    for c, row in ratios["levels"].items():
+        lines.append(
+            f"{c:>5} {row['http_tokens_per_s']:>10.1f} / {row['engine_tokens_per_s']:>8.1f}"
+            f" = {row['ratio']:.2f}"
+        )
+    return "\n".join(lines)
+
+
 def write_plot(levels: list[LevelResult], path: str, title: str) -> bool:
     """A PNG of tokens/s and TTFT p50 against concurrency; False if matplotlib is missing."""
     try:
@@ -337,9 +360,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="requests per level (default: max(16, 4 x concurrency))",
     )
-    parser.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
     parser.add_argument(
-        "--prompt-words", type=int, default=15, help="prompt length in words (15 = 16 tokens)"
+        "--max-tokens", type=int, default=MAX_TOKENS, help="output tokens per request"
+    )
+    parser.add_argument(
+        "--prompt-words",
+        type=int,
+        default=PROMPT_WORDS,
+        help="prompt length in words (15 = 16 tokens)",
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--model", default=None, help="model name (default: from /v1/models)")
@@ -347,6 +375,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured requests first")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--json", dest="json_path", default=None, help="write results here")
+    parser.add_argument(
+        "--engine-json",
+        default=None,
+        help="a `bench engine --requests auto --max-tokens 128 --json` result of the same "
+        "model: adds each level's HTTP / Engine throughput (the HTTP layer's cost)",
+    )
     parser.add_argument(
         "--plot", default=None, help="write a PNG plot here (needs matplotlib, not a dependency)"
     )
@@ -360,7 +394,7 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         await run_level(target, 1, args.warmup, args.timeout)
     results = []
     for concurrency in levels:
-        requests = args.requests or max(16, 4 * concurrency)
+        requests = args.requests or requests_per_level(concurrency)
         level = await run_level(target, concurrency, requests, args.timeout)
         print(
             f"concurrency {concurrency:>3}: {level.output_tokens_per_s:9.1f} tok/s, "
@@ -384,6 +418,11 @@ def run_cli(args: argparse.Namespace) -> int:
     report = trio.run(run_benchmark, args)
     levels: list[LevelResult] = report.pop("_levels")
     print(format_table(levels))
+    if args.engine_json:
+        with open(args.engine_json) as f:
+            ratios = engine_ratios(levels, json.load(f))
+        report["vs_engine"] = ratios
+        print(format_ratios(ratios))
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(report, f, indent=2)

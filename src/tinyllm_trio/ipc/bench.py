@@ -2,13 +2,19 @@
 
 Three measurements, each the median of `--runs` runs:
 
-- bare: the worker's own loop in this process: `ContinuousBatcher` with `max_batch` = the
-  concurrency, C requests submitted at once, `step()` until idle. No IPC, no Trio.
-- engine: the same C requests through `open_engine` (1 worker, then 2 by default), consumed by
-  C Trio tasks: IPC both ways, routing, per-request channels, all of it. Both count every
-  generated token (C x max_tokens; EOS is ignored) from first submit to last final event,
-  prefill included. "engine/bare" at 1 worker is the price of the process boundary (target:
-  >= 0.85); "2w/1w" is the scaling of a second worker (target on 2 cores: >= 1.6 at 32+).
+- bare: the worker's own loop in this process: `ContinuousBatcher` with serve's default
+  `--max-batch` (32), C requests submitted at once, `step()` until idle. No IPC, no Trio.
+- engine: the same C requests through `open_engine` (1 worker, then 2 by default; the same
+  max batch per worker), consumed by C Trio tasks: IPC both ways, routing, per-request
+  channels, all of it. Both count every generated token (EOS is ignored) from first submit to
+  last final event, prefill included. "engine/bare" at 1 worker is the price of the process
+  boundary (target: >= 0.85); "2w/1w" is the scaling of a second worker (target on 2 cores:
+  >= 1.6 at 32+). Beyond the max batch, generations wait in the queue, as in the server: at
+  64, one worker decodes 32 at a time and two workers 64.
+- With `--requests N` (or `auto`, bench http's count) each level is a closed loop: C clients,
+  each starting the next request when its last one ends, N in all. `--max-tokens 128
+  --requests auto` is exactly bench http's load, so `bench http --engine-json` can say what
+  the HTTP layer costs on top of the Engine.
 - IPC: a token message's round trip between two processes over two rings (encode, put, the
   peer's get and put back, get, decode), and the Trio-side cost of receiving a stream of
   token messages (`receive_many` + decode), in microseconds per message.
@@ -36,12 +42,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tinyllm_trio.model.blas import blas_pinned, single_threaded_env
+from tinyllm_trio.workload import PROMPT_WORDS, corpus_text, prompt_text, requests_per_level
 
 CONCURRENCY = (1, 8, 32, 64)
-PROMPT_WORDS = ("once upon a time", "the little cat", "lily and tom went to the park and")
+MAX_BATCH = 32  # serve's default --max-batch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +65,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--workers", default="1,2", help="comma-separated worker counts to compare (default 1,2)"
     )
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per generation")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=MAX_BATCH,
+        help=f"sequences per worker (and in the bare loop), as serve's --max-batch "
+        f"(default {MAX_BATCH}); more concurrent generations wait in the queue",
+    )
+    p.add_argument(
+        "--requests",
+        default=None,
+        help="generations per level, run as a closed loop of `concurrency` clients; 'auto' = "
+        "bench http's count, max(16, 4 x concurrency) (default: one wave of `concurrency`)",
+    )
+    p.add_argument(
+        "--prompt-words",
+        type=int,
+        default=PROMPT_WORDS,
+        help="prompt length in words (default 15 = 16 tokens, as bench http)",
+    )
     p.add_argument("--runs", type=int, default=3, help="runs per measurement (median reported)")
     p.add_argument("--ipc-messages", type=int, default=20000, help="messages per IPC test")
     p.add_argument("--skip-bare", action="store_true", help="only the engine and IPC numbers")
@@ -83,8 +110,13 @@ def run_cli(args: argparse.Namespace) -> int:
     if not blas_pinned():
         cmd = [sys.executable, "-m", "tinyllm_trio.ipc.bench", *_argv(args)]
         return subprocess.call(cmd, env=single_threaded_env())
-    if args.runs < 1 or args.max_tokens < 1:
-        print("--runs and --max-tokens must be >= 1", file=sys.stderr)
+    if min(args.runs, args.max_tokens, args.prompt_words, args.max_batch) < 1:
+        print("--runs, --max-tokens, --prompt-words and --max-batch must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        load = Load(args.max_tokens, args.prompt_words, _requests(args.requests), args.max_batch)
+    except ValueError as e:
+        print(f"--requests: {e}", file=sys.stderr)
         return 2
     concurrency = _ints(args.concurrency, "--concurrency")
     workers = _ints(args.workers, "--workers")
@@ -101,7 +133,7 @@ def run_cli(args: argparse.Namespace) -> int:
             attention_scale=args.attention_scale,
             concurrency=concurrency,
             workers=workers,
-            max_tokens=args.max_tokens,
+            load=load,
             runs=args.runs,
             ipc_messages=args.ipc_messages,
             bare=not args.skip_bare,
@@ -116,6 +148,9 @@ def run_cli(args: argparse.Namespace) -> int:
 def _argv(args: argparse.Namespace) -> list[str]:
     out = ["--concurrency", args.concurrency, "--workers", args.workers]
     out += ["--max-tokens", str(args.max_tokens), "--runs", str(args.runs)]
+    out += ["--prompt-words", str(args.prompt_words), "--max-batch", str(args.max_batch)]
+    if args.requests is not None:
+        out += ["--requests", str(args.requests)]
     out += ["--ipc-messages", str(args.ipc_messages)]
     if args.model is not None:
         out += ["--model", str(args.model)]
@@ -147,7 +182,7 @@ def _checkpoint(model: str | None, attention_scale: str | None, tmp: Path) -> tu
     if seed_vocab is not None:  # the real vocabulary: the LM head has its real size
         tokenizer = HybridTokenizer.from_file(seed_vocab)
     else:
-        tokenizer = build_vocab([" ".join(PROMPT_WORDS)], n_words=3200, n_chars=60)
+        tokenizer = build_vocab([corpus_text()], n_words=3200, n_chars=60)
     config = ModelConfig(vocab_size=tokenizer.vocab_size)
     save_checkpoint(tmp, Transformer.random(config, seed=0), tokenizer)
     return str(tmp), f"random weights, default shapes ({_shape(config)}; no trained model found)"
@@ -160,8 +195,33 @@ def _shape(config) -> str:
     )
 
 
-def _prompts(n: int) -> list[str]:
-    return [PROMPT_WORDS[i % len(PROMPT_WORDS)] for i in range(n)]
+@dataclass(frozen=True)
+class Load:
+    """What each level runs: `requests(c)` generations of `max_tokens` tokens (EOS ignored)
+    after `prompt_words`-word prompts, at most c at a time (a closed loop)."""
+
+    max_tokens: int = 64
+    prompt_words: int = PROMPT_WORDS
+    per_level: int | str | None = None  # None: one wave of c; "auto": bench http's count
+    max_batch: int = MAX_BATCH  # sequences decoded together per worker / in the bare loop
+
+    def requests(self, c: int) -> int:
+        if self.per_level is None:
+            return c
+        if self.per_level == "auto":
+            return requests_per_level(c)
+        return int(self.per_level)
+
+    def prompt(self, index: int) -> str:
+        return prompt_text(index, self.prompt_words)
+
+
+def _requests(text: str | None) -> int | str | None:
+    if text is None or text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"expected a positive integer or 'auto', got {text!r}")
+    return int(text)
 
 
 # --- measurements --------------------------------------------------------------------------------
@@ -176,59 +236,67 @@ def _cpu_ns(pid: int) -> int:
         return int(f.read().split()[0])
 
 
-def bare_tokens_per_s(
-    path: str, attention_scale: str | None, c: int, max_tokens: int
-) -> Measurement:
-    """The batcher loop alone: C requests at once, step until idle."""
-    from tinyllm_trio.model.batching import ContinuousBatcher, TokenEvent
+def bare_tokens_per_s(path: str, attention_scale: str | None, c: int, load: Load) -> Measurement:
+    """The batcher loop alone: C requests at once, the next one submitted as one finishes
+    (when the load has more than C), step until idle."""
+    from tinyllm_trio.model.batching import ContinuousBatcher, DoneEvent, TokenEvent
     from tinyllm_trio.model.checkpoint import load_model
     from tinyllm_trio.model.sampling import SamplingParams
 
     loaded = load_model(path, attention_scale=attention_scale)
-    batcher = ContinuousBatcher(loaded.transformer, loaded.tokenizer, max_batch=c)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    batcher = ContinuousBatcher(loaded.transformer, loaded.tokenizer, max_batch=load.max_batch)
+    params = SamplingParams(max_tokens=load.max_tokens, temperature=0, ignore_eos=True)
+    total = load.requests(c)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    for i, prompt in enumerate(_prompts(c)):
-        batcher.submit(i, prompt, params)
+    submitted = min(c, total)
+    for i in range(submitted):
+        batcher.submit(i, load.prompt(i), params)
     tokens = 0
     while not batcher.idle:
         for event in batcher.step():
             if isinstance(event, TokenEvent):
                 tokens += len(event.token_ids)
+            elif isinstance(event, DoneEvent) and submitted < total:
+                batcher.submit(submitted, load.prompt(submitted), params)
+                submitted += 1
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    assert tokens == c * max_tokens, tokens
+    assert tokens == total * load.max_tokens, tokens
     return tokens / elapsed, cpu / tokens * 1e6
 
 
-async def _engine_run(engine, c: int, max_tokens: int) -> Measurement:
+async def _engine_run(engine, c: int, load: Load) -> Measurement:
+    """`load.requests(c)` generations through `engine`, c client tasks each taking the next."""
     import trio
 
     from tinyllm_trio.model.batching import DoneEvent, TokenEvent
     from tinyllm_trio.model.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=load.max_tokens, temperature=0, ignore_eos=True)
+    total = load.requests(c)
     counts: list[int] = []
+    indices = iter(range(total))
 
-    async def one(prompt: str) -> None:
-        n = 0
-        async with engine.generate(prompt, params) as events:
-            async for event in events:
-                if isinstance(event, TokenEvent):
-                    n += len(event.token_ids)
-                elif not isinstance(event, DoneEvent):
-                    raise RuntimeError(f"generation failed: {event}")
-        counts.append(n)
+    async def client() -> None:
+        for index in indices:  # shared: each client takes the next request
+            n = 0
+            async with engine.generate(load.prompt(index), params) as events:
+                async for event in events:
+                    if isinstance(event, TokenEvent):
+                        n += len(event.token_ids)
+                    elif not isinstance(event, DoneEvent):
+                        raise RuntimeError(f"generation failed: {event}")
+            counts.append(n)
 
     pids = [w["pid"] for w in engine.stats()["workers"]]
     workers0 = sum(_cpu_ns(pid) for pid in pids)
     t0, cpu0 = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as nursery:
-        for prompt in _prompts(c):
-            nursery.start_soon(one, prompt)
+        for _ in range(min(c, total)):
+            nursery.start_soon(client)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     cpu += (sum(_cpu_ns(pid) for pid in pids) - workers0) / 1e9
     tokens = sum(counts)
-    assert tokens == c * max_tokens, tokens
+    assert tokens == total * load.max_tokens, tokens
     return tokens / elapsed, cpu / tokens * 1e6
 
 
@@ -237,7 +305,7 @@ def engine_tokens_per_s(
     attention_scale: str | None,
     workers: int,
     concurrency: Sequence[int],
-    max_tokens: int,
+    load: Load,
     runs: int,
 ) -> dict[int, list[Measurement]]:
     """Measurements per concurrency level, one engine started once for all of them."""
@@ -250,13 +318,13 @@ def engine_tokens_per_s(
         async with open_engine(
             path,
             workers=workers,
-            max_batch=max(concurrency),
-            max_queue=0,
+            max_batch=load.max_batch,
+            max_queue=max(concurrency),  # beyond the max batch, they wait as in serve
             attention_scale=attention_scale,
         ) as engine:
-            await _engine_run(engine, min(8, max(concurrency)), 4)  # warm-up
+            await _engine_run(engine, min(8, max(concurrency)), Load(4, load.prompt_words))
             for c in concurrency:
-                out[c] = [await _engine_run(engine, c, max_tokens) for _ in range(runs)]
+                out[c] = [await _engine_run(engine, c, load) for _ in range(runs)]
         return out
 
     return trio.run(main)
@@ -341,23 +409,28 @@ def run_benchmarks(
     attention_scale: str | None = None,
     concurrency: Sequence[int] = CONCURRENCY,
     workers: Sequence[int] = (1, 2),
-    max_tokens: int = 64,
+    load: Load = Load(),
     runs: int = 3,
     ipc_messages: int = 20000,
     bare: bool = True,
 ) -> dict:
-    results: dict = {"max_tokens": max_tokens, "runs": runs, "concurrency": list(concurrency)}
+    results: dict = {
+        "max_tokens": load.max_tokens,
+        "prompt_words": load.prompt_words,
+        "requests": {c: load.requests(c) for c in concurrency},
+        "max_batch": load.max_batch,
+        "runs": runs,
+        "concurrency": list(concurrency),
+    }
     if bare:
-        bare_tokens_per_s(path, attention_scale, 2, 4)  # warm-up
+        bare_tokens_per_s(path, attention_scale, 2, Load(4, load.prompt_words))  # warm-up
         results["bare"] = {
-            c: _medians(
-                [bare_tokens_per_s(path, attention_scale, c, max_tokens) for _ in range(runs)]
-            )
+            c: _medians([bare_tokens_per_s(path, attention_scale, c, load) for _ in range(runs)])
             for c in concurrency
         }
     results["engine"] = {}
     for w in workers:
-        per_c = engine_tokens_per_s(path, attention_scale, w, concurrency, max_tokens, runs)
+        per_c = engine_tokens_per_s(path, attention_scale, w, concurrency, load, runs)
         results["engine"][w] = {c: _medians(v) for c, v in per_c.items()}
     results["ipc"] = ipc_costs(ipc_messages)
     results["cpus"] = len(os.sched_getaffinity(0))
@@ -402,7 +475,9 @@ def format_table(results: dict) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [
         f"model: {results.get('model', '?')}",
-        f"{results['max_tokens']} tokens per generation, median of {results['runs']} runs, "
+        f"{results['max_tokens']} tokens per generation after {results['prompt_words']}-word "
+        f"prompts, requests per level {_counts(results)}, max batch {results['max_batch']} per "
+        f"worker, median of {results['runs']} runs, "
         f"{results['cpus']} CPUs, BLAS threads 1",
         "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
     ]
@@ -413,6 +488,13 @@ def format_table(results: dict) -> str:
         f"streamed, Trio receive + decode {ipc['streamed_us_per_msg']:.2f} us/message"
     )
     return "\n".join(lines)
+
+
+def _counts(results: dict) -> str:
+    counts = results["requests"]
+    if all(int(n) == int(c) for c, n in counts.items()):
+        return "= concurrency (one wave)"
+    return ", ".join(f"{n} at {c}" for c, n in counts.items())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
