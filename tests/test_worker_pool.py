@@ -245,6 +245,45 @@ async def test_sigkill_fails_only_that_workers_requests_and_pool_recovers(
             await pool.aclose()
 
 
+async def test_a_hung_worker_is_killed_after_the_stall_timeout_and_replaced(
+    long_checkpoint: Path,
+) -> None:
+    """A worker that stops (SIGSTOP: alive, silent) while it holds requests would hang them
+    forever; after `stall_timeout` it is killed, its requests end with worker_died saying so,
+    and a replacement serves. An idle worker is silent by right and is left alone."""
+    long = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
+    async with trio.open_nursery() as nursery:
+        pool = await _start(nursery, long_checkpoint, workers=1, stall_timeout=1.0)
+        try:
+            victim = pool.slots[0]
+            old_pid = victim.pid
+            await trio.sleep(1.5)  # idle for longer than the timeout: not a stall
+            assert victim.pid == old_pid and pool.restarts == 0
+            request = pool.admit([2, 7], long)
+            assert isinstance(await request.events.receive(), TokenEvent)
+            os.kill(old_pid, signal.SIGSTOP)
+            t0 = trio.current_time()
+            with trio.fail_after(5):
+                events = [e async for e in request.events]
+            final = events[-1]
+            assert isinstance(final, ErrorEvent) and final.kind == "worker_died", final
+            assert "stopped responding for 1 s" in final.message
+            assert 0.9 < trio.current_time() - t0 < 3
+            with trio.fail_after(10):
+                while not (victim.ready and victim.pid != old_pid):
+                    await trio.sleep(0.02)
+            assert not _alive(old_pid)
+            events = await _collect(pool, [2, 7, 8], GREEDY)
+            assert isinstance(events[-1], DoneEvent)
+        finally:
+            await pool.aclose()
+
+
+def test_stall_timeout_must_be_positive(tiny_checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="stall_timeout"):
+        WorkerPool(tiny_checkpoint, workers=1, stall_timeout=0)
+
+
 async def test_a_worker_that_cannot_load_fails_startup_clearly(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")  # exists, so the worker tries: and fails
     pool = WorkerPool(tmp_path, workers=1)

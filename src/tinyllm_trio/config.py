@@ -48,6 +48,7 @@ class ServerConfig:
     keep_alive_timeout: float = 15.0
     send_timeout: float = 30.0
     sse_ping_interval: float = 15.0
+    worker_stall_timeout: float = 30.0
     shutdown_grace: float = 10.0
     # security and logging
     api_key: str | None = field(default=None, repr=False)
@@ -71,6 +72,7 @@ class ServerConfig:
             "keep_alive_timeout",
             "send_timeout",
             "sse_ping_interval",
+            "worker_stall_timeout",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -231,6 +233,14 @@ _OPTIONS: tuple[_Option, ...] = (
         float,
         "seconds of silence before a streaming response sends ': ping' comments "
         "(while queued or in prefill)",
+        metavar="SECONDS",
+    ),
+    _Option(
+        "--worker-stall-timeout",
+        "worker_stall_timeout",
+        float,
+        "seconds a worker holding requests may send nothing before it is killed as hung "
+        "(its requests get a worker_died error; it is restarted)",
         metavar="SECONDS",
     ),
     _Option(

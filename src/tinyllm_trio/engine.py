@@ -318,12 +318,15 @@ async def open_engine(
     attention_scale: str | None = None,
     shutdown_timeout: float = 5.0,
     ready_timeout: float = 120.0,
+    stall_timeout: float = 30.0,
 ) -> AsyncIterator[Engine]:
     """Start `workers` worker processes (default: one per CPU) and yield an Engine.
 
     The tokenizer is loaded here too (validation happens in this process). Raises
     CheckpointError for a checkpoint that does not load and WorkerStartError if a worker cannot
-    start. On exit every worker is stopped and every IPC object unlinked.
+    start. A worker that holds requests and sends nothing for `stall_timeout` seconds is killed
+    as hung: its requests end with a `worker_died` error and it is replaced. On exit every
+    worker is stopped and every IPC object unlinked.
     """
     from tinyllm_trio.ipc.pool import WorkerPool, unwrap_single_exception
     from tinyllm_trio.model.checkpoint import load_model
@@ -339,6 +342,7 @@ async def open_engine(
         max_queue=max_queue,
         attention_scale=attention_scale,
         ready_timeout=ready_timeout,
+        stall_timeout=stall_timeout,
     )
     engine = Engine(pool, loaded.tokenizer, loaded.transformer.config, path)
     del loaded  # the server process needs the tokenizer and config, not the weights

@@ -322,6 +322,7 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
                     max_batch=config.max_batch,
                     max_queue=config.max_queue,
                     attention_scale=config.attention_scale,
+                    stall_timeout=config.worker_stall_timeout,
                 ) as engine:
                     server.attach_engine(engine)
                     log.info("ready: model %s", server.app.model_name)

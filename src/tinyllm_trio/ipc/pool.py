@@ -11,6 +11,12 @@ events still in the ring are routed, the slot's in-flight requests end with an `
 of kind ``worker_died``, both rings are unlinked, and (unless the pool is stopping) a
 replacement starts, after an exponential back-off if workers keep dying young.
 
+A worker that hangs without dying (a stuck BLAS call, a SIGSTOP, a deadlock) would hold its
+requests forever, so a fourth task watches it: while the worker holds requests, every message
+it sends pushes a cancel-scope deadline `stall_timeout` seconds ahead (a busy worker sends one
+per decode step, milliseconds apart); when the deadline passes, the worker is SIGKILLed and
+its requests end as for any other death, with a message that says it stopped responding.
+
 Admission: a request goes at once to the least-loaded ready worker with a free batch slot
 (fewest requests in flight, then lowest index). When every slot is busy it waits in a bounded
 FIFO admission queue; when the queue is full `admit` raises `OverloadedError` at once (the HTTP
@@ -166,6 +172,8 @@ class WorkerSlot:
     restarts: int = 0
     last_exit: int | None = None
     load_error: str | None = None
+    stall_scope: trio.CancelScope | None = None  # its deadline: when a busy worker is hung
+    stalled: bool = False  # the last process was killed for not responding
 
     @property
     def name(self) -> str:
@@ -198,6 +206,7 @@ class WorkerPool:
         max_queue: int = 256,
         attention_scale: str | None = None,
         ready_timeout: float = 120.0,
+        stall_timeout: float = 30.0,
     ) -> None:
         workers = default_workers() if workers is None else workers
         if workers < 1:
@@ -206,11 +215,14 @@ class WorkerPool:
             raise ValueError("max_batch must be at least 1")
         if max_queue < 0:
             raise ValueError("max_queue must be 0 or more")
+        if not stall_timeout > 0:
+            raise ValueError("stall_timeout must be > 0 seconds (math.inf: never)")
         self.model = None if model is None else os.fspath(model)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.attention_scale = attention_scale
         self.ready_timeout = ready_timeout
+        self.stall_timeout = stall_timeout
         self.prefix = new_prefix()
         self.slots = [WorkerSlot(i) for i in range(workers)]
         self.accepting = True
@@ -319,6 +331,31 @@ class WorkerPool:
         request.worker = slot
         slot.inflight[request.id] = request
         slot.post(Submit(request.id, request.prompt, request.params))
+        scope = slot.stall_scope
+        if scope is not None and scope.deadline == math.inf:  # it was idle: the clock starts
+            scope.deadline = trio.current_time() + self.stall_timeout
+
+    def _heard_from(self, slot: WorkerSlot) -> None:
+        """The worker just spoke: a busy one gets `stall_timeout` more, an idle one forever."""
+        scope = slot.stall_scope
+        if scope is not None:
+            busy = bool(slot.inflight)
+            scope.deadline = trio.current_time() + self.stall_timeout if busy else math.inf
+
+    async def _watch_stall(self, slot: WorkerSlot, process: trio.Process) -> None:
+        with trio.CancelScope(deadline=math.inf) as scope:
+            slot.stall_scope = scope
+            self._heard_from(slot)
+            await trio.sleep_forever()
+        slot.stall_scope = None
+        if process.returncode is None:  # the deadline passed: hung, not dead
+            slot.stalled = True
+            print(
+                f"tinyllm: {slot.name} sent nothing for {self.stall_timeout:g} s while "
+                f"running {len(slot.inflight)} requests; killing it",
+                file=sys.stderr,
+            )
+            process.kill()
 
     def _pump(self) -> None:
         """Move queued requests to workers with free slots, oldest first."""
@@ -448,6 +485,7 @@ class WorkerPool:
         """One worker process from spawn to exit, with its rings; returns after cleanup."""
         slot.generation += 1
         slot.load_error = None
+        slot.stalled = False
         base = f"{self.prefix}-w{slot.index}g{slot.generation}"
         requests = self._new_ring(base + "-req", REQUEST_SLOTS, REQUEST_SLOT_SIZE)
         try:
@@ -482,6 +520,7 @@ class WorkerPool:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_loop, requests, outbox_receive)
                 nursery.start_soon(self._read_loop, slot, responses)
+                nursery.start_soon(self._watch_stall, slot, process)
                 await process.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -498,9 +537,10 @@ class WorkerPool:
                 self._route(slot, frame)
             slot.ready = False
             if slot.inflight:
-                message = (
-                    f"{slot.name} {_describe_exit(process.returncode)} while running this request"
-                )
+                how = _describe_exit(process.returncode)
+                if slot.stalled:
+                    how = f"stopped responding for {self.stall_timeout:g} s and was killed"
+                message = f"{slot.name} {how} while running this request"
                 for request in slot.inflight.values():
                     self._end(request, ErrorEvent(request.id, message, "worker_died"))
                 slot.inflight.clear()
@@ -514,6 +554,7 @@ class WorkerPool:
         def deliver(frames: list[Frame]) -> None:
             for frame in frames:
                 self._route(slot, frame)
+            self._heard_from(slot)
 
         await responses.pump(deliver, limiter=self._limiter)
 
