@@ -308,16 +308,17 @@ def test_engine_benchmark_runs_and_reports(tiny_checkpoint: Path) -> None:
     table = format_table(results)
     assert "1w/bare" in table and "2w/1w" in table and "round trip" in table
     assert "one wave" in table
+    assert set(results["ratios"]) == {"1w/bare", "2w/1w"}
+    assert results["ratios"]["2w/1w"][4] > 0
 
 
 def test_engine_benchmark_closed_loop_runs_every_request(tiny_checkpoint: Path) -> None:
     """With more requests than clients, each client takes the next one as it finishes (the
     load bench http sends), and every request's tokens are counted (asserted inside)."""
-    from tinyllm_trio.ipc.bench import Load, bare_tokens_per_s, engine_tokens_per_s
+    from tinyllm_trio.ipc.bench import Load, interleaved_measurements
 
     load = Load(max_tokens=5, prompt_words=2, per_level=7)
     assert load.requests(3) == 7 and Load(per_level="auto").requests(32) == 128
-    rate, cpu = bare_tokens_per_s(str(tiny_checkpoint), None, 3, load)
-    assert rate > 0 and cpu > 0
-    measured = engine_tokens_per_s(str(tiny_checkpoint), None, 2, [3], load, runs=1)
-    assert measured[3][0][0] > 0
+    measured = interleaved_measurements(str(tiny_checkpoint), None, [1, 2], [3], load, runs=2)
+    assert len(measured["bare"][3]) == 2 and measured["bare"][3][0][0] > 0
+    assert [len(measured["engine"][w][3]) for w in (1, 2)] == [2, 2]

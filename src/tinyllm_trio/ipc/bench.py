@@ -19,6 +19,11 @@ Three measurements, each the median of `--runs` runs:
   peer's get and put back, get, decode), and the Trio-side cost of receiving a stream of
   token messages (`receive_many` + decode), in microseconds per message.
 
+The configurations are measured in turn (for each level and run: bare, 1 worker, 2 workers),
+with every engine started up front, and each ratio is the median over runs of one run against
+its neighbour: a shared machine's speed drifts over minutes, and back-to-back runs see the same
+drift, so the ratios stay meaningful when the absolute rates move.
+
 Wall-clock rates are honest only on an otherwise idle machine: the workers and this process
 share the cores with everything else running. So each rate comes with its CPU cost per token
 (bare: this process's CPU time; engine: the workers' CPU time from /proc/<pid>/schedstat plus
@@ -236,32 +241,45 @@ def _cpu_ns(pid: int) -> int:
         return int(f.read().split()[0])
 
 
-def bare_tokens_per_s(path: str, attention_scale: str | None, c: int, load: Load) -> Measurement:
-    """The batcher loop alone: C requests at once, the next one submitted as one finishes
-    (when the load has more than C), step until idle."""
-    from tinyllm_trio.model.batching import ContinuousBatcher, DoneEvent, TokenEvent
-    from tinyllm_trio.model.checkpoint import load_model
-    from tinyllm_trio.model.sampling import SamplingParams
+class BareLoop:
+    """The worker's loop without the worker: one `ContinuousBatcher` in this process, made
+    once and reused, as a worker keeps its batcher (and KV cache) for its whole life. A fresh
+    batcher per run would charge every run for faulting in a new KV cache."""
 
-    loaded = load_model(path, attention_scale=attention_scale)
-    batcher = ContinuousBatcher(loaded.transformer, loaded.tokenizer, max_batch=load.max_batch)
-    params = SamplingParams(max_tokens=load.max_tokens, temperature=0, ignore_eos=True)
-    total = load.requests(c)
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    submitted = min(c, total)
-    for i in range(submitted):
-        batcher.submit(i, load.prompt(i), params)
-    tokens = 0
-    while not batcher.idle:
-        for event in batcher.step():
-            if isinstance(event, TokenEvent):
-                tokens += len(event.token_ids)
-            elif isinstance(event, DoneEvent) and submitted < total:
-                batcher.submit(submitted, load.prompt(submitted), params)
-                submitted += 1
-    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    assert tokens == total * load.max_tokens, tokens
-    return tokens / elapsed, cpu / tokens * 1e6
+    def __init__(self, path: str, attention_scale: str | None, max_batch: int) -> None:
+        from tinyllm_trio.model.batching import ContinuousBatcher
+        from tinyllm_trio.model.checkpoint import load_model
+
+        loaded = load_model(path, attention_scale=attention_scale)
+        self.batcher = ContinuousBatcher(loaded.transformer, loaded.tokenizer, max_batch=max_batch)
+        self._next_id = 0
+
+    def run(self, c: int, load: Load) -> Measurement:
+        """`load.requests(c)` requests, C at once, the next submitted as one finishes; step
+        until idle."""
+        from tinyllm_trio.model.batching import DoneEvent, TokenEvent
+        from tinyllm_trio.model.sampling import SamplingParams
+
+        batcher = self.batcher
+        params = SamplingParams(max_tokens=load.max_tokens, temperature=0, ignore_eos=True)
+        total = load.requests(c)
+        base = self._next_id
+        self._next_id += total
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        submitted = min(c, total)
+        for i in range(submitted):
+            batcher.submit(base + i, load.prompt(i), params)
+        tokens = 0
+        while not batcher.idle:
+            for event in batcher.step():
+                if isinstance(event, TokenEvent):
+                    tokens += len(event.token_ids)
+                elif isinstance(event, DoneEvent) and submitted < total:
+                    batcher.submit(base + submitted, load.prompt(submitted), params)
+                    submitted += 1
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        assert tokens == total * load.max_tokens, tokens
+        return tokens / elapsed, cpu / tokens * 1e6
 
 
 async def _engine_run(engine, c: int, load: Load) -> Measurement:
@@ -300,34 +318,62 @@ async def _engine_run(engine, c: int, load: Load) -> Measurement:
     return tokens / elapsed, cpu / tokens * 1e6
 
 
-def engine_tokens_per_s(
+def interleaved_measurements(
     path: str,
     attention_scale: str | None,
-    workers: int,
+    workers: Sequence[int],
     concurrency: Sequence[int],
     load: Load,
     runs: int,
-) -> dict[int, list[Measurement]]:
-    """Measurements per concurrency level, one engine started once for all of them."""
+    *,
+    bare: bool = True,
+) -> dict[str, dict]:
+    """Every configuration's runs, taken in turn: for each level and run, the bare loop, then
+    the engine with each worker count (all engines started once, up front, and idle while
+    another one runs). A shared machine drifts over minutes; measured back to back, the
+    configurations see the same conditions, so their ratios hold even when the absolute rates
+    move. Returns {"bare": {c: [m, ...]}, "engine": {w: {c: [m, ...]}}}, runs in order."""
+    import contextlib
+
     import trio
 
     from tinyllm_trio.engine import open_engine
 
-    async def main() -> dict[int, list[Measurement]]:
-        out: dict[int, list[Measurement]] = {}
-        async with open_engine(
-            path,
-            workers=workers,
-            max_batch=load.max_batch,
-            max_queue=max(concurrency),  # beyond the max batch, they wait as in serve
-            attention_scale=attention_scale,
-        ) as engine:
-            await _engine_run(engine, min(8, max(concurrency)), Load(4, load.prompt_words))
+    async def main() -> dict[str, dict]:
+        out: dict[str, dict] = {"bare": {}, "engine": {w: {} for w in workers}}
+        async with contextlib.AsyncExitStack() as stack:
+            engines = {}
+            for w in workers:
+                engines[w] = await stack.enter_async_context(
+                    open_engine(
+                        path,
+                        workers=w,
+                        max_batch=load.max_batch,
+                        max_queue=max(concurrency),  # beyond the max batch they wait, as in serve
+                        attention_scale=attention_scale,
+                    )
+                )
+                # warm-up: every batch slot once, so no measured run faults in KV cache pages
+                await _engine_run(engines[w], max(concurrency), Load(4, load.prompt_words))
+            loop = BareLoop(path, attention_scale, load.max_batch) if bare else None
+            if loop is not None:
+                loop.run(max(concurrency), Load(4, load.prompt_words))  # warm-up, as above
             for c in concurrency:
-                out[c] = [await _engine_run(engine, c, load) for _ in range(runs)]
+                for _ in range(runs):
+                    if loop is not None:  # synchronous: the engines' workers sit idle meanwhile
+                        out["bare"].setdefault(c, []).append(loop.run(c, load))
+                    for w, engine in engines.items():
+                        out["engine"][w].setdefault(c, []).append(
+                            await _engine_run(engine, c, load)
+                        )
         return out
 
     return trio.run(main)
+
+
+def _ratio(num: list[Measurement], den: list[Measurement]) -> float:
+    """Median over runs of num/den tokens per second, each run against its neighbour."""
+    return statistics.median(a[0] / b[0] for a, b in zip(num, den, strict=True))
 
 
 _ECHO = """
@@ -422,16 +468,23 @@ def run_benchmarks(
         "runs": runs,
         "concurrency": list(concurrency),
     }
+    measured = interleaved_measurements(
+        path, attention_scale, workers, concurrency, load, runs, bare=bare
+    )
     if bare:
-        bare_tokens_per_s(path, attention_scale, 2, Load(4, load.prompt_words))  # warm-up
-        results["bare"] = {
-            c: _medians([bare_tokens_per_s(path, attention_scale, c, load) for _ in range(runs)])
-            for c in concurrency
-        }
-    results["engine"] = {}
-    for w in workers:
-        per_c = engine_tokens_per_s(path, attention_scale, w, concurrency, load, runs)
-        results["engine"][w] = {c: _medians(v) for c, v in per_c.items()}
+        results["bare"] = {c: _medians(v) for c, v in measured["bare"].items()}
+    results["engine"] = {
+        w: {c: _medians(v) for c, v in per_c.items()} for w, per_c in measured["engine"].items()
+    }
+    ratios: dict[str, dict[int, float]] = {}
+    one = measured["engine"].get(1)
+    for c in concurrency:
+        if bare and one:
+            ratios.setdefault("1w/bare", {})[c] = _ratio(one[c], measured["bare"][c])
+        for w in workers:
+            if one and w != 1:
+                ratios.setdefault(f"{w}w/1w", {})[c] = _ratio(measured["engine"][w][c], one[c])
+    results["ratios"] = ratios
     results["ipc"] = ipc_costs(ipc_messages)
     results["cpus"] = len(os.sched_getaffinity(0))
     return results
@@ -465,19 +518,19 @@ def format_table(results: dict) -> str:
             m = results["engine"][w][c]
             row += [f"{m['tokens_per_s']:.0f}", f"{m['cpu_us_per_token']:.0f}"]
             if bare and w == 1:
-                row.append(f"{m['tokens_per_s'] / bare[c]['tokens_per_s']:.2f}")
+                row.append(f"{_run_ratio(results, '1w/bare', c):.2f}")
                 # efficiency: bare CPU per token / engine CPU per token (1.0 = free IPC)
                 row.append(f"{bare[c]['cpu_us_per_token'] / m['cpu_us_per_token']:.2f}")
             if w != 1 and 1 in results["engine"]:
-                one = results["engine"][1][c]["tokens_per_s"]
-                row.append(f"{m['tokens_per_s'] / one:.2f}")
+                row.append(f"{_run_ratio(results, f'{w}w/1w', c):.2f}")
         rows.append(row)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [
         f"model: {results.get('model', '?')}",
         f"{results['max_tokens']} tokens per generation after {results['prompt_words']}-word "
         f"prompts, requests per level {_counts(results)}, max batch {results['max_batch']} per "
-        f"worker, median of {results['runs']} runs, "
+        f"worker, median of {results['runs']} interleaved runs (ratios: median of run "
+        f"pairs), "
         f"{results['cpus']} CPUs, BLAS threads 1",
         "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
     ]
@@ -488,6 +541,12 @@ def format_table(results: dict) -> str:
         f"streamed, Trio receive + decode {ipc['streamed_us_per_msg']:.2f} us/message"
     )
     return "\n".join(lines)
+
+
+def _run_ratio(results: dict, name: str, c: int) -> float:
+    """A ratio of two configurations at level c (JSON turns int keys into strings)."""
+    by_c = results["ratios"][name]
+    return by_c[c] if c in by_c else by_c[str(c)]
 
 
 def _counts(results: dict) -> str:
