@@ -7,6 +7,8 @@ import json
 from functools import partial
 
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from http_fixtures import FakeEngine, fast_config, running_server
 from tinyllm_trio.http.connection import Exchange, HTTPConnection
@@ -96,3 +98,45 @@ def test_engine_ratio_compares_the_same_concurrency() -> None:
         "32": {"http_tokens_per_s": 5100.0, "engine_tokens_per_s": 6000.0, "ratio": 0.85}
     }
     assert "0.85" in format_ratios(ratios)
+
+
+@given(
+    chunks=st.lists(st.binary(min_size=1, max_size=40), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
+    after=st.binary(max_size=10),
+)
+def test_take_chunks_reassembles_any_split_of_a_chunked_body(chunks, cuts, after) -> None:
+    """However the bytes arrive, the chunks come out whole and in order, the end is seen once
+    the last chunk and trailer section are in, and what follows the body is left alone."""
+    from tinyllm_trio.http.client import take_chunks
+
+    body = b"".join(b"%x;ext=1\r\n%b\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    wire = body + after
+    buffer, got, done = bytearray(), [], False
+    bounds = sorted({min(c, len(wire)) for c in cuts} | {len(wire)})
+    start = 0
+    for end in bounds:
+        buffer += wire[start:end]
+        start = end
+        if done:
+            continue
+        out, done = take_chunks(buffer)
+        got += out
+    assert done and got == chunks
+    assert bytes(buffer) == after
+
+
+async def test_loadgen_counts_http_errors_as_failures() -> None:
+    """A server that refuses (401 without the key) gives failed requests with the status and
+    message, not a crash or a hang; keep-alive survives an error response."""
+    engine = FakeEngine(delay=0.001, max_context=512)
+    async with running_server(engine, api_key="sekrit") as (_, port):
+        report = await run_benchmark(_args(f"http://127.0.0.1:{port}", "--model", "tinyllm"))
+        good = await run_benchmark(
+            _args(f"http://127.0.0.1:{port}", "--model", "tinyllm", "--api-key", "sekrit")
+        )
+    for lv in report["_levels"]:
+        assert (lv.requests, lv.failed) == (0, 6)
+        assert any("HTTP 401" in e for e in lv.errors), lv.errors
+    for lv in good["_levels"]:
+        assert (lv.requests, lv.failed) == (6, 0) and lv.client_cpu_us_per_token > 0

@@ -66,41 +66,23 @@ class ClientResponse:
                 raise h11.RemoteProtocolError(f"unexpected {event!r}")
 
     async def _chunked_body(self) -> AsyncIterator[bytes]:
-        """Chunked framing parsed straight off the socket (the load generator's hot path).
-
-        h11 would turn every chunk into events through its state machine, which costs more
-        than the rest of the client per token; the framing itself is three lines. When the
-        body ends, the connection gets a fresh h11 state for its next request (keep-alive).
-        """
+        """Chunked framing parsed straight off the socket (`take_chunks`): h11 would turn every
+        chunk into events through its state machine, which costs more than the rest of the
+        client per token. When the body ends, the connection gets a fresh h11 state for its
+        next request (keep-alive), fed with whatever followed the body."""
         client = self._client
         buffer = bytearray(client.conn.trailing_data[0])
-        pos = 0
         while True:
-            while True:
-                eol = buffer.find(b"\r\n", pos)
-                if eol < 0:
-                    break
-                try:
-                    size = int(bytes(buffer[pos:eol]).split(b";", 1)[0], 16)
-                except ValueError:
-                    raise h11.RemoteProtocolError("bad chunk size line") from None
-                if size == 0:
-                    end = buffer.find(b"\r\n\r\n", eol)  # (trailers, if any, end here)
-                    if end < 0:
-                        break
-                    client.conn = h11.Connection(h11.CLIENT)
-                    if "close" in self.headers.get("connection", "").lower():
-                        client.must_close = True
-                    if len(buffer) > end + 4:
-                        client.conn.receive_data(bytes(buffer[end + 4 :]))
-                    return
-                start = eol + 2
-                if len(buffer) < start + size + 2:
-                    break
-                yield bytes(buffer[start : start + size])
-                pos = start + size + 2
-            del buffer[:pos]
-            pos = 0
+            chunks, done = take_chunks(buffer)
+            for chunk in chunks:
+                yield chunk
+            if done:
+                client.conn = h11.Connection(h11.CLIENT)
+                if "close" in self.headers.get("connection", "").lower():
+                    client.must_close = True
+                if buffer:
+                    client.conn.receive_data(bytes(buffer))
+                return
             data = await client.receive_some()
             if not data:
                 raise h11.RemoteProtocolError("peer closed in the middle of a chunked body")
@@ -207,6 +189,37 @@ class HTTPClient:
             if type(event) is h11.Response:
                 return ClientResponse(self, event)
             raise h11.RemoteProtocolError(f"unexpected {event!r}")
+
+
+def take_chunks(buffer: bytearray) -> tuple[list[bytes], bool]:
+    """Remove every complete HTTP/1.1 chunk from the front of `buffer` and return their data,
+    and whether the body's last chunk (size 0, then the trailer section) was among them; the
+    bytes after the body stay in `buffer`. Raises h11.RemoteProtocolError on a bad size line.
+    """
+    chunks: list[bytes] = []
+    pos = 0
+    try:
+        while True:
+            eol = buffer.find(b"\r\n", pos)
+            if eol < 0:
+                return chunks, False
+            try:
+                size = int(bytes(buffer[pos:eol]).split(b";", 1)[0], 16)
+            except ValueError:
+                raise h11.RemoteProtocolError("bad chunk size line") from None
+            if size == 0:
+                end = buffer.find(b"\r\n\r\n", eol)  # (trailers, if any, end here)
+                if end < 0:
+                    return chunks, False
+                pos = end + 4
+                return chunks, True
+            start = eol + 2
+            if len(buffer) < start + size + 2:
+                return chunks, False
+            chunks.append(bytes(buffer[start : start + size]))
+            pos = start + size + 2
+    finally:
+        del buffer[:pos]
 
 
 def sse_events(buffer: bytearray, data: bytes) -> list[str]:

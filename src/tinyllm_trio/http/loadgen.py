@@ -14,11 +14,13 @@ for 128 tokens with EOS ignored, so every request does the same work. Reported p
 Output tokens come from the server's usage report (OpenAI `stream_options.include_usage`,
 llama-server's `tokens_predicted`), or by counting token events when there is none.
 
-The client is this package's small trio + h11 client (no extra dependency). It runs on the same
-machine as the server, so its own CPU use counts against the server's: per token it waits for
-the socket, reads once, and recognises the usual one-line token event by a few substring
-checks (anything else gets `json.loads`). A PNG plot is written with `--plot`
-only when matplotlib is importable; it is not a dependency of this package.
+The client shares the machine with the server, so its CPU per token is taken from the server
+and is reported with each level ("client us/tok"). It is kept small: one thread runs a plain
+`select` loop over all of a level's keep-alive connections (each socket registered once), reads
+what arrived, unframes chunks (`client.take_chunks`) and recognises the usual one-line token
+event by a few substring checks (anything else gets `json.loads`). Discovering the model name
+uses this package's trio + h11 client. A PNG plot is written with `--plot` only when
+matplotlib is importable; it is not a dependency of this package.
 
     tinyllm-trio bench http --url http://127.0.0.1:8080
     tinyllm-trio bench http --url http://127.0.0.1:8081 --api llama --json llama.json
@@ -29,16 +31,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import selectors
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import h11
 import trio
 
-from tinyllm_trio.http.client import HTTPClient, sse_events
+from tinyllm_trio.http.client import HTTPClient, sse_events, take_chunks
 from tinyllm_trio.workload import MAX_TOKENS, PROMPT_WORDS, prompt_text, requests_per_level
+
+_RECV = 64 * 1024
 
 _QUICK_PREFIXES = (b'"choices":[{"index":0,"text":"', b'"choices":[{"index":0,"delta":{"content":"')
 
@@ -65,6 +72,7 @@ class LevelResult:
     itl_ms: dict[str, float]
     e2e_mean_ms: float
     errors: list[str]
+    client_cpu_us_per_token: float = math.nan  # the load generator's own CPU, per token
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -176,22 +184,92 @@ class Target:
             self.model = "tinyllm"
 
 
-async def _one_request(client: HTTPClient, target: Target, index: int) -> RequestResult:
-    path, body = target.request(index)
-    start = time.perf_counter()
-    response = await client.request("POST", path, json=body, headers=target.headers)
-    if response.status != 200:
-        text = (await response.read())[:200].decode("utf-8", "replace")
-        return RequestResult(False, error=f"HTTP {response.status}: {text}")
-    buffer = bytearray()
-    first = last = 0.0
-    tokens = 0
-    reported: int | None = None
-    itl: list[float] = []
-    async for chunk in response.chunks():
-        now = time.perf_counter()
+class _Stream:
+    """One keep-alive connection of the load generator and the request it is running.
+
+    Driven by `_run_level_blocking`'s select loop: `feed` takes whatever the socket had and
+    advances a small HTTP/1.1 response parser (status line and headers, then a chunked,
+    Content-Length or close-delimited body); each chunk of a streaming body goes through the
+    SSE and token parsing at once, timestamped on arrival.
+    """
+
+    def __init__(self, target: Target, sock: socket.socket) -> None:
+        self.target = target
+        self.sock = sock
+        self.reusable = True
+        self._reset(-1)
+
+    def _reset(self, index: int) -> None:
+        self.index = index
+        self.start = self.first = self.last = 0.0
+        self.tokens = 0
+        self.reported: int | None = None
+        self.itl: list[float] = []
+        self.buffer = bytearray()
+        self.head: tuple[int, dict[str, str]] | None = None
+        self.body_left: int | None = None  # Content-Length body: bytes still to come
+        self.error_body = bytearray()
+        self.sse = bytearray()
+
+    def send(self, index: int) -> None:
+        self._reset(index)
+        path, body = self.target.request(index)
+        payload = json.dumps(body).encode()
+        lines = [
+            f"POST {path} HTTP/1.1",
+            f"Host: {self.target.host}:{self.target.port}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(payload)}",
+            *(f"{k}: {v}" for k, v in self.target.headers),
+        ]
+        self.start = time.perf_counter()
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload)
+
+    def feed(self, data: bytes, now: float) -> RequestResult | None:
+        """Bytes from the socket (b"" at EOF); the request's result once it is complete."""
+        if not data:
+            self.reusable = False
+            if self.head is not None and self.head[1]["framing"] == "close":
+                return self._result(now)
+            raise ConnectionError("the server closed the connection mid-response")
+        self.buffer += data
+        if self.head is None:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return None
+            self.head = _parse_head(bytes(self.buffer[:end]))
+            del self.buffer[: end + 4]
+            headers = self.head[1]
+            if headers.get("connection", "").lower() == "close":
+                self.reusable = False
+            if headers["framing"] == "length":
+                self.body_left = int(headers["content-length"])
+        if self.head[1]["framing"] == "chunked":
+            return self._chunks(now)
+        piece = bytes(self.buffer)  # a Content-Length or close-delimited body: as it comes
+        del self.buffer[:]
+        self._body(piece, now)
+        if self.body_left is not None:
+            self.body_left -= len(piece)
+            if self.body_left <= 0:
+                return self._result(now)
+        return None
+
+    def _chunks(self, now: float) -> RequestResult | None:
+        chunks, done = take_chunks(self.buffer)
+        for chunk in chunks:
+            self._body(chunk, now)
+        return self._result(now) if done else None
+
+    def _body(self, piece: bytes, now: float) -> None:
+        if self.head is not None and self.head[0] == 200:
+            self._chunk(piece, now)
+        else:
+            self.error_body += piece[: 200 - len(self.error_body)]
+
+    def _chunk(self, chunk: bytes, now: float) -> None:
         if (
-            not buffer
+            not self.sse
             and chunk[:5] == b"data:"
             and chunk[-2:] == b"\n\n"
             and chunk.find(b"\n") == len(chunk) - 2
@@ -199,59 +277,140 @@ async def _one_request(client: HTTPClient, target: Target, index: int) -> Reques
         ):  # the usual chunk: exactly one event of one `data:` line (what sse_events would say)
             payloads: Any = (chunk[5:-2].lstrip(b" "),)
         else:
-            payloads = sse_events(buffer, chunk)
+            payloads = sse_events(self.sse, chunk)
+        parse = self.target.parse
         for payload in payloads:
-            n, total, _ = target.parse(payload)
+            n, total, _ = parse(payload)
             if total is not None:
-                reported = total
+                self.reported = total
             if n:
-                if tokens == 0:
-                    first = now
+                if self.tokens == 0:
+                    self.first = now
                 else:
-                    itl.append(now - last)
-                last = now
-                tokens += n
-    end = time.perf_counter()
-    if tokens == 0:
-        return RequestResult(False, error="no tokens in the stream")
-    return RequestResult(True, first - start, end - start, reported or tokens, itl)
+                    self.itl.append(now - self.last)
+                self.last = now
+                self.tokens += n
+
+    def _result(self, end: float) -> RequestResult:
+        status = self.head[0] if self.head is not None else 0
+        if status != 200:
+            text = bytes(self.error_body).decode("utf-8", "replace")
+            return RequestResult(False, error=f"HTTP {status}: {text}")
+        if self.tokens == 0:
+            return RequestResult(False, error="no tokens in the stream")
+        return RequestResult(
+            True, self.first - self.start, end - self.start, self.reported or self.tokens, self.itl
+        )
+
+
+def _parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
+    """Status code and lower-cased headers of a response head, plus "framing": how its body
+    ends (chunked, length or close)."""
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise ConnectionError(f"bad status line {lines[0]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ConnectionError(f"bad header line {line!r}")
+        headers[name.strip().lower()] = value.strip()
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        headers["framing"] = "chunked"
+    elif "content-length" in headers:
+        headers["framing"] = "length"
+    else:
+        headers["framing"] = "close"
+    return int(parts[1]), headers
+
+
+def _run_level_blocking(
+    target: Target, concurrency: int, requests: int, timeout: float
+) -> tuple[list[RequestResult], float, float]:
+    """`requests` requests from `concurrency` keep-alive connections, each sending its next
+    request when the last one ends; one thread, one `select` loop over all of them.
+
+    The load generator shares the machine with the server, so every microsecond it spends per
+    token is taken from the server: a plain level-triggered selector with each socket
+    registered once costs a `select` and a `recv` per arrival, where an async framework adds
+    a task switch and a readiness re-registration. Returns the results, the wall time and this
+    process's CPU time over the level.
+    """
+    results: list[RequestResult] = []
+    next_index = 0
+    selector = selectors.DefaultSelector()
+    streams: set[_Stream] = set()
+
+    def start_next(stream: _Stream | None) -> None:
+        nonlocal next_index
+        while next_index < requests:
+            index = next_index
+            next_index += 1
+            try:
+                if stream is None or not stream.reusable:
+                    if stream is not None:
+                        close(stream)
+                    sock = socket.create_connection((target.host, target.port), timeout=timeout)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    stream = _Stream(target, sock)
+                    streams.add(stream)
+                    selector.register(sock, selectors.EVENT_READ, stream)
+                stream.send(index)
+                return
+            except OSError as exc:
+                results.append(RequestResult(False, error=f"{type(exc).__name__}: {exc}"))
+                if stream is not None:
+                    close(stream)
+                    stream = None
+        if stream is not None:
+            close(stream)
+
+    def close(stream: _Stream) -> None:
+        if stream in streams:
+            streams.discard(stream)
+            selector.unregister(stream.sock)
+            stream.sock.close()
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    next_check = t0 + 0.5
+    try:
+        for _ in range(min(concurrency, requests)):
+            start_next(None)
+        while streams:
+            ready = selector.select(timeout=0.5)
+            now = time.perf_counter()
+            for key, _ in ready:
+                stream: _Stream = key.data
+                try:
+                    result = stream.feed(stream.sock.recv(_RECV), now)
+                except (OSError, ValueError, RuntimeError, h11.ProtocolError) as exc:
+                    # a reset, a malformed response or a server error event: count it, go on
+                    results.append(RequestResult(False, error=f"{type(exc).__name__}: {exc}"))
+                    close(stream)
+                    start_next(None)
+                    continue
+                if result is not None:
+                    results.append(result)
+                    start_next(stream)
+            if now >= next_check:
+                next_check = now + 0.5
+                for stream in [s for s in streams if now - s.start > timeout]:
+                    results.append(RequestResult(False, error=f"timed out after {timeout} s"))
+                    close(stream)
+                    start_next(None)
+    finally:
+        for stream in list(streams):
+            close(stream)
+        selector.close()
+    return results, time.perf_counter() - t0, time.process_time() - cpu0
 
 
 async def run_level(target: Target, concurrency: int, requests: int, timeout: float) -> LevelResult:
-    results: list[RequestResult] = []
-    next_index = 0
-
-    async def client_task() -> None:
-        nonlocal next_index
-        client: HTTPClient | None = None
-        try:
-            while next_index < requests:
-                index = next_index
-                next_index += 1
-                if client is None or not client.reusable:
-                    if client is not None:
-                        await client.aclose()
-                    client = await HTTPClient.connect(target.host, target.port)
-                try:
-                    with trio.fail_after(timeout):
-                        results.append(await _one_request(client, target, index))
-                except (trio.TooSlowError, OSError, trio.BrokenResourceError, RuntimeError) as exc:
-                    results.append(RequestResult(False, error=f"{type(exc).__name__}: {exc}"))
-                    await client.aclose()
-                    client = None
-                except Exception as exc:  # a malformed response: count it, keep going
-                    results.append(RequestResult(False, error=f"{type(exc).__name__}: {exc}"))
-                    await client.aclose()
-                    client = None
-        finally:
-            if client is not None:
-                await client.aclose()
-
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(concurrency):
-            nursery.start_soon(client_task)
-    duration = time.perf_counter() - start
+    # In a thread, so that a server in this process's Trio loop (the tests) keeps serving.
+    results, duration, cpu = await trio.to_thread.run_sync(
+        _run_level_blocking, target, concurrency, requests, timeout, abandon_on_cancel=True
+    )
     ok = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in ok)
     return LevelResult(
@@ -265,13 +424,15 @@ async def run_level(target: Target, concurrency: int, requests: int, timeout: fl
         itl_ms=_summary_ms([gap for r in ok for gap in r.itl]),
         e2e_mean_ms=round(1000.0 * sum(r.latency for r in ok) / len(ok), 3) if ok else math.nan,
         errors=sorted({r.error for r in results if not r.ok})[:5],
+        client_cpu_us_per_token=round(cpu / tokens * 1e6, 1) if tokens else math.nan,
     )
 
 
 def format_table(levels: list[LevelResult]) -> str:
     header = (
         f"{'conc':>5} {'ok':>5} {'fail':>4} {'req/s':>8} {'out tok/s':>10} "
-        f"{'TTFT p50':>9} {'p90':>8} {'p99':>8} {'ITL p50':>8} {'p90':>7} {'p99':>7}"
+        f"{'TTFT p50':>9} {'p90':>8} {'p99':>8} {'ITL p50':>8} {'p90':>7} {'p99':>7} "
+        f"{'client us/tok':>13}"
     )
     lines = [header, "-" * len(header)]
     for lv in levels:
@@ -279,9 +440,10 @@ def format_table(levels: list[LevelResult]) -> str:
         lines.append(
             f"{lv.concurrency:>5} {lv.requests:>5} {lv.failed:>4} {lv.requests_per_s:>8.2f} "
             f"{lv.output_tokens_per_s:>10.1f} {t['p50']:>9.1f} {t['p90']:>8.1f} {t['p99']:>8.1f} "
-            f"{i['p50']:>8.2f} {i['p90']:>7.2f} {i['p99']:>7.2f}"
+            f"{i['p50']:>8.2f} {i['p90']:>7.2f} {i['p99']:>7.2f} "
+            f"{lv.client_cpu_us_per_token:>13.1f}"
         )
-    lines.append("(times in ms)")
+    lines.append("(times in ms; client us/tok: the load generator's own CPU per output token)")
     return "\n".join(lines)
 
 
