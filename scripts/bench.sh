@@ -19,10 +19,6 @@ tinyllm-trio bench model --runs 5 --json "$out/model.json"
 echo "== bench engine (worker processes vs the bare batcher loop)"
 tinyllm-trio bench engine --runs 3 --json "$out/engine.json"
 
-echo "== bench engine, bench http's load (2 workers, 128 tokens, 16-token prompts, closed loop)"
-tinyllm-trio bench engine --workers 2 --skip-bare --max-tokens 128 --requests auto --runs 3 \
-    --json "$out/engine_http_load.json"
-
 echo "== bench http (tinyllm-trio serve, 2 workers, streaming /v1/completions)"
 tinyllm-trio serve --port "$port" --workers 2 --access-log false --log-level warning &
 server=$!
@@ -32,4 +28,4 @@ for _ in $(seq 1 120); do
     sleep 0.5
 done
 tinyllm-trio bench http --url "http://127.0.0.1:$port" --json "$out/http.json" --plot "$out/http.png" \
-    --engine-json "$out/engine_http_load.json"
+    --compare-engine

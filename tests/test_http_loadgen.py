@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from http_fixtures import FakeEngine, fast_config, running_server
 from tinyllm_trio.http.connection import Exchange, HTTPConnection
-from tinyllm_trio.http.loadgen import add_arguments, format_table, percentile, run_benchmark
+from tinyllm_trio.http.loadgen import (
+    add_arguments,
+    format_comparison,
+    format_table,
+    percentile,
+    run_benchmark,
+)
 
 
 def _args(url: str, *extra: str) -> argparse.Namespace:
@@ -75,29 +81,32 @@ async def test_loadgen_against_a_llama_server_stand_in() -> None:
         assert lv.output_tokens_per_s > 0
 
 
-def test_engine_ratio_compares_the_same_concurrency() -> None:
-    """--engine-json: HTTP tokens/s over the Engine's at the same level, largest worker count,
-    levels the Engine did not measure left out."""
-    from tinyllm_trio.http.loadgen import LevelResult, engine_ratios, format_ratios
-
-    def level(c: int, rate: float) -> LevelResult:
-        summary = {"p50": 1.0, "p90": 1.0, "p99": 1.0}
-        return LevelResult(c, 4, 0, 1.0, 4.0, rate, summary, summary, 1.0, [])
-
-    engine = {
-        "max_tokens": 128,
-        "requests": {"32": 128},
-        "engine": {
-            "1": {"32": {"tokens_per_s": 9999.0}},
-            "2": {"32": {"tokens_per_s": 6000.0}, "64": {"tokens_per_s": 7000.0}},
-        },
-    }
-    ratios = engine_ratios([level(32, 5100.0), level(8, 2000.0)], engine)
-    assert ratios["engine_workers"] == 2
-    assert ratios["levels"] == {
-        "32": {"http_tokens_per_s": 5100.0, "engine_tokens_per_s": 6000.0, "ratio": 0.85}
-    }
-    assert "0.85" in format_ratios(ratios)
+async def test_compare_engine_brackets_each_level_with_engine_runs(long_checkpoint) -> None:
+    """--compare-engine: each level's load also runs through an in-process Engine just before
+    and just after the HTTP run, and HTTP / Engine divides by their mean."""
+    engine = FakeEngine(delay=0.001, max_context=512)
+    async with running_server(engine) as (_, port):
+        report = await run_benchmark(
+            _args(
+                f"http://127.0.0.1:{port}",
+                "--prompt-words",
+                "3",
+                "--compare-engine",
+                "--engine-model",
+                str(long_checkpoint),
+                "--engine-workers",
+                "1",
+            )
+        )
+    rows = report["_comparisons"]
+    assert [r.concurrency for r in rows] == [1, 4]
+    for row, level in zip(rows, report["_levels"], strict=True):
+        assert row.before_tokens_per_s > 0 and row.after_tokens_per_s > 0
+        assert row.http_tokens_per_s == level.output_tokens_per_s
+        mean = (row.before_tokens_per_s + row.after_tokens_per_s) / 2
+        assert abs(row.ratio - level.output_tokens_per_s / mean) < 1e-9
+    assert report["vs_engine"]["levels"]["4"]["ratio"] == round(rows[1].ratio, 3)
+    assert "HTTP/Engine" in format_comparison(rows, 1)
 
 
 @given(

@@ -9,6 +9,11 @@ closed loop of that many concurrent clients.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tinyllm_trio.engine import Engine
+
 PROMPT_WORDS = 15
 MAX_TOKENS = 128
 
@@ -33,3 +38,36 @@ def requests_per_level(concurrency: int) -> int:
 def corpus_text() -> str:
     """Every word the prompts use (for a stand-in vocabulary when no model is packaged)."""
     return _STORY
+
+
+async def run_on_engine(
+    engine: Engine, concurrency: int, requests: int, max_tokens: int, prompt_words: int
+) -> int:
+    """`requests` generations of `max_tokens` tokens (greedy, EOS ignored) through an Engine,
+    `concurrency` client tasks each taking the next request as its last one ends; returns the
+    tokens generated (RuntimeError if any generation failed). The in-process twin of one
+    `bench http` level."""
+    import trio
+
+    from tinyllm_trio.model.batching import DoneEvent, TokenEvent
+    from tinyllm_trio.model.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    indices = iter(range(requests))
+    counts: list[int] = []
+
+    async def client() -> None:
+        for index in indices:  # shared: each client takes the next request
+            n = 0
+            async with engine.generate(prompt_text(index, prompt_words), params) as events:
+                async for event in events:
+                    if isinstance(event, TokenEvent):
+                        n += len(event.token_ids)
+                    elif not isinstance(event, DoneEvent):
+                        raise RuntimeError(f"generation failed: {event}")
+            counts.append(n)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(concurrency, requests)):
+            nursery.start_soon(client)
+    return sum(counts)

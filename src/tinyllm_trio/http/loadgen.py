@@ -29,8 +29,10 @@ matplotlib is importable; it is not a dependency of this package.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import selectors
 import socket
 import sys
@@ -43,7 +45,13 @@ import h11
 import trio
 
 from tinyllm_trio.http.client import HTTPClient, sse_events, take_chunks
-from tinyllm_trio.workload import MAX_TOKENS, PROMPT_WORDS, prompt_text, requests_per_level
+from tinyllm_trio.workload import (
+    MAX_TOKENS,
+    PROMPT_WORDS,
+    prompt_text,
+    requests_per_level,
+    run_on_engine,
+)
 
 _RECV = 64 * 1024
 
@@ -447,35 +455,43 @@ def format_table(levels: list[LevelResult]) -> str:
     return "\n".join(lines)
 
 
-def engine_ratios(levels: list[LevelResult], engine: dict[str, Any]) -> dict[str, Any]:
-    """HTTP tokens/s over the in-process Engine's at each concurrency both measured, with the
-    Engine's largest worker count. The Engine run must be the same load (tokens, requests)."""
-    workers = max(engine["engine"], key=int)
-    by_c = engine["engine"][workers]
-    rows = {}
-    for lv in levels:
-        measured = by_c.get(str(lv.concurrency)) or by_c.get(lv.concurrency)
-        if measured:
-            rate = measured["tokens_per_s"]
-            rows[str(lv.concurrency)] = {
-                "http_tokens_per_s": lv.output_tokens_per_s,
-                "engine_tokens_per_s": round(rate, 1),
-                "ratio": round(lv.output_tokens_per_s / rate, 3),
-            }
-    return {
-        "engine_workers": int(workers),
-        "engine_max_tokens": engine.get("max_tokens"),
-        "engine_requests": engine.get("requests"),
-        "levels": rows,
-    }
+@dataclass
+class EngineComparison:
+    """The same level's load run through an in-process Engine right before and right after
+    the HTTP run: a shared machine drifts over minutes, and the two neighbours bracket it."""
+
+    concurrency: int
+    before_tokens_per_s: float
+    after_tokens_per_s: float
+    http_tokens_per_s: float
+
+    @property
+    def engine_tokens_per_s(self) -> float:
+        return (self.before_tokens_per_s + self.after_tokens_per_s) / 2
+
+    @property
+    def ratio(self) -> float:
+        return self.http_tokens_per_s / self.engine_tokens_per_s
+
+    def to_json(self) -> dict[str, float]:
+        return {
+            "engine_before_tokens_per_s": round(self.before_tokens_per_s, 1),
+            "engine_after_tokens_per_s": round(self.after_tokens_per_s, 1),
+            "http_tokens_per_s": self.http_tokens_per_s,
+            "ratio": round(self.ratio, 3),
+        }
 
 
-def format_ratios(ratios: dict[str, Any]) -> str:
-    lines = [f"HTTP / Engine ({ratios['engine_workers']} workers, same load, in process):"]
-    for c, row in ratios["levels"].items():
+def format_comparison(rows: list[EngineComparison], workers: int) -> str:
+    lines = [
+        f"HTTP / Engine ({workers} workers in this process, same load, run just before and "
+        "after each level):",
+        f"{'conc':>5} {'http tok/s':>11} {'engine before':>14} {'after':>8} {'HTTP/Engine':>12}",
+    ]
+    for r in rows:
         lines.append(
-            f"{c:>5} {row['http_tokens_per_s']:>10.1f} / {row['engine_tokens_per_s']:>8.1f}"
-            f" = {row['ratio']:.2f}"
+            f"{r.concurrency:>5} {r.http_tokens_per_s:>11.1f} {r.before_tokens_per_s:>14.1f} "
+            f"{r.after_tokens_per_s:>8.1f} {r.ratio:>12.2f}"
         )
     return "\n".join(lines)
 
@@ -538,10 +554,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--json", dest="json_path", default=None, help="write results here")
     parser.add_argument(
-        "--engine-json",
+        "--compare-engine",
+        action="store_true",
+        help="also run each level's load through an Engine in this process (serve's defaults, "
+        "--engine-workers, --engine-model), just before and after the HTTP run, and report "
+        "HTTP / Engine: what the HTTP layer costs. Start the server with the same settings",
+    )
+    parser.add_argument(
+        "--engine-model",
         default=None,
-        help="a `bench engine --requests auto --max-tokens 128 --json` result of the same "
-        "model: adds each level's HTTP / Engine throughput (the HTTP layer's cost)",
+        help="checkpoint for --compare-engine (default: the packaged model, env TINYLLM_MODEL)",
+    )
+    parser.add_argument(
+        "--engine-workers", type=int, default=2, help="workers for --compare-engine (default 2)"
     )
     parser.add_argument(
         "--plot", default=None, help="write a PNG plot here (needs matplotlib, not a dependency)"
@@ -554,17 +579,38 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     levels = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
     if args.warmup:
         await run_level(target, 1, args.warmup, args.timeout)
-    results = []
-    for concurrency in levels:
-        requests = args.requests or requests_per_level(concurrency)
-        level = await run_level(target, concurrency, requests, args.timeout)
-        print(
-            f"concurrency {concurrency:>3}: {level.output_tokens_per_s:9.1f} tok/s, "
-            f"TTFT p50 {level.ttft_ms['p50']:.1f} ms, {level.failed} failed",
-            file=sys.stderr,
-        )
-        results.append(level)
-    return {
+    results: list[LevelResult] = []
+    comparisons: list[EngineComparison] = []
+    async with contextlib.AsyncExitStack() as stack:
+        engine = None
+        if args.compare_engine:
+            from tinyllm_trio.engine import open_engine
+
+            engine = await stack.enter_async_context(
+                open_engine(
+                    args.engine_model or os.environ.get("TINYLLM_MODEL") or None,
+                    workers=args.engine_workers,
+                    max_queue=max([*levels, 1]),
+                )
+            )
+            await _engine_rate(engine, args, max([*levels, 1]), max([*levels, 1]), 4)  # warm-up
+        for concurrency in levels:
+            requests = args.requests or requests_per_level(concurrency)
+            if engine is not None:
+                before = await _engine_rate(engine, args, concurrency, requests)
+            level = await run_level(target, concurrency, requests, args.timeout)
+            if engine is not None:
+                after = await _engine_rate(engine, args, concurrency, requests)
+                comparisons.append(
+                    EngineComparison(concurrency, before, after, level.output_tokens_per_s)
+                )
+            print(
+                f"concurrency {concurrency:>3}: {level.output_tokens_per_s:9.1f} tok/s, "
+                f"TTFT p50 {level.ttft_ms['p50']:.1f} ms, {level.failed} failed",
+                file=sys.stderr,
+            )
+            results.append(level)
+    report: dict[str, Any] = {
         "url": args.url,
         "api": args.api,
         "model": target.model,
@@ -574,17 +620,32 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "levels": [asdict(lv) for lv in results],
         "_levels": results,
     }
+    if comparisons:
+        report["vs_engine"] = {
+            "engine_workers": args.engine_workers,
+            "levels": {str(c.concurrency): c.to_json() for c in comparisons},
+        }
+        report["_comparisons"] = comparisons
+    return report
+
+
+async def _engine_rate(
+    engine: Any, args: argparse.Namespace, concurrency: int, requests: int, max_tokens: int = 0
+) -> float:
+    """Output tokens/s of one level's load through the in-process Engine."""
+    max_tokens = max_tokens or args.max_tokens
+    start = time.perf_counter()
+    tokens = await run_on_engine(engine, concurrency, requests, max_tokens, args.prompt_words)
+    return tokens / (time.perf_counter() - start)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     report = trio.run(run_benchmark, args)
     levels: list[LevelResult] = report.pop("_levels")
     print(format_table(levels))
-    if args.engine_json:
-        with open(args.engine_json) as f:
-            ratios = engine_ratios(levels, json.load(f))
-        report["vs_engine"] = ratios
-        print(format_ratios(ratios))
+    comparisons = report.pop("_comparisons", None)
+    if comparisons:
+        print(format_comparison(comparisons, args.engine_workers))
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(report, f, indent=2)

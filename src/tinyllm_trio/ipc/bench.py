@@ -13,8 +13,8 @@ Three measurements, each the median of `--runs` runs:
   64, one worker decodes 32 at a time and two workers 64.
 - With `--requests N` (or `auto`, bench http's count) each level is a closed loop: C clients,
   each starting the next request when its last one ends, N in all. `--max-tokens 128
-  --requests auto` is exactly bench http's load, so `bench http --engine-json` can say what
-  the HTTP layer costs on top of the Engine.
+  --requests auto` is exactly bench http's load (`bench http --compare-engine` runs that
+  in-process Engine load itself, next to each HTTP level).
 - IPC: a token message's round trip between two processes over two rings (encode, put, the
   peer's get and put back, get, decode), and the Trio-side cost of receiving a stream of
   token messages (`receive_many` + decode), in microseconds per message.
@@ -51,7 +51,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinyllm_trio.model.blas import blas_pinned, single_threaded_env
-from tinyllm_trio.workload import PROMPT_WORDS, corpus_text, prompt_text, requests_per_level
+from tinyllm_trio.workload import (
+    PROMPT_WORDS,
+    corpus_text,
+    prompt_text,
+    requests_per_level,
+    run_on_engine,
+)
 
 CONCURRENCY = (1, 8, 32, 64)
 MAX_BATCH = 32  # serve's default --max-batch
@@ -283,37 +289,15 @@ class BareLoop:
 
 
 async def _engine_run(engine, c: int, load: Load) -> Measurement:
-    """`load.requests(c)` generations through `engine`, c client tasks each taking the next."""
-    import trio
-
-    from tinyllm_trio.model.batching import DoneEvent, TokenEvent
-    from tinyllm_trio.model.sampling import SamplingParams
-
-    params = SamplingParams(max_tokens=load.max_tokens, temperature=0, ignore_eos=True)
+    """`load.requests(c)` generations through `engine` (`workload.run_on_engine`), with the
+    CPU of this process and of the engine's workers."""
     total = load.requests(c)
-    counts: list[int] = []
-    indices = iter(range(total))
-
-    async def client() -> None:
-        for index in indices:  # shared: each client takes the next request
-            n = 0
-            async with engine.generate(load.prompt(index), params) as events:
-                async for event in events:
-                    if isinstance(event, TokenEvent):
-                        n += len(event.token_ids)
-                    elif not isinstance(event, DoneEvent):
-                        raise RuntimeError(f"generation failed: {event}")
-            counts.append(n)
-
     pids = [w["pid"] for w in engine.stats()["workers"]]
     workers0 = sum(_cpu_ns(pid) for pid in pids)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    async with trio.open_nursery() as nursery:
-        for _ in range(min(c, total)):
-            nursery.start_soon(client)
+    tokens = await run_on_engine(engine, c, total, load.max_tokens, load.prompt_words)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     cpu += (sum(_cpu_ns(pid) for pid in pids) - workers0) / 1e9
-    tokens = sum(counts)
     assert tokens == total * load.max_tokens, tokens
     return tokens / elapsed, cpu / tokens * 1e6
 
