@@ -162,6 +162,39 @@ def test_prefill_of_one_token_then_decode(model):
         assert np.abs(model.decode_step(cache, [0], [ids[t]])[0] - full[t]).max() < TOL
 
 
+def test_prefill_many_equals_one_prefill_each(model):
+    """Prompts of different lengths prefilled in one pass give each one's own last logits, and
+    each continues exactly as its full forward pass (its K/V landed in its own row)."""
+    prompts = {"a": _ids(3, seed=20), "b": _ids(17, seed=21), "c": _ids(1, seed=22)}
+    cache = model.new_cache(4)
+    model.prefill(cache, "old", _ids(5, seed=23))  # an existing row is left alone
+    logits = model.prefill_many(cache, list(prompts.items()))
+    assert logits.shape == (3, SMALL.vocab_size)
+    for row, (name, ids) in zip(logits, prompts.items(), strict=True):
+        assert cache.length(name) == len(ids)
+        assert np.abs(row - model.forward(ids)[-1]).max() < TOL
+    nxt = {name: _ids(1, seed=30 + i)[0] for i, name in enumerate(prompts)}
+    stepped = model.decode_step(cache, list(prompts), list(nxt.values()))
+    for row, (name, ids) in zip(stepped, prompts.items(), strict=True):
+        assert np.abs(row - model.forward([*ids, nxt[name]])[-1]).max() < TOL
+    assert cache.length("old") == 5
+
+
+def test_prefill_many_validates_before_changing_anything(model):
+    cache = model.new_cache(3)
+    model.prefill(cache, "x", _ids(4))
+    with pytest.raises(ValueError, match="same sequence twice"):
+        model.prefill_many(cache, [("a", [1]), ("a", [2])])
+    with pytest.raises(CacheFullError):
+        model.prefill_many(cache, [("a", [1]), ("b", [2]), ("c", [3])])
+    with pytest.raises(ValueError, match="out of range"):
+        model.prefill_many(cache, [("a", [1]), ("b", [SMALL.vocab_size])])
+    with pytest.raises(ValueError, match="already in the KV cache"):
+        model.prefill_many(cache, [("a", [1]), ("x", [2])])
+    assert cache.seq_ids == ("x",) and cache.length("x") == 4
+    assert model.prefill_many(cache, []).shape == (0, SMALL.vocab_size)
+
+
 # ---- batch independence (continuous batching) --------------------------------------------
 
 

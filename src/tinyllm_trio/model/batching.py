@@ -247,19 +247,29 @@ class ContinuousBatcher:
         for seq in [s for s in self._active.values() if s.cancelled]:
             self._finish(seq, "cancelled", events)
         while self._waiting and len(self._active) < self.max_batch:
-            self._admit(self._waiting.popleft(), events)
+            free = self.max_batch - len(self._active)
+            self._admit(
+                [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))], events
+            )
         if self._active:
             self._decode(events)
         return events
 
-    def _admit(self, seq: _Sequence, events: list[Event]) -> None:
-        seq.admitted = time.perf_counter()
-        logits = self.transformer.prefill(self._cache, seq.request_id, seq.prompt_ids)
-        seq.prefilled = time.perf_counter()
-        self._active[seq.request_id] = seq
-        sampler = seq.sampler
-        token = int(logits.argmax()) if sampler.plain_greedy else sampler.sample(logits)
-        self._accept(seq, token, logits, events)
+    def _admit(self, seqs: list[_Sequence], events: list[Event]) -> None:
+        """Prefill `seqs` in one pass (`Transformer.prefill_many`: a burst of arrivals costs
+        one pass over all their prompt tokens, not one pass each) and take each one's first
+        token. One that finishes at once (max_tokens 1, EOS) frees its slot for the next."""
+        admitted = time.perf_counter()
+        logits = self.transformer.prefill_many(
+            self._cache, [(seq.request_id, seq.prompt_ids) for seq in seqs]
+        )
+        prefilled = time.perf_counter()
+        for seq, row in zip(seqs, logits, strict=True):
+            seq.admitted, seq.prefilled = admitted, prefilled
+            self._active[seq.request_id] = seq
+            sampler = seq.sampler
+            token = int(row.argmax()) if sampler.plain_greedy else sampler.sample(row)
+            self._accept(seq, token, row, events)
 
     def _decode(self, events: list[Event]) -> None:
         seqs = list(self._active.values())

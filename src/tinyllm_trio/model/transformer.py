@@ -464,54 +464,100 @@ class Transformer:
         cfg = self.config
         k = np.empty((cfg.n_layer, cfg.n_head, len(ids), cfg.head_size), dtype=_F32)
         v = np.empty_like(k)
-        return self._run_sequence(ids, k, v, last_only=False)
+        return self._run_sequences(ids, [(0, len(ids))], [k], [v], last_only=False)
 
     def prefill(self, cache: KVCache, seq_id: Hashable, ids: Sequence[int]) -> np.ndarray:
         """Add `seq_id` to `cache`, run its prompt in one pass, return the last logits [V]."""
+        return self.prefill_many(cache, [(seq_id, ids)])[0]
+
+    def prefill_many(
+        self, cache: KVCache, prompts: Sequence[tuple[Hashable, Sequence[int]]]
+    ) -> np.ndarray:
+        """Add several sequences to `cache` and run all their prompts in one pass; returns each
+        one's last logits [len(prompts), V], in the order given.
+
+        The linear layers (most of the work) run once over every prompt's tokens together,
+        which is much faster than one pass per short prompt; attention stays per sequence.
+        Validation happens before any state changes; if the pass fails, none is added.
+        """
         self._check_cache(cache)
-        ids = self._check_ids(ids)
-        row = cache._add(seq_id)
-        T = len(ids)
+        checked = [(seq_id, self._check_ids(ids)) for seq_id, ids in prompts]
+        new_ids = [seq_id for seq_id, _ in checked]
+        if len(set(new_ids)) != len(new_ids):
+            raise ValueError("prefill_many got the same sequence twice")
+        if len(cache) + len(checked) > cache.capacity:
+            raise CacheFullError(
+                f"KV cache is full ({cache.capacity} sequences); drop one before adding another"
+            )
+        if not checked:
+            return np.empty((0, self.config.vocab_size), dtype=_F32)
+        rows: list[int] = []
         try:
-            logits = self._run_sequence(
-                ids, cache.k[:, row, :, :T], cache.v[:, row, :, :T], last_only=True
+            for seq_id, _ in checked:
+                rows.append(cache._add(seq_id))
+            bounds, start = [], 0
+            for _, ids in checked:
+                bounds.append((start, start + len(ids)))
+                start += len(ids)
+            lengths = [len(ids) for _, ids in checked]
+            logits = self._run_sequences(
+                np.concatenate([ids for _, ids in checked]),
+                bounds,
+                [cache.k[:, r, :, :t] for r, t in zip(rows, lengths, strict=True)],
+                [cache.v[:, r, :, :t] for r, t in zip(rows, lengths, strict=True)],
+                last_only=True,
             )
         except BaseException:
-            cache.drop(seq_id)
+            for seq_id in new_ids[: len(rows)]:
+                cache.drop(seq_id)
             raise
-        cache.lengths[row] = T
-        return logits[0]
+        for r, t in zip(rows, lengths, strict=True):
+            cache.lengths[r] = t
+        return logits
 
-    def _run_sequence(
-        self, ids: np.ndarray, k_out: np.ndarray, v_out: np.ndarray, *, last_only: bool
+    def _run_sequences(
+        self,
+        ids: np.ndarray,
+        bounds: Sequence[tuple[int, int]],
+        k_out: Sequence[np.ndarray],
+        v_out: Sequence[np.ndarray],
+        *,
+        last_only: bool,
     ) -> np.ndarray:
-        """Causal pass over one sequence; writes K, V [n_layer, H, T, hs] into k_out, v_out."""
+        """Causal pass over sequences given concatenated (`ids`, each at bounds[j] = (start,
+        end)); writes sequence j's K, V [n_layer, H, T_j, hs] into k_out[j], v_out[j]. Returns
+        logits for every position, or (last_only) for each sequence's last one."""
         cfg = self.config
-        T, C, H, hs = len(ids), cfg.n_embd, cfg.n_head, cfg.head_size
-        x = self.wte[ids] + self.pe[:T]  # (T, C)
-        h, sq = np.empty_like(x), np.empty_like(x)
-        att_max = np.empty((H, T, 1), dtype=_F32)
-        ff = np.empty((4, T, 4 * C), dtype=_F32)
-        causal = np.triu(np.full((T, T), -np.inf, dtype=_F32), k=1)  # (T, T)
+        N, C, H, hs = len(ids), cfg.n_embd, cfg.n_head, cfg.head_size
+        positions = np.concatenate([np.arange(end - start) for start, end in bounds])
+        x = self.wte[ids] + self.pe[positions]  # (N, C)
+        h, sq, y = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+        longest = max(end - start for start, end in bounds)
+        att_max = np.empty((H, longest, 1), dtype=_F32)
+        ff = np.empty((4, N, 4 * C), dtype=_F32)
+        causal = np.triu(np.full((longest, longest), -np.inf, dtype=_F32), k=1)
         for i, layer in enumerate(self.layers):
             _layernorm(x, layer.ln1_w, layer.ln1_b, h, sq)
-            qkv = (h @ layer.w_qkv).reshape(T, 3, H, hs)
-            q = qkv[:, 0].transpose(1, 0, 2)  # (H, T, hs), already scaled
-            k_out[i] = qkv[:, 1].transpose(1, 0, 2)
-            v_out[i] = qkv[:, 2].transpose(1, 0, 2)
-            att = q @ k_out[i].transpose(0, 2, 1)  # (H, T, T)
-            att += causal
-            _softmax_(att, att_max)
-            y = (att @ v_out[i]).transpose(1, 0, 2).reshape(T, C)  # (T, C)
+            qkv = (h @ layer.w_qkv).reshape(N, 3, H, hs)
+            for (start, end), k, v in zip(bounds, k_out, v_out, strict=True):
+                T = end - start
+                q = qkv[start:end, 0].transpose(1, 0, 2)  # (H, T, hs), already scaled
+                k[i] = qkv[start:end, 1].transpose(1, 0, 2)
+                v[i] = qkv[start:end, 2].transpose(1, 0, 2)
+                att = q @ k[i].transpose(0, 2, 1)  # (H, T, T)
+                att += causal[:T, :T]
+                _softmax_(att, att_max[:, :T])
+                y[start:end] = (att @ v[i]).transpose(1, 0, 2).reshape(T, C)
             x += y @ layer.w_proj
             _layernorm(x, layer.ln2_w, layer.ln2_b, h, sq)
-            f = np.matmul(h, layer.w_fc, out=ff[0])  # (T, 4C)
+            f = np.matmul(h, layer.w_fc, out=ff[0])  # (N, 4C)
             gelu_(f, ff[1], ff[2], ff[3])
             x += f @ layer.w_out
         if last_only:
-            x, h, sq = x[-1:], h[-1:], sq[-1:]
+            last = [end - 1 for _, end in bounds]
+            x, h, sq = x[last], h[: len(last)], sq[: len(last)]
         _layernorm(x, self.ln_f_w, self.ln_f_b, h, sq)
-        return h @ self.w_head  # (T or 1, V)
+        return h @ self.w_head  # (N or len(bounds), V)
 
     # ---- one token for each of a batch of sequences ----------------------------------------
 
