@@ -322,3 +322,14 @@ def test_engine_benchmark_closed_loop_runs_every_request(tiny_checkpoint: Path) 
     measured = interleaved_measurements(str(tiny_checkpoint), None, [1, 2], [3], load, runs=2)
     assert len(measured["bare"][3]) == 2 and measured["bare"][3][0][0] > 0
     assert [len(measured["engine"][w][3]) for w in (1, 2)] == [2, 2]
+
+
+def test_engine_benchmark_request_counts_parse() -> None:
+    from tinyllm_trio.ipc.bench import Load, _requests, build_parser
+
+    assert build_parser().parse_args([]).requests == "auto"  # a closed loop by default
+    assert _requests("auto") == "auto" and _requests("wave") is None and _requests("7") == 7
+    assert Load(per_level=_requests("wave")).requests(8) == 8
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(ValueError, match="positive integer"):
+            _requests(bad)

@@ -2,18 +2,18 @@
 
 Three measurements, each the median of `--runs` runs:
 
-- bare: the worker's own loop in this process: `ContinuousBatcher` with serve's default
-  `--max-batch` (32), C requests submitted at once, `step()` until idle. No IPC, no Trio.
-- engine: the same C requests through `open_engine` (1 worker, then 2 by default; the same
-  max batch per worker), consumed by C Trio tasks: IPC both ways, routing, per-request
-  channels, all of it. Both count every generated token (EOS is ignored) from first submit to
-  last final event, prefill included. "engine/bare" at 1 worker is the price of the process
-  boundary (target: >= 0.85); "2w/1w" is the scaling of a second worker (target on 2 cores:
-  >= 1.6 at 32+). Beyond the max batch, generations wait in the queue, as in the server: at
-  64, one worker decodes 32 at a time and two workers 64.
-- With `--requests N` (or `auto`, bench http's count) each level is a closed loop: C clients,
-  each starting the next request when its last one ends, N in all. `--max-tokens 128
-  --requests auto` is exactly bench http's load (`bench http --compare-engine` runs that
+- bare: the worker's own loop in this process: one `ContinuousBatcher` with serve's default
+  `--max-batch` (32), kept across runs as a worker keeps its own. No IPC, no Trio.
+- engine: the same load through `open_engine` (1 worker, then 2 by default; the same max batch
+  per worker), consumed by Trio tasks: IPC both ways, routing, per-request channels, all of it.
+- The load at each level C is a closed loop: C clients, each starting its next request when the
+  last one ends, max(16, 4 x C) requests in all (bench http's count; `--requests N`, or `wave`
+  for one wave of C), 64 tokens each after 16-token prompts (EOS ignored). Tokens/s counts
+  every generated token from the first submit to the last final event, prefill included.
+  "1w/bare" is the price of the process boundary (target: >= 0.85); "2w/1w" is the scaling of
+  a second worker (target on 2 cores: >= 1.6 at 32+). Beyond the max batch, generations wait
+  in the queue, as in the server: at 64, one worker decodes 32 at a time and two workers 64.
+  `--max-tokens 128` is exactly bench http's load (`bench http --compare-engine` runs that
   in-process Engine load itself, next to each HTTP level).
 - IPC: a token message's round trip between two processes over two rings (encode, put, the
   peer's get and put back, get, decode), and the Trio-side cost of receiving a stream of
@@ -85,9 +85,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--requests",
-        default=None,
-        help="generations per level, run as a closed loop of `concurrency` clients; 'auto' = "
-        "bench http's count, max(16, 4 x concurrency) (default: one wave of `concurrency`)",
+        default="auto",
+        help="generations per level, run as a closed loop of `concurrency` clients: a number, "
+        "'auto' (default: bench http's count, max(16, 4 x concurrency)) or 'wave' (one wave "
+        "of `concurrency`)",
     )
     p.add_argument(
         "--prompt-words",
@@ -228,10 +229,12 @@ class Load:
 
 
 def _requests(text: str | None) -> int | str | None:
-    if text is None or text == "auto":
+    if text is None or text == "wave":
+        return None
+    if text == "auto":
         return text
     if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"expected a positive integer or 'auto', got {text!r}")
+        raise ValueError(f"expected a positive integer, 'auto' or 'wave', got {text!r}")
     return int(text)
 
 
