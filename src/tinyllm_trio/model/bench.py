@@ -4,7 +4,8 @@ What it measures (each number is the median of `--runs` runs, tokens per second)
 - prefill_128: one 128-token prompt run through `Transformer.prefill` (one pass);
 - decode at batch 1, 8, 32, 64: that many sequences (prompts of 8 to 24 tokens, so lengths
   differ as in real traffic) advanced together by 64 `decode_step` calls; tokens/s counts every
-  sequence's token (batch x steps / seconds). Prefilling them is not part of the time.
+  sequence's token (batch x steps / seconds). Prefilling them is not part of the time. Below
+  batch 16 each run repeats that 16 / batch times (a batch-1 pass alone lasts ~50 ms).
 
 BLAS is pinned to one thread, because the server runs one worker process per core and a worker
 that spawned BLAS threads would fight its neighbours. The thread count is read by OpenBLAS when
@@ -130,7 +131,8 @@ def run_benchmarks(transformer, runs: int = 5, batches=BATCHES, steps: int = DEC
                     transformer.decode_step(cache, seqs, step_tokens)
             return elapsed
 
-        results["decode"][batch] = _timed(decode, batch * steps, runs)
+        # a batch-1 pass is ~50 ms, too short to time on a shared machine: repeat small ones
+        results["decode"][batch] = _timed(decode, batch * steps, runs, repeat=max(1, 16 // batch))
     return results
 
 
