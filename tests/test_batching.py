@@ -75,6 +75,41 @@ def test_greedy_output_does_not_depend_on_batch_company(model, tokenizer) -> Non
         assert _done(together[i]).finish_reason == "length"
 
 
+def test_a_burst_is_prefilled_in_passes_of_bounded_size(model, tokenizer, monkeypatch) -> None:
+    """Arrivals of one step are prefilled together, split into passes of at most
+    PREFILL_TOKENS_PER_PASS prompt tokens (one longer prompt alone), and come out exactly as
+    when each runs alone."""
+    from tinyllm_trio.model import batching
+
+    monkeypatch.setattr(batching, "PREFILL_TOKENS_PER_PASS", 12)
+    passes: list[list[int]] = []
+    real = model.prefill_many
+
+    def spy(cache, prompts):
+        passes.append([len(ids) for _, ids in prompts])
+        return real(cache, prompts)
+
+    monkeypatch.setattr(model, "prefill_many", spy)
+    greedy = SamplingParams(max_tokens=5, temperature=0)
+    prompts = [
+        tokenizer.encode(p)
+        for p in ("the cat", "the dog liked", "once upon a time there was a little", "a bird")
+    ]
+    prompts.append(list(range(2, 17)))  # 15 tokens: over the cap, a pass of its own
+    batcher = ContinuousBatcher(model, tokenizer, max_batch=8)
+    for i, ids in enumerate(prompts):
+        batcher.submit(i, ids, greedy)
+    got = _run(batcher)
+    assert sorted(n for p in passes for n in p) == sorted(len(ids) for ids in prompts)
+    assert all(sum(p) <= 12 or len(p) == 1 for p in passes) and len(passes) > 1
+    assert any(len(p) > 1 for p in passes)  # short ones did share a pass
+    monkeypatch.setattr(model, "prefill_many", real)
+    for i, ids in enumerate(prompts):
+        alone = ContinuousBatcher(model, tokenizer, max_batch=1)
+        alone.submit(0, ids, greedy)
+        assert _tokens(got[i]) == _tokens(_run(alone)[0])
+
+
 def test_seeded_sampling_is_reproducible_in_any_batch(model, tokenizer) -> None:
     params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=42)
     first = ContinuousBatcher(model, tokenizer, max_batch=4)

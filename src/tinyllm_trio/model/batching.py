@@ -38,6 +38,10 @@ from tinyllm_trio.model.sampling import (
 from tinyllm_trio.model.tokenizer import EOS, HybridTokenizer, StreamDecoder
 from tinyllm_trio.model.transformer import ContextLengthError, ModelConfig, Transformer
 
+# Prompt tokens prefilled together in one pass: enough to batch a burst of short prompts (the
+# win), few enough that the pass's scratch arrays stay ~36 MB (~18 KB per token).
+PREFILL_TOKENS_PER_PASS = 2048
+
 
 @dataclass
 class TokenEvent:
@@ -247,18 +251,25 @@ class ContinuousBatcher:
         for seq in [s for s in self._active.values() if s.cancelled]:
             self._finish(seq, "cancelled", events)
         while self._waiting and len(self._active) < self.max_batch:
-            free = self.max_batch - len(self._active)
-            self._admit(
-                [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))], events
-            )
+            group = [self._waiting.popleft()]  # always one, however long its prompt
+            tokens = len(group[0].prompt_ids)
+            while (
+                self._waiting
+                and len(self._active) + len(group) < self.max_batch
+                and tokens + len(self._waiting[0].prompt_ids) <= PREFILL_TOKENS_PER_PASS
+            ):
+                tokens += len(self._waiting[0].prompt_ids)
+                group.append(self._waiting.popleft())
+            self._admit(group, events)
         if self._active:
             self._decode(events)
         return events
 
     def _admit(self, seqs: list[_Sequence], events: list[Event]) -> None:
         """Prefill `seqs` in one pass (`Transformer.prefill_many`: a burst of arrivals costs
-        one pass over all their prompt tokens, not one pass each) and take each one's first
-        token. One that finishes at once (max_tokens 1, EOS) frees its slot for the next."""
+        one pass over all their prompt tokens, not one pass each; `step` caps a pass at
+        PREFILL_TOKENS_PER_PASS tokens so its scratch memory stays small) and take each one's
+        first token. One that finishes at once (max_tokens 1, EOS) frees its slot for the next."""
         admitted = time.perf_counter()
         logits = self.transformer.prefill_many(
             self._cache, [(seq.request_id, seq.prompt_ids) for seq in seqs]
