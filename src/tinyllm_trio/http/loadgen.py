@@ -205,10 +205,9 @@ class _Stream:
         self.target = target
         self.sock = sock
         self.reusable = True
-        self._reset(-1)
+        self._reset()
 
-    def _reset(self, index: int) -> None:
-        self.index = index
+    def _reset(self) -> None:
         self.start = self.first = self.last = 0.0
         self.tokens = 0
         self.reported: int | None = None
@@ -220,7 +219,7 @@ class _Stream:
         self.sse = bytearray()
 
     def send(self, index: int) -> None:
-        self._reset(index)
+        self._reset()
         path, body = self.target.request(index)
         payload = json.dumps(body).encode()
         lines = [

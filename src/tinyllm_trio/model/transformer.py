@@ -441,8 +441,7 @@ class Transformer:
         if missing or extra:
             raise ValueError(f"weights do not match the config: missing {missing}, extra {extra}")
         for name, shape in expected.items():
-            if np.shape(weights[name]) != shape:
-                got = np.shape(weights[name])
+            if (got := np.shape(weights[name])) != shape:
                 raise ValueError(f"weight {name}: expected shape {shape}, got {got}")
         # our own float32 copies, in huge pages like everything a decode step reads
         canonical = _hugepage_copies({name: np.asarray(weights[name]) for name in expected})
@@ -519,15 +518,13 @@ class Transformer:
             )
         if not checked:
             return np.empty((0, self.config.vocab_size), dtype=_F32)
+        lengths = [len(ids) for _, ids in checked]
+        ends = np.cumsum(lengths).tolist()
+        bounds = [(end - n, end) for end, n in zip(ends, lengths, strict=True)]
         rows: list[int] = []
         try:
-            for seq_id, _ in checked:
+            for seq_id in new_ids:
                 rows.append(cache._add(seq_id))
-            bounds, start = [], 0
-            for _, ids in checked:
-                bounds.append((start, start + len(ids)))
-                start += len(ids)
-            lengths = [len(ids) for _, ids in checked]
             logits = self._run_sequences(
                 np.concatenate([ids for _, ids in checked]),
                 bounds,
