@@ -13,13 +13,13 @@ import math
 import numpy as np
 import pytest
 
+from tinyllm_trio.model.kernels import attend_one_token
 from tinyllm_trio.model.transformer import (
     CacheFullError,
     ContextLengthError,
     KVCache,
     ModelConfig,
     Transformer,
-    _softmax_terms,
     expected_shapes,
     gelu_,
     sinusoidal_positions,
@@ -439,33 +439,43 @@ def test_gelu_stays_exact_far_out():
     assert np.abs(got - exact).max(initial=0.0, where=np.abs(x) <= 10) < 1e-6
 
 
-@pytest.mark.parametrize(
-    "offset",
-    [0.0, 120.0, -120.0, 60.0],  # in range, overflowing exp, underflowing exp, mixed below
-)
-def test_softmax_terms_match_a_shifted_softmax(offset):
-    """The decode step's softmax skips the max shift only when that is safe: rows whose
-    unshifted exp would overflow or underflow must still come out right."""
+@pytest.mark.parametrize("offset", [0.0, 120.0, -120.0])  # in range, huge, tiny scores
+def test_attention_kernel_matches_a_float64_softmax(offset):
+    """The compiled decode attention: stores each row's new key and value at its position,
+    attends over exactly positions 0..length (stale data beyond is never read: it is NaN
+    here), and its softmax stays exact where exp of the raw scores would overflow or
+    underflow float32."""
     rng = np.random.default_rng(0)
-    s = (3 * rng.standard_normal((24, 37))).astype(np.float32)
-    s += np.float32(offset)
-    if offset == 60.0:
-        s[::2] -= 180.0  # every other row far below, the rest near exp's overflow
-    s[1, 20:] = -np.inf  # masked positions
-    e, sums = np.empty_like(s), np.empty(24, np.float32)
-    _softmax_terms(s, e, sums, np.ones(37, np.float32))
-    s64 = s.astype(np.float64)
-    want = np.exp(s64 - s64.max(axis=1, keepdims=True))
-    want /= want.sum(axis=1, keepdims=True)
-    got = e / sums[:, None]
-    assert np.isfinite(got).all()
-    assert np.abs(got - want).max() < 1e-6
-    assert (got[1, 20:] == 0).all()
+    B, H, T, hs = 5, 3, 16, 8
+    C = H * hs
+    lengths = np.array([0, 3, 15, 7, 1], dtype=np.int64)  # ragged; row 2 fills the context
+    qkv = rng.standard_normal((B, 3 * C)).astype(np.float32)
+    q = qkv[:, :C].reshape(B, H, 1, hs)
+    shift = offset * q / (q * q).sum(axis=-1, keepdims=True)  # adds `offset` to every score
+    kv = np.full((B + 2, 2, H, T, hs), np.nan, dtype=np.float32)
+    for b, n in enumerate(lengths):
+        kv[b, :, :, :n] = rng.standard_normal((2, H, n, hs))
+        kv[b, 0, :, :n] += shift[b]
+    qkv[:, C : 2 * C] += shift.reshape(B, C)
+    y = np.empty((B, C), np.float32)
+    attend_one_token(
+        qkv, kv, lengths, y, np.empty((H, T), np.float32), np.empty((H, hs), np.float32)
+    )
+    for b, p in enumerate(lengths):
+        q, k_new, v_new = qkv[b].reshape(3, H, hs).astype(np.float64)
+        assert np.array_equal(kv[b, 0, :, p], k_new) and np.array_equal(kv[b, 1, :, p], v_new)
+        k, v = kv[b, 0, :, : p + 1].astype(np.float64), kv[b, 1, :, : p + 1].astype(np.float64)
+        s = np.einsum("hd,htd->ht", q, k)
+        w = np.exp(s - s.max(axis=1, keepdims=True))
+        want = np.einsum("ht,htd->hd", w / w.sum(axis=1, keepdims=True), v).reshape(C)
+        assert np.isfinite(y[b]).all()
+        assert np.abs(y[b] - want).max() < 1e-5
+    assert np.isnan(kv[B:]).all()  # rows past the batch untouched
 
 
 def test_decode_matches_forward_with_huge_attention_scores():
-    """Large weights give scores whose exp overflows float32: decode (unshifted softmax
-    when safe, shifted otherwise) must still agree with the full forward pass."""
+    """Large weights give scores whose exp overflows float32: decode must still agree with
+    the full forward pass."""
     m = Transformer.random(SMALL, seed=5, std=1.5)
     ids = _ids(30, seed=8)
     full = m.forward(ids)

@@ -25,14 +25,15 @@ How the decode step stays cheap (llama2.c's "run state" idea, in numpy):
 - active sequences are kept compacted in cache rows 0..n-1, so a step over all of them reads the
   cache through slices (views), never a gathered copy; dropping a sequence moves the last row
   into the hole (one copy of its used positions, once per finished sequence, not per step);
-- Q, K and V of all heads come from one [C, 3C] matmul (the scale is folded into W_q); attention
-  is batched over sequences and heads with stacked matmuls; sequences of different lengths are
-  padded to the longest with an additive -inf mask; the softmax skips the row-max shift when
-  the unshifted row sums show it is safe (`_softmax_terms`), and is normalised after the
-  product with V;
+- Q, K and V of all heads come from one [C, 3C] matmul (the scale is folded into W_q);
+  attention for the new token of every sequence is one compiled pass (`model/kernels.py`,
+  numba): it stores the token's key and value, reads each sequence's cached keys and values
+  only up to its own length (no padding, no mask) with all heads streaming from memory at once,
+  and applies an exact softmax. numpy's stacked matmuls did the same work ~2x slower, waiting
+  on one (sequence, head) block of the cache at a time;
 - elementwise work (LayerNorm, the exact-erf GELU) is in-place numpy passes on preallocated
-  buffers, with the pass count kept low (see `gelu_`, `_layernorm`); a batch-32 step is still
-  dominated by matmuls and by reading the KV cache from memory (~20 us per context position);
+  buffers, with the pass count kept low (see `gelu_`, `_layernorm`); a batch-32 step is
+  dominated by the weight matmuls, then by reading the KV cache from memory;
 - the LM head is one matmul. BLAS threads are the caller's business (a worker runs one per core;
   set OPENBLAS_NUM_THREADS=1 before numpy is imported, as the worker and the bench do).
 """
@@ -58,9 +59,6 @@ __all__ = [
 
 LN_EPS = 1e-5
 _F32 = np.float32
-# decode-step softmax: unshifted exp(scores) is used when every row sum lies in this range
-# (see _softmax_terms)
-_SUM_LO, _SUM_HI = _F32(2.0**-64), _F32(2.0**64)
 
 
 class ContextLengthError(ValueError):
@@ -235,27 +233,6 @@ def _softmax_(a: np.ndarray, m: np.ndarray) -> np.ndarray:
     return a
 
 
-def _softmax_terms(s: np.ndarray, e: np.ndarray, sums: np.ndarray, ones: np.ndarray) -> None:
-    """Unnormalised softmax of each row of s [R, L] (-inf entries allowed, never a whole row):
-    e [R, L] = exp(s - shift_r) and sums [R] its row sums; softmax = e / sums[:, None].
-    ones is [L] of 1.0 (the row sums are one BLAS matrix-vector product).
-
-    Softmax is shift-invariant, so the shift need not be the row max, and numpy's max over
-    short rows costs more than the exp: the decode step's score rows (a few dozen entries)
-    are used unshifted whenever every row sum lies in [2^-64, 2^64]. Then no term overflowed
-    (nor can e @ V), and the largest term is >= 2^-64 / L, a normal float, so any term that
-    underflowed is below 2^-60 of it, far under float32 resolution. Otherwise (huge or very
-    negative scores) the row max is subtracted, as usual."""
-    with np.errstate(over="ignore"):  # an overflow only sends us to the shifted path
-        np.exp(s, out=e)
-    np.matmul(e, ones, out=sums)
-    if sums.min() >= _SUM_LO and sums.max() <= _SUM_HI:
-        return
-    np.subtract(s, np.max(s, axis=-1, keepdims=True), out=e)
-    np.exp(e, out=e)
-    np.matmul(e, ones, out=sums)
-
-
 def _zeros_hugepages(shape: tuple[int, ...]) -> np.ndarray:
     """A zeroed float32 array in its own anonymous mapping, with transparent huge pages asked
     for: the decode step reads the KV cache of every sequence every step, and 2 MiB pages cut
@@ -328,10 +305,9 @@ class KVCache:
     """Keys/values and decode run state for up to `capacity` sequences, allocated once.
 
     kv: [n_layer, capacity, 2, n_head, max_context, head_size] (k and v are views of its keys
-    and values), so one row's keys and values of a layer are contiguous and one fancy-indexed
-    store writes a step's new keys and values. Active sequences occupy rows 0..len-1
-    (compacted); `_rows[seq_id]` is a sequence's row and `lengths[row]` its token count.
-    Positions at or beyond a row's length hold stale (finite) data and are always masked out.
+    and values), so one row's keys and values of a layer are contiguous. Active sequences
+    occupy rows 0..len-1 (compacted); `_rows[seq_id]` is a sequence's row and `lengths[row]`
+    its token count. Positions at or beyond a row's length hold stale data and are never read.
     Memory: 4.7 MB per slot for the default model (capacity 32 -> 151 MB), committed by the
     kernel as slots are first used.
     """
@@ -359,12 +335,8 @@ class KVCache:
         self.qkv = np.zeros((capacity, 3 * C), dtype=_F32)
         self.y = np.zeros((capacity, C), dtype=_F32)  # attention output, heads concatenated
         self.ff = np.zeros((4, capacity, 4 * C), dtype=_F32)  # FFN hidden + 3 GELU scratch
-        self.att = np.zeros(capacity * H * T, dtype=_F32)  # scores, reshaped per step
-        self.mask = np.zeros((capacity, T), dtype=_F32)  # 0 where visible, -inf where not
-        self.att_e = np.zeros(capacity * H * T, dtype=_F32)  # exp(scores), reshaped per step
-        self.att_max = np.zeros((capacity, H, 1, 1), dtype=_F32)  # softmax row sums
-        self.ones = np.ones(T, dtype=_F32)  # row sums of the scores as one matrix-vector product
-        self.positions = np.arange(T)
+        self.scores = np.zeros((H, T), dtype=_F32)  # attention kernel scratch
+        self.head_acc = np.zeros((H, hs), dtype=_F32)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -443,6 +415,11 @@ class Transformer:
         for name, shape in expected.items():
             if (got := np.shape(weights[name])) != shape:
                 raise ValueError(f"weight {name}: expected shape {shape}, got {got}")
+        # Imported here, not at the top: the server process imports this module for ModelConfig
+        # and the errors; only processes that run the model load numba (~0.4 s, ~40 MB).
+        from tinyllm_trio.model.kernels import attend_one_token
+
+        self._attend = attend_one_token
         # our own float32 copies, in huge pages like everything a decode step reads
         canonical = _hugepage_copies({name: np.asarray(weights[name]) for name in expected})
         self.config = config
@@ -635,46 +612,17 @@ class Transformer:
 
     def _decode_rows(self, cache: KVCache, tokens: np.ndarray) -> np.ndarray:
         """One token for each of cache rows 0..B-1 (tokens in row order); logits [B, V]."""
-        cfg = self.config
-        B, H, hs = len(tokens), cfg.n_head, cfg.head_size
+        B = len(tokens)
         pos = cache.lengths[:B]  # (B,) position of the new token = tokens held so far
-        Lmax = int(pos.max()) + 1
         x, h, qkv, y = cache.x[:B], cache.h[:B], cache.qkv[:B], cache.y[:B]
         f, t, u, acc = cache.ff[:, :B]
-        att = cache.att[: B * H * Lmax].reshape(B, H, 1, Lmax)
-        ragged = int(pos.min()) + 1 < Lmax  # some sequence is shorter than the longest
-        mask = cache.mask[:B, :Lmax]  # (B, Lmax): 0 up to and including pos, -inf after
-        if ragged:
-            mask.fill(0.0)
-            mask[cache.positions[None, :Lmax] > pos[:, None]] = -np.inf
-        mask4 = mask[:, None, None, :]  # (B, 1, 1, Lmax)
-        batch = np.arange(B)
-
         np.take(self.wte, tokens, axis=0, out=x)
         x += self.pe[pos]
-        heads = cache.qkv.reshape(cache.capacity, 3, H, 1, hs)[:B]  # views into qkv
-        q = heads[:, 0]  # (B, H, 1, hs), already scaled
-        kv_new = heads[:, 1:, :, 0]  # (B, 2, H, hs): this token's keys and values
-        y4 = y.reshape(B, H, 1, hs)
-        att_rows = att.reshape(B * H, Lmax)
-        e_rows = cache.att_e[: B * H * Lmax].reshape(B * H, Lmax)
-        e = e_rows.reshape(B, H, 1, Lmax)
-        att_sum = cache.att_max[:B]  # (B, H, 1, 1)
-        att_sum_rows = att_sum.reshape(B * H)
-        ones = cache.ones[:Lmax]
         for i, layer in enumerate(self.layers):
             _layernorm(x, layer.ln1_w, layer.ln1_b, h, y)
             np.matmul(h, layer.w_qkv, out=qkv)  # (B, 3C)
-            kv = cache.kv[i]  # (capacity, 2, H, T, hs)
-            kv[batch, :, :, pos] = kv_new
-            keys, values = kv[:B, 0, :, :Lmax], kv[:B, 1, :, :Lmax]  # (B, H, Lmax, hs) views
-            np.matmul(q, keys.transpose(0, 1, 3, 2), out=att)  # (B, H, 1, Lmax)
-            if ragged:
-                att += mask4
-            # softmax, normalised after the matmul with V (hs divisions per row instead of Lmax)
-            _softmax_terms(att_rows, e_rows, att_sum_rows, ones)
-            np.matmul(e, values, out=y4)  # (B, H, 1, hs) == (B, C)
-            y4 /= att_sum
+            # stores this token's keys and values in the cache, y = attention output (B, C)
+            self._attend(qkv, cache.kv[i], pos, y, cache.scores, cache.head_acc)
             x += np.matmul(y, layer.w_proj, out=h)
             _layernorm(x, layer.ln2_w, layer.ln2_b, h, y)
             np.matmul(h, layer.w_fc, out=f)  # (B, 4C)
