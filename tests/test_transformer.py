@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from tinyllm_trio.model.kernels import attend_one_token
+from tinyllm_trio.model.kernels import attend_one_token, layernorm
 from tinyllm_trio.model.transformer import (
     CacheFullError,
     ContextLengthError,
@@ -437,6 +437,19 @@ def test_gelu_stays_exact_far_out():
     assert np.isfinite(got).all()
     assert np.abs(got - exact).max() <= 1e-6 * np.maximum(1.0, np.abs(exact)).max()
     assert np.abs(got - exact).max(initial=0.0, where=np.abs(x) <= 10) < 1e-6
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, -1e3])  # rows far from zero, as residuals get
+def test_layernorm_kernel_matches_float64(offset):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((7, 96)) * 3 + offset).astype(np.float32)
+    w, b = rng.standard_normal((2, 96)).astype(np.float32)
+    out = np.empty_like(x)
+    layernorm(x, w, b, out)
+    x64 = x.astype(np.float64)
+    centred = x64 - x64.mean(axis=1, keepdims=True)
+    want = centred / np.sqrt((centred**2).mean(axis=1, keepdims=True) + 1e-5) * w + b
+    assert np.abs(out - want).max() < 2e-5 * max(1.0, np.abs(want).max())
 
 
 @pytest.mark.parametrize("offset", [0.0, 120.0, -120.0])  # in range, huge, tiny scores

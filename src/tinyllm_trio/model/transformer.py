@@ -31,8 +31,9 @@ How the decode step stays cheap (llama2.c's "run state" idea, in numpy):
   only up to its own length (no padding, no mask) with all heads streaming from memory at once,
   and applies an exact softmax. numpy's stacked matmuls did the same work ~2x slower, waiting
   on one (sequence, head) block of the cache at a time;
-- elementwise work (LayerNorm, the exact-erf GELU) is in-place numpy passes on preallocated
-  buffers, with the pass count kept low (see `gelu_`, `_layernorm`); a batch-32 step is
+- LayerNorm is one compiled call over all rows (numpy took ~9 passes over short rows); the
+  exact-erf GELU is in-place numpy passes on preallocated buffers, with the pass count kept low
+  (see `gelu_`: numpy's SIMD exp beats a compiled loop at batch 8+); a batch-32 step is
   dominated by the weight matmuls, then by reading the KV cache from memory;
 - the LM head is one matmul. BLAS threads are the caller's business (a worker runs one per core;
   set OPENBLAS_NUM_THREADS=1 before numpy is imported, as the worker and the bench do).
@@ -40,7 +41,6 @@ How the decode step stays cheap (llama2.c's "run state" idea, in numpy):
 
 from __future__ import annotations
 
-import functools
 import math
 import mmap
 from collections.abc import Hashable, Mapping, Sequence
@@ -57,7 +57,6 @@ __all__ = [
     "expected_shapes",
 ]
 
-LN_EPS = 1e-5
 _F32 = np.float32
 
 
@@ -192,34 +191,6 @@ def gelu_(x: np.ndarray, t: np.ndarray, u: np.ndarray, acc: np.ndarray) -> np.nd
     x *= 0.5  # relu(x), exactly
     x -= acc
     return x
-
-
-def _layernorm(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray, sq: np.ndarray
-) -> np.ndarray:
-    """LayerNorm over the last axis of x [N, C] into out [N, C] (eps 1e-5, biased variance);
-    sq is [N, C] scratch. Short rows (C = 192) make numpy's per-call overhead the cost, so the
-    mean and the sum of squares are each one np.vecdot (a reduction plus a scaling would be
-    two calls), and 1/std and w are applied as one [N, C] factor."""
-    n = x.shape[-1]
-    mu = np.vecdot(x, _mean_weights(n))  # (N,)
-    np.subtract(x, mu[:, None], out=out)  # centred
-    var = np.vecdot(out, out)  # (N,) sum of squares
-    var *= 1.0 / n
-    var += LN_EPS
-    np.sqrt(var, out=var)
-    np.divide(w, var[:, None], out=sq)  # w / std, per row
-    out *= sq
-    out += b
-    return out
-
-
-@functools.cache
-def _mean_weights(n: int) -> np.ndarray:
-    """[1/n] * n in float32: np.vecdot(x, this) is the mean of each row of x."""
-    w = np.full(n, 1.0 / n, dtype=_F32)
-    w.flags.writeable = False
-    return w
 
 
 def _softmax_(a: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -417,9 +388,9 @@ class Transformer:
                 raise ValueError(f"weight {name}: expected shape {shape}, got {got}")
         # Imported here, not at the top: the server process imports this module for ModelConfig
         # and the errors; only processes that run the model load numba (~0.4 s, ~40 MB).
-        from tinyllm_trio.model.kernels import attend_one_token
+        from tinyllm_trio.model import kernels
 
-        self._attend = attend_one_token
+        self._kernels = kernels
         # our own float32 copies, in huge pages like everything a decode step reads
         canonical = _hugepage_copies({name: np.asarray(weights[name]) for name in expected})
         self.config = config
@@ -529,17 +500,17 @@ class Transformer:
         """Causal pass over sequences given concatenated (`ids`, each at bounds[j] = (start,
         end)); writes sequence j's K, V [n_layer, H, T_j, hs] into k_out[j], v_out[j]. Returns
         logits for every position, or (last_only) for each sequence's last one."""
-        cfg = self.config
+        cfg, kern = self.config, self._kernels
         N, C, H, hs = len(ids), cfg.n_embd, cfg.n_head, cfg.head_size
         positions = np.concatenate([np.arange(end - start) for start, end in bounds])
         x = self.wte[ids] + self.pe[positions]  # (N, C)
-        h, sq, y = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+        h, y = np.empty_like(x), np.empty_like(x)
         longest = max(end - start for start, end in bounds)
         att_max = np.empty((H, longest, 1), dtype=_F32)
         ff = np.empty((4, N, 4 * C), dtype=_F32)
         causal = np.triu(np.full((longest, longest), -np.inf, dtype=_F32), k=1)
         for i, layer in enumerate(self.layers):
-            _layernorm(x, layer.ln1_w, layer.ln1_b, h, sq)
+            kern.layernorm(x, layer.ln1_w, layer.ln1_b, h)
             qkv = (h @ layer.w_qkv).reshape(N, 3, H, hs)
             for (start, end), k, v in zip(bounds, k_out, v_out, strict=True):
                 T = end - start
@@ -551,14 +522,14 @@ class Transformer:
                 _softmax_(att, att_max[:, :T])
                 y[start:end] = (att @ v[i]).transpose(1, 0, 2).reshape(T, C)
             x += y @ layer.w_proj
-            _layernorm(x, layer.ln2_w, layer.ln2_b, h, sq)
+            kern.layernorm(x, layer.ln2_w, layer.ln2_b, h)
             f = np.matmul(h, layer.w_fc, out=ff[0])  # (N, 4C)
             gelu_(f, ff[1], ff[2], ff[3])
             x += f @ layer.w_out
         if last_only:
             last = [end - 1 for _, end in bounds]
-            x, h, sq = x[last], h[: len(last)], sq[: len(last)]
-        _layernorm(x, self.ln_f_w, self.ln_f_b, h, sq)
+            x, h = x[last], h[: len(last)]
+        kern.layernorm(x, self.ln_f_w, self.ln_f_b, h)
         return h @ self.w_head  # (N or len(bounds), V)
 
     # ---- one token for each of a batch of sequences ----------------------------------------
@@ -612,24 +583,24 @@ class Transformer:
 
     def _decode_rows(self, cache: KVCache, tokens: np.ndarray) -> np.ndarray:
         """One token for each of cache rows 0..B-1 (tokens in row order); logits [B, V]."""
-        B = len(tokens)
+        B, kern = len(tokens), self._kernels
         pos = cache.lengths[:B]  # (B,) position of the new token = tokens held so far
         x, h, qkv, y = cache.x[:B], cache.h[:B], cache.qkv[:B], cache.y[:B]
         f, t, u, acc = cache.ff[:, :B]
         np.take(self.wte, tokens, axis=0, out=x)
         x += self.pe[pos]
         for i, layer in enumerate(self.layers):
-            _layernorm(x, layer.ln1_w, layer.ln1_b, h, y)
+            kern.layernorm(x, layer.ln1_w, layer.ln1_b, h)
             np.matmul(h, layer.w_qkv, out=qkv)  # (B, 3C)
             # stores this token's keys and values in the cache, y = attention output (B, C)
-            self._attend(qkv, cache.kv[i], pos, y, cache.scores, cache.head_acc)
+            kern.attend_one_token(qkv, cache.kv[i], pos, y, cache.scores, cache.head_acc)
             x += np.matmul(y, layer.w_proj, out=h)
-            _layernorm(x, layer.ln2_w, layer.ln2_b, h, y)
+            kern.layernorm(x, layer.ln2_w, layer.ln2_b, h)
             np.matmul(h, layer.w_fc, out=f)  # (B, 4C)
             gelu_(f, t, u, acc)
             x += np.matmul(f, layer.w_out if B > 1 else layer.w_out_rows.T, out=h)
         cache.lengths[:B] += 1
-        _layernorm(x, self.ln_f_w, self.ln_f_b, h, y)
+        kern.layernorm(x, self.ln_f_w, self.ln_f_b, h)
         return h @ self.w_head  # (B, V), a fresh array the caller may keep
 
     # ---- validation --------------------------------------------------------------------------
