@@ -53,19 +53,19 @@ def layernorm(x, w, b, out):  # pragma: no cover - compiled
     One call for all rows instead of ~9 numpy passes over short rows, whose per-call overhead
     was most of a batch-1 decode step's LayerNorm time (13 LayerNorms a step)."""
     n, c = x.shape
-    inv_c = np.float32(1.0) / np.float32(c)
-    for r in range(n):
-        total = np.float32(0.0)
+    for r in range(n):  # row statistics in float64, as exact as numpy's pairwise sums or more
+        total = 0.0
         for i in range(c):
             total += x[r, i]
-        mean = total * inv_c
-        sq = np.float32(0.0)
+        mean = total / c
+        sq = 0.0
         for i in range(c):
             d = x[r, i] - mean
             sq += d * d
-        rstd = np.float32(1.0) / np.sqrt(sq * inv_c + np.float32(LN_EPS))
+        rstd = np.float32(1.0 / np.sqrt(sq / c + LN_EPS))
+        mean32 = np.float32(mean)
         for i in range(c):
-            out[r, i] = (x[r, i] - mean) * rstd * w[i] + b[i]
+            out[r, i] = (x[r, i] - mean32) * rstd * w[i] + b[i]
 
 
 @numba.njit(
