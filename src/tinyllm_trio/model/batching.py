@@ -283,7 +283,8 @@ class ContinuousBatcher:
             self._accept(seq, token, row, events)
 
     def _decode(self, events: list[Event]) -> None:
-        seqs = list(self._active.values())
+        # in cache-row order: decode_step's fast path (no permutation of tokens and logits)
+        seqs = [self._active[seq_id] for seq_id in self._cache.seq_ids]
         logits = self.transformer.decode_step(
             self._cache, [s.request_id for s in seqs], [s.next_token for s in seqs]
         )
