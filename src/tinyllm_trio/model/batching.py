@@ -290,7 +290,9 @@ class ContinuousBatcher:
         )
         greedy_rows = [i for i, s in enumerate(seqs) if s.sampler.plain_greedy]
         tokens: dict[int, int] = {}
-        if greedy_rows:
+        if len(greedy_rows) == len(seqs):  # the usual case: no B x V gather first
+            tokens = dict(enumerate(logits.argmax(axis=1).tolist()))
+        elif greedy_rows:
             picks = logits[greedy_rows].argmax(axis=1)
             tokens = dict(zip(greedy_rows, picks.tolist(), strict=True))
         for i, seq in enumerate(seqs):
