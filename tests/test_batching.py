@@ -120,6 +120,21 @@ def test_seeded_sampling_is_reproducible_in_any_batch(model, tokenizer) -> None:
     assert _tokens(_run(first)[1]) == _tokens(_run(second)[1])
 
 
+def test_greedy_and_sampled_sequences_share_a_step(model, tokenizer) -> None:
+    """A step whose rows mix greedy picks and sampled ones gives each row its own token."""
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=7)
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    mixed = ContinuousBatcher(model, tokenizer, max_batch=4)
+    mixed.submit(1, "the cat", sampled)
+    mixed.submit(2, "the dog liked", greedy)
+    mixed.submit(3, "once upon", sampled)
+    got = _run(mixed)
+    for request_id, prompt, params in [(1, "the cat", sampled), (2, "the dog liked", greedy)]:
+        alone = ContinuousBatcher(model, tokenizer, max_batch=1)
+        alone.submit(request_id, prompt, params)
+        assert _tokens(got[request_id]) == _tokens(_run(alone)[request_id])
+
+
 def test_usage_and_text_match_the_tokens(model, tokenizer) -> None:
     batcher = ContinuousBatcher(model, tokenizer)
     batcher.submit(1, "once upon a time", SamplingParams(max_tokens=7, temperature=0))
