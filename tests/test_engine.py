@@ -155,6 +155,70 @@ async def test_cancel_mid_generation_frees_the_slot(long_checkpoint: Path) -> No
         assert engine.stats()["running"] == 0
 
 
+async def _through_sink_and_iteration(generation, sink_fails_at: int | None = None) -> list:
+    """Run `generation` with a token sink set after its first event; every event in the order
+    this task saw it, as ("sink" | "iter", event). The sink raises on call `sink_fails_at`."""
+    log: list = []
+    calls = 0
+
+    def sink(event: TokenEvent) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == sink_fails_at:
+            raise RuntimeError("a bug in the sink")
+        log.append(("sink", event))
+
+    async for event in generation:
+        log.append(("iter", event))
+        if len(log) == 1:
+            assert generation.set_token_sink(sink)
+    return log
+
+
+async def test_a_token_sink_takes_the_tokens_in_order_and_iteration_ends_the_stream(
+    long_checkpoint: Path,
+) -> None:
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    async with open_engine(long_checkpoint, workers=1) as engine:
+        want = await engine.complete("once upon a time", params)
+        for fails_at in (None, 3):  # a sink that raises hands that token and the rest back
+            generation = engine.generate("once upon a time", params)
+            assert not generation.set_token_sink(print)  # not started: nothing to attach to
+            async with generation:
+                log = await _through_sink_and_iteration(generation, fails_at)
+            tokens = [event for _, event in log if type(event) is TokenEvent]
+            assert "".join(e.text for e in tokens) == want.text
+            assert {source for source, _ in log} == {"sink", "iter"}
+            assert log[-1][0] == "iter" and type(log[-1][1]) is DoneEvent
+            assert log[-1][1].completion_tokens == len(tokens) == 60
+            if fails_at is not None:
+                assert [source for source, _ in log].count("sink") == fails_at - 1
+            assert not generation.set_token_sink(print)  # ended: nothing to attach to
+
+
+async def test_a_token_sink_stops_when_the_generation_is_closed(long_checkpoint: Path) -> None:
+    async with open_engine(long_checkpoint, workers=1) as engine:
+        taken: list[TokenEvent] = []
+        generation = engine.generate("once upon a time", LONG)
+
+        async def consume() -> None:
+            async for _ in generation:
+                generation.set_token_sink(taken.append)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            with trio.fail_after(10):
+                while len(taken) < 5:
+                    await trio.sleep(0.001)
+            await generation.aclose()  # from another task than the one iterating
+        seen = len(taken)
+        await trio.sleep(0.2)  # the worker drops it within a step; nothing more reaches the sink
+        assert len(taken) == seen < LONG.max_tokens
+        with trio.fail_after(2):
+            while engine.stats()["running"]:
+                await trio.sleep(0.005)
+
+
 async def test_overload_is_refused_at_once_and_queued_requests_run_later(
     long_checkpoint: Path,
 ) -> None:

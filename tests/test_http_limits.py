@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 
+import pytest
 import trio
 
 from http_fixtures import (
     FakeEngine,
+    fast_config,
     get,
     post,
     raw_request,
@@ -20,6 +23,8 @@ from http_fixtures import (
     running_server,
     split_response,
 )
+from tinyllm_trio.engine import open_engine
+from tinyllm_trio.http.connection import ClientGone, HTTPConnection
 
 
 async def _still_serving(port: int) -> None:
@@ -239,4 +244,84 @@ async def test_client_that_stops_reading_is_dropped_and_its_generation_cancelled
                 while not engine.cancelled:
                     await trio.sleep(0.05)
         assert engine.running == 0 and engine.finished == 0
+        await _still_serving(port)
+
+
+async def test_a_write_the_socket_cannot_take_now_is_finished_in_order_by_the_next() -> None:
+    """The token sink's non-waiting write: what the socket did not take is sent first by the
+    next waiting write (nothing lost, nothing reordered); a dead peer makes it ClientGone."""
+    ours, theirs = trio.socket.socketpair()
+    ours.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    connection = HTTPConnection(trio.SocketStream(ours), fast_config(send_timeout=5.0))
+    peer = trio.SocketStream(theirs)
+    written = []
+    while True:  # nobody reads yet: the socket fills up
+        piece = b"%08d" % len(written) * 64
+        written.append(piece)
+        if not connection.try_send_bytes(piece):
+            break
+    assert len(written) > 1
+    written.append(b"after")
+    assert not connection.try_send_bytes(b"after")  # kept behind the unsent tail, not written
+    expected = b"".join(written) + b"end"
+    received = bytearray()
+
+    async def read_all() -> None:
+        while len(received) < len(expected):
+            received.extend(await peer.receive_some(65536))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await connection.send_bytes(b"end")
+    assert bytes(received) == expected
+    assert connection.try_send_bytes(b"!")  # room again: written at once
+
+    await peer.aclose()
+    while connection.try_send_bytes(b"x" * 4096):  # until the reset is seen
+        await trio.sleep(0.01)
+    with pytest.raises(ClientGone):
+        await connection.send_bytes(b"more")
+
+
+async def test_a_client_that_stops_reading_mid_stream_of_a_real_engine_is_dropped(
+    long_checkpoint, monkeypatch
+) -> None:
+    """Tokens written by the engine's delivery task (the token sink) until the socket is full,
+    then the waiting writes under send_timeout: the stalled client is dropped, its generation
+    cancelled, and the server keeps serving."""
+    original_init, original_try = HTTPConnection.__init__, HTTPConnection.try_send_bytes
+    direct_writes: list[bool] = []
+
+    def with_small_send_buffer(self, stream, *args, **kwargs) -> None:
+        stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+        original_init(self, stream, *args, **kwargs)
+
+    def recorded(self, data: bytes) -> bool:
+        direct_writes.append(original_try(self, data))
+        return direct_writes[-1]
+
+    monkeypatch.setattr(HTTPConnection, "__init__", with_small_send_buffer)
+    monkeypatch.setattr(HTTPConnection, "try_send_bytes", recorded)
+    body = json.dumps(
+        {"prompt": "once upon a time", "max_tokens": 490, "ignore_eos": True, "stream": True}
+    ).encode()
+    async with (
+        open_engine(long_checkpoint, workers=1, max_batch=4) as engine,
+        running_server(engine, send_timeout=0.5) as (_, port),
+    ):
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port))
+        async with trio.SocketStream(sock) as stream:  # sends, then never reads
+            await stream.send_all(post("/v1/completions", body))
+            cancelled = re.compile(
+                r'^tinyllm_request_success_total\{finished_reason="cancelled"\} 1\.0$', re.M
+            )
+            with trio.fail_after(20):  # dropped once a write has waited send_timeout
+                while not cancelled.search((await raw_request(port, get("/metrics"))).decode()):
+                    await trio.sleep(0.05)
+        assert True in direct_writes and direct_writes[-1] is False  # the socket filled up
+        assert engine.stats()["running"] == 0
         await _still_serving(port)

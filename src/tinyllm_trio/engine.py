@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -168,6 +168,7 @@ class Generation:
         try:
             try:
                 async for event in request.events:
+                    request.queued -= 1
                     if isinstance(event, TokenEvent):  # the per-token path, checked first
                         self._completion_tokens += len(event.token_ids)
                         yield event
@@ -183,6 +184,36 @@ class Generation:
             yield ErrorEvent(request.id, "the request ended without a final event", "internal")
         finally:
             self._pool.release(request)
+
+    def set_token_sink(self, sink: Callable[[TokenEvent], None] | None) -> bool:
+        """Hand token events to `sink(event)` as they arrive, instead of queueing them for the
+        task iterating this generation; `None` goes back to queueing.
+
+        For a consumer whose per-token work is synchronous and never waits: the HTTP server
+        formats each token and writes it to a non-blocking socket right where the engine
+        delivers it, which saves a task switch and a queue round trip per token (about a third
+        of the server's CPU per streamed token). `sink` runs in the engine's delivery task, so
+        it must not block; if it raises, that event and every later one are queued as usual.
+        The final event (done or error) is always queued, after every token the sink took, so
+        iterating still ends the stream. Events already queued when it is set, and any that
+        arrive while some are, keep going through iteration, so the sink never overtakes one.
+        Returns False, and installs nothing, before iteration has started (call it after the
+        first event) or once the request has ended or been cancelled.
+        """
+        request = self._request
+        if sink is None:
+            if request is not None:
+                request.sink = None
+            return True
+        if request is None or request.finished or self._cancelled:
+            return False
+
+        def take(event: TokenEvent) -> None:
+            self._completion_tokens += len(event.token_ids)
+            sink(event)
+
+        request.sink = take
+        return True
 
     def cancel(self) -> None:
         """Cancel the request now (synchronous, from any task); idempotent."""

@@ -147,6 +147,7 @@ class HTTPConnection:
         self._is_draining = is_draining or (lambda: False)
         self._idle_scope: trio.CancelScope | None = None
         self._write_broken = False
+        self._unsent = b""  # the tail of a `try_send_bytes` the socket did not take
         self._fd = stream.socket.fileno()
         # trio already sets TCP_NODELAY on TCP streams; say so here, where latency is decided.
         # (Not TCP, say a unix socket in some embedding: nothing to disable.)
@@ -362,6 +363,8 @@ class HTTPConnection:
         """
         if self._write_broken:
             raise ClientGone("an earlier write was interrupted")
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
         try:
             sent = os.write(self._fd, data)
         except BlockingIOError:
@@ -380,6 +383,29 @@ class HTTPConnection:
         if scope.cancelled_caught:
             raise ClientGone("client stopped reading")
         self._write_broken = False
+
+    def try_send_bytes(self, data: bytes) -> bool:
+        """Write already-framed bytes now, without waiting: True when the socket took them all.
+
+        False when it did not, or the connection is broken: then the caller goes back to
+        `send_bytes`, which writes the part not taken first (waiting for the socket under
+        `send_timeout`) or raises ClientGone, so nothing is lost or reordered. For the token
+        sink (`Generation.set_token_sink`), which runs where no task can wait.
+        """
+        if self._write_broken or self._unsent:
+            self._unsent += data
+            return False
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the peer or the socket is gone: the next send_bytes says so
+            self._write_broken = True
+            return False
+        if sent == len(data):
+            return True
+        self._unsent = data[sent:]
+        return False
 
     async def close(self) -> None:
         """Half-close, drain what the peer still sends for a bounded time, close."""
@@ -543,6 +569,12 @@ class Exchange:
             await self.connection.send_bytes(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             await self.connection.send_bytes(self._conn.send(h11.Data(data=data)))
+
+    def try_send_chunk(self, data: bytes) -> bool:
+        """`send_chunk` without waiting, for the token sink: see `try_send_bytes`."""
+        if self._chunked:
+            return self.connection.try_send_bytes(b"%x\r\n%b\r\n" % (len(data), data))
+        return self.connection.try_send_bytes(self._conn.send(h11.Data(data=data)))
 
     async def end_stream(self) -> None:
         await self.connection.send(h11.EndOfMessage())

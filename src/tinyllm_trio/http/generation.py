@@ -205,6 +205,9 @@ class HTTPGeneration:
         if self._done is None:
             self._finish_metrics("cancelled" if exc_info[0] is not None else "error")
         it, self._iter, self._next = self._iter, None, None
+        set_sink = getattr(it, "set_token_sink", None)
+        if set_sink is not None:
+            set_sink(None)  # nothing more is written from the engine's side
         aclose = getattr(it, "aclose", None)
         if aclose is not None:
             await aclose()  # cancels the request in its worker
@@ -295,6 +298,27 @@ class HTTPGeneration:
         self._observe(event)
         return event
 
+    def write_tokens_directly(
+        self, format_token: Callable[[TokenEvent], bytes | None], try_send: Callable[[bytes], bool]
+    ) -> bool:
+        """From now on, format and write each token where the engine delivers it: one
+        `write(2)` and no task switch per token (`Generation.set_token_sink`). The first write
+        the socket does not take whole ends that: its tail and every later event go through
+        `next` and the waiting writes again. Events that were already queued still come
+        through `next` first. False if the engine offers no sink or the request is over."""
+        set_sink = getattr(self._iter, "set_token_sink", None)
+        if set_sink is None:
+            return False
+        observe = self._observe
+
+        def sink(event: TokenEvent) -> None:
+            data = format_token(event)
+            if data is not None and not try_send(data):
+                set_sink(None)
+            observe(event)
+
+        return set_sink(sink)
+
     def _observe(self, event: TokenEvent | DoneEvent | ErrorEvent) -> None:
         now = time.perf_counter()
         m = self._metrics
@@ -374,12 +398,15 @@ async def _stream_events(generation: HTTPGeneration, fmt: StreamFormat) -> None:
         await ex.send_chunk(opening)
     send_chunk = ex.send_chunk
     token = fmt.token
+    direct = False  # tokens written by the engine's delivery task (write_tokens_directly)
     while True:
         kind = type(event)
         if kind is TokenEvent:
             data = token(event)
             if data is not None:
                 await send_chunk(data)
+            if not direct:
+                direct = generation.write_tokens_directly(token, ex.try_send_chunk)
         elif kind is DoneEvent:
             for data in fmt.closing(event):
                 await send_chunk(data)

@@ -47,7 +47,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -144,10 +144,24 @@ class PendingRequest:
     worker: WorkerSlot | None = None
     finished: bool = False  # the final event was delivered (or the request was withdrawn)
     cancel_sent: bool = False
+    sink: Callable[[TokenEvent], None] | None = None  # see Generation.set_token_sink
+    queued: int = 0  # events in `send` not yet received: a sink must not overtake them
 
     def deliver(self, event: Event) -> None:
-        try:  # noqa: SIM105 - contextlib.suppress costs more, and this runs once per token
+        sink = self.sink
+        if sink is not None:
+            if type(event) is not TokenEvent:
+                self.sink = None  # a final event: queued, after every token the sink took
+            elif not self.queued:
+                try:
+                    sink(event)
+                    return
+                except Exception as exc:  # a bug in the sink: this event and the rest queue
+                    print(f"tinyllm: request {self.id}'s token sink: {exc!r}", file=sys.stderr)
+                    self.sink = None
+        try:
             self.send.send_nowait(event)
+            self.queued += 1
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -309,6 +323,7 @@ class WorkerPool:
         Synchronous, so it can run in a `finally` block of a cancelled task. Closing `events`
         wakes a task blocked receiving from it (ClosedResourceError).
         """
+        request.sink = None
         request.events.close()
         if request.finished:
             return
