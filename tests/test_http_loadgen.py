@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from functools import partial
 
 import trio
@@ -17,7 +19,9 @@ from tinyllm_trio.http.loadgen import (
     format_comparison,
     format_table,
     percentile,
+    process_cpu_seconds,
     run_benchmark,
+    run_cli,
 )
 
 
@@ -149,3 +153,32 @@ async def test_loadgen_counts_http_errors_as_failures() -> None:
         assert any("HTTP 401" in e for e in lv.errors), lv.errors
     for lv in good["_levels"]:
         assert (lv.requests, lv.failed) == (6, 0) and lv.client_cpu_us_per_token > 0
+
+
+async def test_server_pid_reports_the_servers_and_its_workers_cpu_per_token() -> None:
+    """--server-pid: CPU of that process and of its children per output token, from /proc.
+    Here the server runs in this process (so its CPU includes the load generator's) and a
+    child process burns CPU while a level runs: it must show up as the workers' share."""
+    engine = FakeEngine(delay=0.002, max_context=512)
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 3: pass"
+    async with running_server(engine) as (_, port), trio.open_nursery() as nursery:
+        nursery.start_soon(partial(trio.run_process, [sys.executable, "-c", burn]))
+        await trio.sleep(0.5)  # the child is up and burning
+        pid = str(os.getpid())
+        extra = ("--concurrency", "2", "--requests", "20", "--max-tokens", "30")
+        report = await run_benchmark(_args(f"http://127.0.0.1:{port}", *extra, "--server-pid", pid))
+        nursery.cancel_scope.cancel()
+    (level,) = report["_levels"]
+    tokens = level.output_tokens_per_s * level.duration_s
+    assert level.server_cpu_us_per_token > 0
+    # the child ran on a core of its own for the whole level (2 cores; this process is mostly
+    # waiting on the fake engine's sleeps)
+    assert level.workers_cpu_us_per_token * tokens / 1e6 > 0.5 * level.duration_s
+    assert "server us/tok" in format_table([level])
+    own, children = process_cpu_seconds(os.getpid())
+    assert own > 0 and children >= 0
+
+
+def test_bench_http_refuses_a_server_pid_that_is_not_there(capsys) -> None:
+    assert run_cli(_args("http://127.0.0.1:9", "--server-pid", "999999999")) == 2
+    assert "--server-pid 999999999" in capsys.readouterr().err

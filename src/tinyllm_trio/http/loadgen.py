@@ -81,6 +81,8 @@ class LevelResult:
     e2e_mean_ms: float
     errors: list[str]
     client_cpu_us_per_token: float = math.nan  # the load generator's own CPU, per token
+    server_cpu_us_per_token: float = math.nan  # --server-pid: that process's CPU, per token
+    workers_cpu_us_per_token: float = math.nan  # --server-pid: its child processes' CPU
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -436,22 +438,55 @@ async def run_level(target: Target, concurrency: int, requests: int, timeout: fl
 
 
 def format_table(levels: list[LevelResult]) -> str:
+    server = any(not math.isnan(lv.server_cpu_us_per_token) for lv in levels)
     header = (
         f"{'conc':>5} {'ok':>5} {'fail':>4} {'req/s':>8} {'out tok/s':>10} "
         f"{'TTFT p50':>9} {'p90':>8} {'p99':>8} {'ITL p50':>8} {'p90':>7} {'p99':>7} "
         f"{'client us/tok':>13}"
     )
+    if server:
+        header += f" {'server us/tok':>13} {'workers us/tok':>14}"
     lines = [header, "-" * len(header)]
     for lv in levels:
         t, i = lv.ttft_ms, lv.itl_ms
-        lines.append(
+        line = (
             f"{lv.concurrency:>5} {lv.requests:>5} {lv.failed:>4} {lv.requests_per_s:>8.2f} "
             f"{lv.output_tokens_per_s:>10.1f} {t['p50']:>9.1f} {t['p90']:>8.1f} {t['p99']:>8.1f} "
             f"{i['p50']:>8.2f} {i['p90']:>7.2f} {i['p99']:>7.2f} "
             f"{lv.client_cpu_us_per_token:>13.1f}"
         )
+        if server:
+            line += f" {lv.server_cpu_us_per_token:>13.1f} {lv.workers_cpu_us_per_token:>14.1f}"
+        lines.append(line)
     lines.append("(times in ms; client us/tok: the load generator's own CPU per output token)")
+    if server:
+        lines.append(
+            "(server / workers us/tok: CPU of --server-pid / of its child processes per token)"
+        )
     return "\n".join(lines)
+
+
+def process_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by process `pid` and by its live child
+    processes (a server's workers), from Linux's /proc. OSError if `pid` is not there."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(path: str) -> tuple[int, float]:  # (parent pid, CPU seconds)
+        with open(path, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)", which may hold ")"
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+
+    own = stat(f"/proc/{pid}/stat")[1]
+    children = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid, cpu = stat(f"/proc/{entry}/stat")
+            except (OSError, IndexError, ValueError):  # gone meanwhile, or unreadable
+                continue
+            if ppid == pid:
+                children += cpu
+    return own, children
 
 
 @dataclass
@@ -570,6 +605,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plot", default=None, help="write a PNG plot here (needs matplotlib, not a dependency)"
     )
+    parser.add_argument(
+        "--server-pid",
+        type=int,
+        default=None,
+        help="the server's process id, on this machine (Linux): also report its CPU and its "
+        "child processes' (the workers) per output token",
+    )
 
 
 async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -597,7 +639,10 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             requests = args.requests or requests_per_level(concurrency)
             if engine is not None:
                 before = await _engine_rate(engine, args, concurrency, requests)
+            cpu_before = process_cpu_seconds(args.server_pid) if args.server_pid else None
             level = await run_level(target, concurrency, requests, args.timeout)
+            if cpu_before is not None:
+                _add_server_cpu(level, cpu_before, process_cpu_seconds(args.server_pid))
             if engine is not None:
                 after = await _engine_rate(engine, args, concurrency, requests)
                 comparisons.append(
@@ -628,6 +673,15 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _add_server_cpu(
+    level: LevelResult, before: tuple[float, float], after: tuple[float, float]
+) -> None:
+    tokens = level.output_tokens_per_s * level.duration_s
+    if tokens > 0:
+        level.server_cpu_us_per_token = round((after[0] - before[0]) / tokens * 1e6, 1)
+        level.workers_cpu_us_per_token = round((after[1] - before[1]) / tokens * 1e6, 1)
+
+
 async def _engine_rate(
     engine: Any, args: argparse.Namespace, concurrency: int, requests: int, max_tokens: int = 0
 ) -> float:
@@ -639,6 +693,12 @@ async def _engine_rate(
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if args.server_pid is not None:
+        try:
+            process_cpu_seconds(args.server_pid)
+        except OSError as exc:
+            print(f"bench http: --server-pid {args.server_pid}: {exc}", file=sys.stderr)
+            return 2
     report = trio.run(run_benchmark, args)
     levels: list[LevelResult] = report.pop("_levels")
     print(format_table(levels))
