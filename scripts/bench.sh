@@ -28,4 +28,4 @@ for _ in $(seq 1 120); do
     sleep 0.5
 done
 tinyllm-trio bench http --url "http://127.0.0.1:$port" --json "$out/http.json" --plot "$out/http.png" \
-    --compare-engine --server-pid "$server"
+    --compare-engine --rounds 3 --server-pid "$server"

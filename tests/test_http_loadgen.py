@@ -86,14 +86,18 @@ async def test_loadgen_against_a_llama_server_stand_in() -> None:
 
 
 async def test_compare_engine_brackets_each_level_with_engine_runs(long_checkpoint) -> None:
-    """--compare-engine: each level's load also runs through an in-process Engine just before
-    and just after the HTTP run, and HTTP / Engine divides by their mean."""
+    """--compare-engine: each HTTP run of a level is bracketed by runs of the same load through
+    an in-process Engine, just before and just after; HTTP / Engine is the median over
+    --rounds of each round's HTTP rate over its brackets' mean, and the table pools the rounds'
+    requests."""
     engine = FakeEngine(delay=0.001, max_context=512)
     async with running_server(engine) as (_, port):
         report = await run_benchmark(
             _args(
                 f"http://127.0.0.1:{port}",
                 "--prompt-words",
+                "3",
+                "--rounds",
                 "3",
                 "--compare-engine",
                 "--engine-model",
@@ -105,11 +109,13 @@ async def test_compare_engine_brackets_each_level_with_engine_runs(long_checkpoi
     rows = report["_comparisons"]
     assert [r.concurrency for r in rows] == [1, 4]
     for row, level in zip(rows, report["_levels"], strict=True):
-        assert row.before_tokens_per_s > 0 and row.after_tokens_per_s > 0
-        assert row.http_tokens_per_s == level.output_tokens_per_s
-        mean = (row.before_tokens_per_s + row.after_tokens_per_s) / 2
-        assert abs(row.ratio - level.output_tokens_per_s / mean) < 1e-9
+        assert len(row.rounds) == 3 and level.requests == 3 * 6
+        for (before, http, after), ratio in zip(row.rounds, row.ratios, strict=True):
+            assert before > 0 and after > 0 and http > 0
+            assert abs(ratio - http / ((before + after) / 2)) < 1e-9
+        assert row.ratio == sorted(row.ratios)[1]
     assert report["vs_engine"]["levels"]["4"]["ratio"] == round(rows[1].ratio, 3)
+    assert len(report["vs_engine"]["levels"]["4"]["rounds"]) == 3
     assert "HTTP/Engine" in format_comparison(rows, 1)
 
 

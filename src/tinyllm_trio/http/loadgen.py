@@ -35,6 +35,7 @@ import math
 import os
 import selectors
 import socket
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -416,10 +417,22 @@ def _run_level_blocking(
 
 
 async def run_level(target: Target, concurrency: int, requests: int, timeout: float) -> LevelResult:
+    return summarize(concurrency, *await _measure_level(target, concurrency, requests, timeout))
+
+
+async def _measure_level(
+    target: Target, concurrency: int, requests: int, timeout: float
+) -> tuple[list[RequestResult], float, float]:
     # In a thread, so that a server in this process's Trio loop (the tests) keeps serving.
-    results, duration, cpu = await trio.to_thread.run_sync(
+    return await trio.to_thread.run_sync(
         _run_level_blocking, target, concurrency, requests, timeout, abandon_on_cancel=True
     )
+
+
+def summarize(
+    concurrency: int, results: list[RequestResult], duration: float, cpu: float
+) -> LevelResult:
+    """One level's numbers from its requests' results, wall time and the client's CPU time."""
     ok = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in ok)
     return LevelResult(
@@ -492,26 +505,40 @@ def process_cpu_seconds(pid: int) -> tuple[float, float]:
 @dataclass
 class EngineComparison:
     """The same level's load run through an in-process Engine right before and right after
-    the HTTP run: a shared machine drifts over minutes, and the two neighbours bracket it."""
+    each HTTP run: a shared machine drifts over minutes, and the two neighbours bracket it.
+    One (engine before, HTTP, engine after) triple of tokens/s per round; the ratio is the
+    median of the rounds' ratios."""
 
     concurrency: int
-    before_tokens_per_s: float
-    after_tokens_per_s: float
-    http_tokens_per_s: float
+    rounds: list[tuple[float, float, float]]
 
     @property
-    def engine_tokens_per_s(self) -> float:
-        return (self.before_tokens_per_s + self.after_tokens_per_s) / 2
+    def ratios(self) -> list[float]:
+        return [http / ((before + after) / 2) for before, http, after in self.rounds]
 
     @property
     def ratio(self) -> float:
-        return self.http_tokens_per_s / self.engine_tokens_per_s
+        return statistics.median(self.ratios)
 
-    def to_json(self) -> dict[str, float]:
+    @property
+    def http_tokens_per_s(self) -> float:
+        return statistics.median(http for _, http, _ in self.rounds)
+
+    @property
+    def engine_tokens_per_s(self) -> float:
+        return statistics.median((before + after) / 2 for before, _, after in self.rounds)
+
+    def to_json(self) -> dict[str, Any]:
         return {
-            "engine_before_tokens_per_s": round(self.before_tokens_per_s, 1),
-            "engine_after_tokens_per_s": round(self.after_tokens_per_s, 1),
-            "http_tokens_per_s": self.http_tokens_per_s,
+            "rounds": [
+                {
+                    "engine_before_tokens_per_s": round(before, 1),
+                    "http_tokens_per_s": round(http, 1),
+                    "engine_after_tokens_per_s": round(after, 1),
+                    "ratio": round(ratio, 3),
+                }
+                for (before, http, after), ratio in zip(self.rounds, self.ratios, strict=True)
+            ],
             "ratio": round(self.ratio, 3),
         }
 
@@ -519,13 +546,15 @@ class EngineComparison:
 def format_comparison(rows: list[EngineComparison], workers: int) -> str:
     lines = [
         f"HTTP / Engine ({workers} workers in this process, same load, run just before and "
-        "after each level):",
-        f"{'conc':>5} {'http tok/s':>11} {'engine before':>14} {'after':>8} {'HTTP/Engine':>12}",
+        "after each HTTP run; medians over rounds):",
+        f"{'conc':>5} {'rounds':>6} {'http tok/s':>11} {'engine tok/s':>13} {'HTTP/Engine':>12}"
+        f" {'min':>6} {'max':>6}",
     ]
     for r in rows:
         lines.append(
-            f"{r.concurrency:>5} {r.http_tokens_per_s:>11.1f} {r.before_tokens_per_s:>14.1f} "
-            f"{r.after_tokens_per_s:>8.1f} {r.ratio:>12.2f}"
+            f"{r.concurrency:>5} {len(r.rounds):>6} {r.http_tokens_per_s:>11.1f} "
+            f"{r.engine_tokens_per_s:>13.1f} {r.ratio:>12.2f} {min(r.ratios):>6.2f} "
+            f"{max(r.ratios):>6.2f}"
         )
     return "\n".join(lines)
 
@@ -551,6 +580,13 @@ def write_plot(levels: list[LevelResult], path: str, title: str) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -606,6 +642,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--plot", default=None, help="write a PNG plot here (needs matplotlib, not a dependency)"
     )
     parser.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=1,
+        help="run each level this many times (its requests pooled in the table; with "
+        "--compare-engine, HTTP / Engine is the median of the rounds' ratios)",
+    )
+    parser.add_argument(
         "--server-pid",
         type=int,
         default=None,
@@ -637,17 +680,32 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             await _engine_rate(engine, args, max([*levels, 1]), max([*levels, 1]), 4)  # warm-up
         for concurrency in levels:
             requests = args.requests or requests_per_level(concurrency)
-            if engine is not None:
-                before = await _engine_rate(engine, args, concurrency, requests)
-            cpu_before = process_cpu_seconds(args.server_pid) if args.server_pid else None
-            level = await run_level(target, concurrency, requests, args.timeout)
-            if cpu_before is not None:
-                _add_server_cpu(level, cpu_before, process_cpu_seconds(args.server_pid))
-            if engine is not None:
-                after = await _engine_rate(engine, args, concurrency, requests)
-                comparisons.append(
-                    EngineComparison(concurrency, before, after, level.output_tokens_per_s)
-                )
+            runs: list[tuple[list[RequestResult], float, float]] = []
+            brackets: list[tuple[float, float, float]] = []
+            server_cpu = [0.0, 0.0]
+            for _ in range(args.rounds):
+                if engine is not None:
+                    before = await _engine_rate(engine, args, concurrency, requests)
+                cpu_before = process_cpu_seconds(args.server_pid) if args.server_pid else None
+                run = await _measure_level(target, concurrency, requests, args.timeout)
+                if cpu_before is not None:
+                    cpu_after = process_cpu_seconds(args.server_pid)
+                    server_cpu = [server_cpu[i] + cpu_after[i] - cpu_before[i] for i in (0, 1)]
+                runs.append(run)
+                if engine is not None:
+                    http = summarize(concurrency, *run).output_tokens_per_s
+                    after = await _engine_rate(engine, args, concurrency, requests)
+                    brackets.append((before, http, after))
+            level = summarize(
+                concurrency,
+                [r for results, _, _ in runs for r in results],
+                sum(duration for _, duration, _ in runs),
+                sum(cpu for _, _, cpu in runs),
+            )
+            if args.server_pid:
+                _add_server_cpu(level, server_cpu)
+            if brackets:
+                comparisons.append(EngineComparison(concurrency, brackets))
             print(
                 f"concurrency {concurrency:>3}: {level.output_tokens_per_s:9.1f} tok/s, "
                 f"TTFT p50 {level.ttft_ms['p50']:.1f} ms, {level.failed} failed",
@@ -673,13 +731,12 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _add_server_cpu(
-    level: LevelResult, before: tuple[float, float], after: tuple[float, float]
-) -> None:
+def _add_server_cpu(level: LevelResult, cpu: list[float]) -> None:
+    """`cpu`: seconds the server process and its children used over the level's runs."""
     tokens = level.output_tokens_per_s * level.duration_s
     if tokens > 0:
-        level.server_cpu_us_per_token = round((after[0] - before[0]) / tokens * 1e6, 1)
-        level.workers_cpu_us_per_token = round((after[1] - before[1]) / tokens * 1e6, 1)
+        level.server_cpu_us_per_token = round(cpu[0] / tokens * 1e6, 1)
+        level.workers_cpu_us_per_token = round(cpu[1] / tokens * 1e6, 1)
 
 
 async def _engine_rate(
