@@ -32,3 +32,18 @@ def test_bench_model_cli_reports_a_bad_checkpoint(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1
     assert "not a checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_model_batches_picks_the_decode_batches(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "tinyllm_trio", "bench", "model", "--model", str(tiny_checkpoint)]
+    cmd += ["--runs", "1", "--batches", "16", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "decode, batch 16" in proc.stdout and "decode, batch 32" not in proc.stdout
+    assert set(json.loads(out.read_text())["decode"]) == {"16"}
+    bad = subprocess.run(
+        [*cmd[:-4], "--batches", "0,x"], env=env, capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 2 and "--batches" in bad.stderr

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("model", help="prefill and batched decode tokens/s of the numpy model")
     _model_args(b)
     b.add_argument("--runs", type=int, default=5, help="runs per measurement (median reported)")
+    b.add_argument(
+        "--batches",
+        default="1,8,32,64",
+        help="comma-separated decode batch sizes (default 1,8,32,64)",
+    )
     b.add_argument("--json", dest="json_path", default=None, help="also write results here")
     b.set_defaults(_run="tinyllm_trio.model.bench:run_cli")
     b = bench.add_parser(

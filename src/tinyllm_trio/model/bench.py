@@ -54,6 +54,13 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.runs < 1:
         print("--runs must be >= 1", file=sys.stderr)
         return 2
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        print(f"--batches must be positive integers, got {args.batches!r}", file=sys.stderr)
+        return 2
     from tinyllm_trio.model.checkpoint import CheckpointError
 
     try:
@@ -61,7 +68,7 @@ def run_cli(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"tinyllm-trio bench model: {e}", file=sys.stderr)
         return 1
-    results = run_benchmarks(transformer, runs=args.runs)
+    results = run_benchmarks(transformer, runs=args.runs, batches=batches)
     print(f"model: {label}")
     print(f"BLAS threads: 1 ({', '.join(f'{v}=1' for v in BLAS_THREAD_VARS)})")
     print(f"BLAS kernels: {os.environ.get(CORETYPE_VAR) or 'OpenBLAS default'} ({CORETYPE_VAR})")
@@ -73,6 +80,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def _rerun_single_threaded(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "tinyllm_trio", "bench", "model", "--runs", str(args.runs)]
+    cmd += ["--batches", args.batches]
     if args.model:
         cmd += ["--model", str(args.model)]
     if args.attention_scale:
