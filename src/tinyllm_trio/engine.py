@@ -191,9 +191,10 @@ class Generation:
 
         For a consumer whose per-token work is synchronous and never waits: the HTTP server
         formats each token and writes it to a non-blocking socket right where the engine
-        delivers it, which saves a task switch and a queue round trip per token (about a third
-        of the server's CPU per streamed token). `sink` runs in the engine's delivery task, so
-        it must not block; if it raises, that event and every later one are queued as usual.
+        delivers it, which saves a task switch and a queue round trip per token (a quarter to
+        a third of the server's CPU per streamed token, see the README). `sink` runs in the
+        engine's delivery task, so it must not block; if it raises, that event and every later
+        one are queued as usual.
         The final event (done or error) is always queued, after every token the sink took, so
         iterating still ends the stream. Events already queued when it is set, and any that
         arrive while some are, keep going through iteration, so the sink never overtakes one.
