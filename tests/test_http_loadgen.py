@@ -188,3 +188,9 @@ async def test_server_pid_reports_the_servers_and_its_workers_cpu_per_token() ->
 def test_bench_http_refuses_a_server_pid_that_is_not_there(capsys) -> None:
     assert run_cli(_args("http://127.0.0.1:9", "--server-pid", "999999999")) == 2
     assert "--server-pid 999999999" in capsys.readouterr().err
+
+
+def test_bench_http_refuses_bad_concurrency_levels(capsys) -> None:
+    for levels in ("0,8", "1,x", ","):
+        assert run_cli(_args("http://127.0.0.1:9", "--concurrency", levels)) == 2
+        assert "--concurrency" in capsys.readouterr().err

@@ -30,6 +30,18 @@ def prompt_text(index: int, words: int = PROMPT_WORDS) -> str:
     return " ".join((_WORDS * (2 + words // len(_WORDS)))[start : start + words])
 
 
+def parse_levels(text: str, flag: str) -> list[int]:
+    """A benchmark flag's comma-separated levels (concurrency, workers, batch sizes), each
+    >= 1; ValueError naming `flag` otherwise."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag}: values must be >= 1, got {text!r}")
+    return values
+
+
 def requests_per_level(concurrency: int) -> int:
     """Requests sent at one concurrency level: enough that each client sends several."""
     return max(16, 4 * concurrency)

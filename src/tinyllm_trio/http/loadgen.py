@@ -49,6 +49,7 @@ from tinyllm_trio.http.client import HTTPClient, sse_events, take_chunks
 from tinyllm_trio.workload import (
     MAX_TOKENS,
     PROMPT_WORDS,
+    parse_levels,
     prompt_text,
     requests_per_level,
     run_on_engine,
@@ -660,7 +661,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     target = Target(args)
     await target.discover_model()
-    levels = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
+    levels = parse_levels(str(args.concurrency), "--concurrency")
     if args.warmup:
         await run_level(target, 1, args.warmup, args.timeout)
     results: list[LevelResult] = []
@@ -750,6 +751,11 @@ async def _engine_rate(
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    try:
+        parse_levels(str(args.concurrency), "--concurrency")
+    except ValueError as e:
+        print(f"bench http: {e}", file=sys.stderr)
+        return 2
     if args.server_pid is not None:
         try:
             process_cpu_seconds(args.server_pid)

@@ -54,6 +54,7 @@ from tinyllm_trio.model.blas import blas_pinned, single_threaded_env
 from tinyllm_trio.workload import (
     PROMPT_WORDS,
     corpus_text,
+    parse_levels,
     prompt_text,
     requests_per_level,
     run_on_engine,
@@ -108,16 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise SystemExit(f"{flag}: values must be >= 1")
-    return values
-
-
 def run_cli(args: argparse.Namespace) -> int:
     if not blas_pinned():
         cmd = [sys.executable, "-m", "tinyllm_trio.ipc.bench", *_argv(args)]
@@ -130,8 +121,11 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"--requests: {e}", file=sys.stderr)
         return 2
-    concurrency = _ints(args.concurrency, "--concurrency")
-    workers = _ints(args.workers, "--workers")
+    try:
+        concurrency = parse_levels(args.concurrency, "--concurrency")
+        workers = parse_levels(args.workers, "--workers")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     from tinyllm_trio.model.checkpoint import CheckpointError
 
     with tempfile.TemporaryDirectory(prefix="tinyllm-bench-") as tmp:

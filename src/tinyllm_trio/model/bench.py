@@ -54,12 +54,12 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.runs < 1:
         print("--runs must be >= 1", file=sys.stderr)
         return 2
+    from tinyllm_trio.workload import parse_levels
+
     try:
-        batches = tuple(int(b) for b in args.batches.split(","))
-    except ValueError:
-        batches = ()
-    if not batches or min(batches) < 1:
-        print(f"--batches must be positive integers, got {args.batches!r}", file=sys.stderr)
+        batches = parse_levels(args.batches, "--batches")
+    except ValueError as e:
+        print(e, file=sys.stderr)
         return 2
     from tinyllm_trio.model.checkpoint import CheckpointError
 
