@@ -147,6 +147,10 @@ def sweep_stale() -> list[str]:
 
 
 def _try_acquire(sem: posix_ipc.Semaphore) -> bool:
+    # A zero count is the common miss on the hot path (a worker polling an empty request ring
+    # every step): reading it is a plain load, where a failed acquire raises and catches.
+    if posix_ipc.SEMAPHORE_VALUE_SUPPORTED and sem.value == 0:
+        return False
     try:
         sem.acquire(0)
     except posix_ipc.BusyError:
@@ -280,6 +284,8 @@ class Ring:
         if not 0 <= msg_type < 256 or not 0 <= request_id < 2**64:
             raise RingError(f"bad frame header: type {msg_type}, request id {request_id}")
         cap = self.max_payload
+        if len(payload) <= cap:  # the usual case: one frame, no copy of the payload
+            return [(0, payload)]
         chunks = [payload[i : i + cap] for i in range(0, len(payload), cap)] or [b""]
         return [(FLAG_MORE if i < len(chunks) - 1 else 0, c) for i, c in enumerate(chunks)]
 
@@ -351,6 +357,8 @@ class Ring:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if not _try_acquire(self._items):
+                if timeout == 0:
+                    return None
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not _acquire_blocking(self._items, remaining, alive):
                     return None
