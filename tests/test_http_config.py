@@ -21,6 +21,7 @@ def test_defaults() -> None:
     assert (config.host, config.port) == ("127.0.0.1", 8080)
     assert config.max_body_size == 1024 * 1024 and config.shutdown_grace == 10.0
     assert config.workers is None and config.model is None and config.api_key is None
+    assert config.pin_workers is True
 
 
 def test_flag_beats_environment_beats_default() -> None:
@@ -38,11 +39,13 @@ def test_environment_parsing() -> None:
         "TINYLLM_ACCESS_LOG": "off",
         "TINYLLM_LOG_FORMAT": "JSON",
         "TINYLLM_MODEL": "/models/x",
+        "TINYLLM_PIN_WORKERS": "no",
     }
     config = _parse([], env)
     assert config.max_body_size == 2 * 1024 * 1024 and config.max_header_size == 8192
     assert (config.workers, config.shutdown_grace, config.access_log) == (3, 2.5, False)
     assert (config.log_format, config.model) == ("json", "/models/x")
+    assert config.pin_workers is False
 
 
 @pytest.mark.parametrize(

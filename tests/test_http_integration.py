@@ -267,10 +267,23 @@ async def _signal_under_load(
 LONG = {"prompt": "once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
 
 
+def _worker_affinities(server: ServerProcess) -> list[set[int]]:
+    pid = server.proc.pid
+    children = [  # every thread's children: the pool may spawn from any of them
+        child
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+    return [os.sched_getaffinity(int(child)) for child in children]
+
+
 async def test_sigint_under_load_drains_and_exits_zero(slow_checkpoint, tmp_path) -> None:
     short = {**LONG, "max_tokens": 60}
     async with serve_process(slow_checkpoint, tmp_path, "--shutdown-grace", "20") as server:
         await server.wait_ready()
+        allowed = os.sched_getaffinity(0)
+        expected = {max(allowed)} if len(allowed) > 1 else allowed  # 1 of 2+ cores: pinned
+        assert _worker_affinities(server) == [expected]
         results, elapsed = await _signal_under_load(server, [signal.SIGINT], short)
     assert server.proc.returncode == 0, server.log.read_text()
     assert elapsed < 15
@@ -285,8 +298,10 @@ async def test_sigint_under_load_drains_and_exits_zero(slow_checkpoint, tmp_path
 async def test_sigterm_past_the_grace_period_ends_streams_with_an_error(
     slow_checkpoint, tmp_path
 ) -> None:
-    async with serve_process(slow_checkpoint, tmp_path, "--shutdown-grace", "0.5") as server:
+    flags = ("--shutdown-grace", "0.5", "--pin-workers", "false")
+    async with serve_process(slow_checkpoint, tmp_path, *flags) as server:
         await server.wait_ready()
+        assert _worker_affinities(server) == [os.sched_getaffinity(0)]  # not pinned
         results, elapsed = await _signal_under_load(server, [signal.SIGTERM], LONG)
     assert server.proc.returncode == 0, server.log.read_text()
     assert elapsed < 10

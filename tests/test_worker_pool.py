@@ -18,7 +18,7 @@ import trio
 
 from tinyllm_trio.engine import OverloadedError, WorkerStartError
 from tinyllm_trio.ipc.messages import Batch, Ready, Shutdown, Submit, decode, encode
-from tinyllm_trio.ipc.pool import WorkerPool
+from tinyllm_trio.ipc.pool import WorkerPool, worker_cpus
 from tinyllm_trio.ipc.ring import Ring, new_prefix, shm_entries
 from tinyllm_trio.model.batching import ContinuousBatcher, DoneEvent, ErrorEvent, TokenEvent
 from tinyllm_trio.model.checkpoint import load_model
@@ -177,6 +177,43 @@ async def test_least_loaded_routing_and_stats(tiny_checkpoint: Path) -> None:
             await pool.aclose()
 
 
+def test_workers_get_cores_of_their_own_when_one_is_left_for_the_server() -> None:
+    assert worker_cpus(1, [0, 1]) == [1]  # the low core is left to the server
+    assert worker_cpus(2, [7, 2, 5]) == [5, 7]  # a cpuset / taskset's cores, not 0..n-1
+    assert worker_cpus(2, [0, 1]) == [None, None]  # no spare core: the kernel balances
+    assert worker_cpus(3, [0, 1]) == [None, None, None]
+    allowed = os.sched_getaffinity(0)
+    assert worker_cpus(1) == ([max(allowed)] if len(allowed) > 1 else [None])
+
+
+@pytest.mark.parametrize("pin", [True, False])
+async def test_workers_are_pinned_unless_told_not_to(tiny_checkpoint: Path, pin: bool) -> None:
+    """A pinned worker runs on its own core (the scheduler cannot move it onto the server's
+    core); unpinned, it may run anywhere this process may. The server process is untouched."""
+    allowed = os.sched_getaffinity(0)
+    pinned = pin and len(allowed) > 1  # one core: nothing to leave to the server
+    async with trio.open_nursery() as nursery:
+        pool = await _start(nursery, tiny_checkpoint, workers=1, pin_workers=pin)
+        try:
+            slot = pool.slots[0]
+            assert os.sched_getaffinity(slot.pid) == ({max(allowed)} if pinned else allowed)
+            assert pool.stats()["workers"][0]["cpu"] == (max(allowed) if pinned else None)
+            assert os.sched_getaffinity(0) == allowed
+            events = await _collect(pool, [2, 7, 8], GREEDY)
+            assert isinstance(events[-1], DoneEvent)
+        finally:
+            await pool.aclose()
+
+
+def test_a_core_that_cannot_be_had_costs_only_the_pinning(capsys) -> None:
+    from tinyllm_trio.ipc.worker import pin_to
+
+    before = os.sched_getaffinity(0)
+    pin_to(1 << 20, "worker 0")  # no such CPU
+    assert os.sched_getaffinity(0) == before
+    assert "could not pin itself to CPU 1048576" in capsys.readouterr().err
+
+
 async def test_admission_queue_overload_and_withdrawal(tiny_checkpoint: Path) -> None:
     """One worker, 2 batch slots, 2 queue places: the 5th request is refused at once; a queued
     request that is abandoned leaves the queue; queued ones run in FIFO order."""
@@ -235,6 +272,9 @@ async def test_sigkill_fails_only_that_workers_requests_and_pool_recovers(
                     await trio.sleep(0.02)
             stats = pool.stats()
             assert stats["restarts"] == 1 and victim.generation == 2
+            # the replacement keeps its slot's core (or, unpinned, the server's cores)
+            expected = os.sched_getaffinity(0) if victim.cpu is None else {victim.cpu}
+            assert os.sched_getaffinity(victim.pid) == expected
             assert stats["outcomes"] == {"worker_died": 2, "length": 2}
             # the replacement serves requests (it is the least loaded: both are idle, index 0)
             fresh = pool.admit([2, 7], GREEDY)

@@ -38,6 +38,7 @@ class ServerConfig:
     workers: int | None = None
     max_batch: int = 32
     max_queue: int = 256
+    pin_workers: bool = True
     model_name: str | None = None
     # limits and timeouts
     max_body_size: int = 1 * MiB
@@ -167,6 +168,14 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("--workers", "workers", int, "worker processes; unset: one per CPU core"),
     _Option("--max-batch", "max_batch", int, "sequences decoded together per worker"),
+    _Option(
+        "--pin-workers",
+        "pin_workers",
+        _to_bool,
+        "with fewer workers than cores, keep each worker on a core of its own, leaving the "
+        "others to the server (true/false); false when several servers share the cores",
+        metavar="BOOL",
+    ),
     _Option(
         "--max-queue",
         "max_queue",

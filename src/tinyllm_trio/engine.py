@@ -351,6 +351,7 @@ async def open_engine(
     shutdown_timeout: float = 5.0,
     ready_timeout: float = 120.0,
     stall_timeout: float = 30.0,
+    pin_workers: bool = True,
 ) -> AsyncIterator[Engine]:
     """Start `workers` worker processes (default: one per CPU) and yield an Engine.
 
@@ -359,6 +360,12 @@ async def open_engine(
     start. A worker that holds requests and sends nothing for `stall_timeout` seconds is killed
     as hung: its requests end with a `worker_died` error and it is replaced. On exit every
     worker is stopped and every IPC object unlinked.
+
+    `pin_workers` keeps each worker process on a core of its own when there are more cores
+    (of those this process may use) than workers, so the scheduler cannot stack a worker on
+    the core where this process does the IPC work; this process itself is left alone. Pass
+    False when several engines or servers share a machine's cores, or give each its own cores
+    with ``taskset`` (see `tinyllm_trio.ipc.pool.worker_cpus`).
     """
     from tinyllm_trio.ipc.pool import WorkerPool, unwrap_single_exception
     from tinyllm_trio.model.checkpoint import load_model
@@ -375,6 +382,7 @@ async def open_engine(
         attention_scale=attention_scale,
         ready_timeout=ready_timeout,
         stall_timeout=stall_timeout,
+        pin_workers=pin_workers,
     )
     engine = Engine(pool, loaded.tokenizer, loaded.transformer.config, path)
     del loaded  # the server process needs the tokenizer and config, not the weights

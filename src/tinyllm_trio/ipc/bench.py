@@ -100,6 +100,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3, help="runs per measurement (median reported)")
     p.add_argument("--ipc-messages", type=int, default=20000, help="messages per IPC test")
     p.add_argument("--skip-bare", action="store_true", help="only the engine and IPC numbers")
+    p.add_argument(
+        "--pin-workers",
+        choices=("true", "false"),
+        default="true",
+        help="pin each worker to a core of its own when a core is left over, as serve does "
+        "by default (default true)",
+    )
     p.add_argument("--json", dest="json_path", default=None, help="also write results here")
 
 
@@ -143,6 +150,7 @@ def run_cli(args: argparse.Namespace) -> int:
             runs=args.runs,
             ipc_messages=args.ipc_messages,
             bare=not args.skip_bare,
+            pin_workers=args.pin_workers == "true",
         )
     results["model"] = label
     print(format_table(results))
@@ -164,6 +172,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
         out += ["--attention-scale", args.attention_scale]
     if args.skip_bare:
         out.append("--skip-bare")
+    out += ["--pin-workers", args.pin_workers]
     if args.json_path:
         out += ["--json", str(args.json_path)]
     return out
@@ -308,6 +317,7 @@ def interleaved_measurements(
     runs: int,
     *,
     bare: bool = True,
+    pin_workers: bool = True,
 ) -> dict[str, dict]:
     """Every configuration's runs, taken in turn: for each level and run, the bare loop, then
     the engine with each worker count (all engines started once, up front, and idle while
@@ -332,6 +342,7 @@ def interleaved_measurements(
                         max_batch=load.max_batch,
                         max_queue=max(concurrency),  # beyond the max batch they wait, as in serve
                         attention_scale=attention_scale,
+                        pin_workers=pin_workers,
                     )
                 )
                 # warm-up: every batch slot once, so no measured run faults in KV cache pages
@@ -440,6 +451,7 @@ def run_benchmarks(
     runs: int = 3,
     ipc_messages: int = 20000,
     bare: bool = True,
+    pin_workers: bool = True,
 ) -> dict:
     results: dict = {
         "max_tokens": load.max_tokens,
@@ -448,9 +460,10 @@ def run_benchmarks(
         "max_batch": load.max_batch,
         "runs": runs,
         "concurrency": list(concurrency),
+        "pin_workers": pin_workers,
     }
     measured = interleaved_measurements(
-        path, attention_scale, workers, concurrency, load, runs, bare=bare
+        path, attention_scale, workers, concurrency, load, runs, bare=bare, pin_workers=pin_workers
     )
     if bare:
         results["bare"] = {c: _medians(v) for c, v in measured["bare"].items()}
@@ -512,7 +525,8 @@ def format_table(results: dict) -> str:
         f"prompts, requests per level {_counts(results)}, max batch {results['max_batch']} per "
         f"worker, median of {results['runs']} interleaved runs (ratios: median of run "
         f"pairs), "
-        f"{results['cpus']} CPUs, BLAS threads 1",
+        f"{results['cpus']} CPUs, BLAS threads 1, workers "
+        f"{'pinned' if results.get('pin_workers', True) else 'not pinned'}",
         "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
     ]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]

@@ -163,13 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-scale", choices=["head", "embd"], default=None)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--index", type=int, default=0, help="worker number, for messages")
+    p.add_argument("--cpu", type=int, default=None, help="pin this process to that core")
     return p
+
+
+def pin_to(cpu: int, name: str) -> None:
+    """Keep this process on one core (see `pool.worker_cpus` for why); a core that is no
+    longer allowed (cpuset changed, CPU offline) only costs the pinning, with a warning."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except (OSError, AttributeError) as e:
+        print(f"tinyllm: {name} could not pin itself to CPU {cpu}: {e}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     name = f"worker {args.index} (pid {os.getpid()})"
+    if args.cpu is not None:  # while single-threaded: threads started later inherit it
+        pin_to(args.cpu, name)
 
     def alive() -> bool:
         return os.getppid() == args.parent_pid
