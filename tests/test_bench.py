@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_model_cli_writes_table_and_json(tiny_checkpoint, tmp_path):
     out = tmp_path / "bench.json"
@@ -47,3 +49,26 @@ def test_bench_model_batches_picks_the_decode_batches(tiny_checkpoint, tmp_path)
         [*cmd[:-4], "--batches", "0,x"], env=env, capture_output=True, text=True, check=False
     )
     assert bad.returncode == 2 and "--batches" in bad.stderr
+
+
+def test_scaling_ceiling_script_prints_each_round_and_the_median(tiny_checkpoint):
+    """scripts/scaling_ceiling.sh (the README's two-process ceiling for 2w/1w) runs end to end."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "scaling_ceiling.sh")
+    bindir = os.path.dirname(sys.executable)  # where this environment's tinyllm-trio lives
+    env = dict(os.environ, ROUNDS="2", BATCH="4", MODEL=str(tiny_checkpoint))
+    env["PATH"] = bindir + os.pathsep + env["PATH"]
+    proc = subprocess.run(
+        ["bash", script], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "one process, batch 4" in lines[0] and "batch 2 each" in lines[0]
+    rounds = [line.split() for line in lines[1:3]]
+    assert [r[0] for r in rounds] == ["1", "2"]
+    ratios = [float(r[3]) for r in rounds]
+    assert all(
+        float(r[2]) / float(r[1]) == pytest.approx(q, abs=0.006)
+        for r, q in zip(rounds, ratios, strict=True)
+    )
+    label, median = lines[3].rsplit(" ", 1)
+    assert label == "median two/one:" and float(median) == pytest.approx(sum(ratios) / 2)
