@@ -353,6 +353,70 @@ async def test_pump_delivers_in_order_back_pressures_and_cancels_promptly() -> N
         ring.destroy()
 
 
+async def test_pump_cancelled_mid_stream_loses_nothing_it_read() -> None:
+    """The pump's thread hands batches over without waiting for them to run; a cancel must
+    still deliver every batch it read, in order, before pump returns (the rest stays in the
+    ring). Cancelled from inside the first delivery, while the thread keeps reading."""
+    ring = _ring(n_slots=64, slot_size=64)
+    got: list = []
+    try:
+        for i in range(60):
+            ring.put(1, i, bytes([i]))
+
+        def deliver(frames) -> None:
+            got.extend(frames)
+            scope.cancel()
+
+        with trio.CancelScope() as scope:
+            await ring.pump(deliver, max_messages=3)
+        assert got, "nothing delivered"
+        while (frame := ring.get(timeout=0)) is not None:
+            got.append(frame)
+        assert [f.request_id for f in got] == list(range(60))
+    finally:
+        ring.destroy()
+
+
+async def test_pump_raises_what_deliver_raised_and_stops() -> None:
+    ring = _ring(n_slots=64, slot_size=64)
+    calls: list[int] = []
+    try:
+        for i in range(30):
+            ring.put(1, i, b"x")
+
+        def deliver(frames) -> None:
+            calls.append(len(frames))
+            if len(calls) == 2:
+                raise ValueError("consumer bug")
+
+        with trio.fail_after(5), pytest.raises(ValueError, match="consumer bug"):
+            await ring.pump(deliver, max_messages=2)
+        assert len(calls) == 2  # nothing delivered after the failure
+    finally:
+        ring.destroy()
+
+
+async def test_pump_delivers_in_the_callers_context() -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    ring = _ring()
+    seen: list[str] = []
+    try:
+        ring.put(1, 1, b"x")
+        var.set("the reader's")
+
+        def deliver(frames) -> None:
+            seen.append(var.get())
+            scope.cancel()
+
+        with trio.CancelScope() as scope:
+            await ring.pump(deliver)
+        assert seen == ["the reader's"]
+    finally:
+        ring.destroy()
+
+
 # --- leftovers of a dead instance ----------------------------------------------------------------
 
 LEAKER = textwrap.dedent(

@@ -39,11 +39,13 @@ of a server that was SIGKILLed (its pid is no longer alive). POSIX semaphores ap
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import mmap
 import os
 import re
 import secrets
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +60,7 @@ RING_HEADER = struct.Struct("<8sII")  # magic, slot_size, n_slots
 RING_HEADER_SIZE = 64
 FRAME_HEADER = struct.Struct("<BBHIQ")  # type, flags, reserved, payload length, request id
 FRAME_HEADER_SIZE = FRAME_HEADER.size  # 16
+PUMP_IN_FLIGHT = 4  # batches `pump` has handed to the Trio thread and Trio has not yet run
 FLAG_MORE = 0x01
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 WAIT_SLICE = 0.05  # seconds per bounded semaphore wait
@@ -424,23 +427,60 @@ class Ring:
         """Receive until cancelled, handing each batch of whole messages to `deliver`.
 
         One worker thread (a single `trio.to_thread.run_sync` call, never abandoned) waits on
-        the ring in bounded slices and calls `deliver` in this Trio task through
-        `trio.from_thread.run_sync`, blocking until it returns: a slow consumer leaves messages
-        in the ring and so slows the producer, as with `receive_many`. Compared with one
-        `to_thread` trip per wake-up this halves the server's CPU per wake-up (measured ~55 vs
-        ~90+ us), which is most of the IPC cost when steps are sparse. A cancel is honoured
-        within one wait slice; frames already read are always delivered first.
+        the ring in bounded slices and hands each batch to the Trio thread with
+        `TrioToken.run_sync_soon`, without waiting for it to run: the thread goes straight
+        back to the ring, so a batch costs one thread hand-off instead of a round trip
+        (`trio.from_thread.run_sync` parks the thread until Trio has run the call and wakes it
+        again). At most PUMP_IN_FLIGHT batches are handed over and not yet run, so a slow
+        consumer still leaves messages in the ring and slows the producer. `deliver` runs in
+        this task's context, batch after batch in order, and every batch read is delivered
+        before this call returns, cancelled or not (Trio runs run_sync_soon callbacks first
+        in, first out, and `to_thread` reports its own end the same way). A cancel is honoured
+        within one wait slice. If `deliver` raises, the pump stops and raises it here; batches
+        already handed over after the failing one are dropped.
         """
-        await trio.to_thread.run_sync(self._pump_in_thread, deliver, max_messages, limiter=limiter)
+        token = trio.lowlevel.current_trio_token()
+        context = contextvars.copy_context()  # entered by one callback at a time, never nested
+        slots = threading.Semaphore(PUMP_IN_FLIGHT)
+        failure: list[BaseException] = []
 
-    def _pump_in_thread(self, deliver: Callable[[list[Frame]], None], max_messages: int) -> None:
+        def deliver_soon(frames: list[Frame]) -> None:
+            try:
+                if not failure:
+                    context.run(deliver, frames)
+            except BaseException as e:  # a run_sync_soon callback must not raise: re-raised below
+                failure.append(e)
+                scope.cancel()
+            finally:
+                slots.release()
+
+        with trio.CancelScope() as scope:
+            await trio.to_thread.run_sync(
+                self._pump_in_thread, token, deliver_soon, slots, max_messages, limiter=limiter
+            )
+        if failure:
+            raise failure[0]
+
+    def _pump_in_thread(
+        self,
+        token: trio.lowlevel.TrioToken,
+        deliver_soon: Callable[[list[Frame]], None],
+        slots: threading.Semaphore,
+        max_messages: int,
+    ) -> None:
         while True:
-            frames: list[Frame] = []
-            while not frames:
-                if not _try_acquire(self._items):
-                    _acquire_blocking(self._items, None, None, in_trio_thread=True)
-                self._read_ready(frames, max_messages)
-            trio.from_thread.run_sync(deliver, frames)
+            slots.acquire()  # released by every callback, which Trio always runs
+            try:
+                frames: list[Frame] = []
+                while not frames:
+                    if not _try_acquire(self._items):
+                        _acquire_blocking(self._items, None, None, in_trio_thread=True)
+                    self._read_ready(frames, max_messages)
+            except BaseException:
+                slots.release()
+                raise
+            token.run_sync_soon(deliver_soon, frames)
+            trio.from_thread.check_cancelled()  # also while messages never stop coming
 
     def _read_ready(self, frames: list[Frame], max_messages: int) -> None:
         """Read the slot whose `items` count the caller holds, then every slot already filled,
