@@ -15,6 +15,7 @@ import trio
 
 from http_fixtures import (
     FakeEngine,
+    dechunk,
     fast_config,
     get,
     post,
@@ -24,6 +25,7 @@ from http_fixtures import (
     split_response,
 )
 from tinyllm_trio.engine import open_engine
+from tinyllm_trio.http.client import sse_events
 from tinyllm_trio.http.connection import ClientGone, HTTPConnection
 
 
@@ -283,6 +285,63 @@ async def test_a_write_the_socket_cannot_take_now_is_finished_in_order_by_the_ne
         await trio.sleep(0.01)
     with pytest.raises(ClientGone):
         await connection.send_bytes(b"more")
+
+
+async def test_a_client_that_stalls_briefly_gets_its_tokens_written_directly_again(
+    long_checkpoint, monkeypatch
+) -> None:
+    """A full socket makes the token sink step aside; once the waiting write drains it, the
+    stream goes back to direct writes, and the client gets every token in order."""
+    original_init, original_try = HTTPConnection.__init__, HTTPConnection.try_send_bytes
+    direct_writes: list[bool] = []
+    socket_full = trio.Event()
+
+    def with_small_send_buffer(self, stream, *args, **kwargs) -> None:
+        stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+        original_init(self, stream, *args, **kwargs)
+
+    def recorded(self, data: bytes) -> bool:
+        direct_writes.append(original_try(self, data))
+        if not direct_writes[-1]:
+            socket_full.set()
+        return direct_writes[-1]
+
+    monkeypatch.setattr(HTTPConnection, "__init__", with_small_send_buffer)
+    monkeypatch.setattr(HTTPConnection, "try_send_bytes", recorded)
+    body = json.dumps(
+        {
+            "prompt": "once upon a time",
+            "max_tokens": 490,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+        }
+    ).encode()
+    async with (
+        open_engine(long_checkpoint, workers=1, max_batch=4) as engine,
+        running_server(engine, send_timeout=5.0) as (_, port),
+    ):
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port))
+        received = bytearray()
+        async with trio.SocketStream(sock) as stream:
+            await stream.send_all(post("/v1/completions", body))
+            with trio.fail_after(20):
+                await socket_full.wait()  # not reading until the sink met a full socket
+                while not received.endswith(b"0\r\n\r\n"):
+                    received.extend(await stream.receive_some(65536))
+        alone = await engine.complete(
+            "once upon a time", max_tokens=490, ignore_eos=True, temperature=0
+        )
+    first_full = direct_writes.index(False)
+    assert True in direct_writes[first_full + 1 :]  # direct writes resumed after the stall
+    status, _, chunked = split_response(bytes(received))
+    events = sse_events(bytearray(), b"".join(dechunk(chunked)))
+    assert status == 200 and events[-1] == "[DONE]"
+    choices = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert choices[-1]["finish_reason"] == "length"
+    assert "".join(c["text"] for c in choices) == alone.text  # every token, in order
 
 
 async def test_a_client_that_stops_reading_mid_stream_of_a_real_engine_is_dropped(

@@ -304,8 +304,10 @@ class HTTPGeneration:
         """From now on, format and write each token where the engine delivers it: one
         `write(2)` and no task switch per token (`Generation.set_token_sink`). The first write
         the socket does not take whole ends that: its tail and every later event go through
-        `next` and the waiting writes again. Events that were already queued still come
-        through `next` first. False if the engine offers no sink or the request is over."""
+        `next` and the waiting writes again, until the caller installs a sink again (the
+        streaming loop does once such a waiting write has gone out). Events that were already
+        queued still come through `next` first. False if the engine offers no sink or the
+        request is over."""
         set_sink = getattr(self._iter, "set_token_sink", None)
         if set_sink is None:
             return False
@@ -398,15 +400,18 @@ async def _stream_events(generation: HTTPGeneration, fmt: StreamFormat) -> None:
         await ex.send_chunk(opening)
     send_chunk = ex.send_chunk
     token = fmt.token
-    direct = False  # tokens written by the engine's delivery task (write_tokens_directly)
+    sinks = True  # False once the engine offers no token sink for this request
     while True:
         kind = type(event)
         if kind is TokenEvent:
             data = token(event)
             if data is not None:
                 await send_chunk(data)
-            if not direct:
-                direct = generation.write_tokens_directly(token, ex.try_send_chunk)
+            # A token that comes through here means no sink is writing: none installed yet,
+            # or the last one met a full socket and stepped aside. This write has just drained
+            # the socket (it waited), so hand later tokens to a sink again.
+            if sinks:
+                sinks = generation.write_tokens_directly(token, ex.try_send_chunk)
         elif kind is DoneEvent:
             for data in fmt.closing(event):
                 await send_chunk(data)
