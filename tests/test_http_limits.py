@@ -287,27 +287,43 @@ async def test_a_write_the_socket_cannot_take_now_is_finished_in_order_by_the_ne
         await connection.send_bytes(b"more")
 
 
+class DirectWrites:
+    """Small socket buffers on the server side, and a record of every non-waiting write the
+    token sink made (True: the socket took it whole); `full` is set by the first refusal."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.results: list[bool] = []
+        self.full = trio.Event()
+        original_init, original_try = HTTPConnection.__init__, HTTPConnection.try_send_bytes
+        record = self
+
+        def with_small_send_buffer(self, stream, *args, **kwargs) -> None:
+            stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+            original_init(self, stream, *args, **kwargs)
+
+        def recorded(self, data: bytes) -> bool:
+            record.results.append(original_try(self, data))
+            if not record.results[-1]:
+                record.full.set()
+            return record.results[-1]
+
+        monkeypatch.setattr(HTTPConnection, "__init__", with_small_send_buffer)
+        monkeypatch.setattr(HTTPConnection, "try_send_bytes", recorded)
+
+
+async def _slow_reader_socket(port: int) -> trio.SocketStream:
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
 async def test_a_client_that_stalls_briefly_gets_its_tokens_written_directly_again(
     long_checkpoint, monkeypatch
 ) -> None:
     """A full socket makes the token sink step aside; once the waiting write drains it, the
     stream goes back to direct writes, and the client gets every token in order."""
-    original_init, original_try = HTTPConnection.__init__, HTTPConnection.try_send_bytes
-    direct_writes: list[bool] = []
-    socket_full = trio.Event()
-
-    def with_small_send_buffer(self, stream, *args, **kwargs) -> None:
-        stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
-        original_init(self, stream, *args, **kwargs)
-
-    def recorded(self, data: bytes) -> bool:
-        direct_writes.append(original_try(self, data))
-        if not direct_writes[-1]:
-            socket_full.set()
-        return direct_writes[-1]
-
-    monkeypatch.setattr(HTTPConnection, "__init__", with_small_send_buffer)
-    monkeypatch.setattr(HTTPConnection, "try_send_bytes", recorded)
+    writes = DirectWrites(monkeypatch)
     body = json.dumps(
         {
             "prompt": "once upon a time",
@@ -321,21 +337,18 @@ async def test_a_client_that_stalls_briefly_gets_its_tokens_written_directly_aga
         open_engine(long_checkpoint, workers=1, max_batch=4) as engine,
         running_server(engine, send_timeout=5.0) as (_, port),
     ):
-        sock = trio.socket.socket()
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
-        await sock.connect(("127.0.0.1", port))
         received = bytearray()
-        async with trio.SocketStream(sock) as stream:
+        async with await _slow_reader_socket(port) as stream:
             await stream.send_all(post("/v1/completions", body))
             with trio.fail_after(20):
-                await socket_full.wait()  # not reading until the sink met a full socket
+                await writes.full.wait()  # not reading until the sink met a full socket
                 while not received.endswith(b"0\r\n\r\n"):
                     received.extend(await stream.receive_some(65536))
         alone = await engine.complete(
             "once upon a time", max_tokens=490, ignore_eos=True, temperature=0
         )
-    first_full = direct_writes.index(False)
-    assert True in direct_writes[first_full + 1 :]  # direct writes resumed after the stall
+    first_full = writes.results.index(False)
+    assert True in writes.results[first_full + 1 :]  # direct writes resumed after the stall
     status, _, chunked = split_response(bytes(received))
     events = sse_events(bytearray(), b"".join(dechunk(chunked)))
     assert status == 200 and events[-1] == "[DONE]"
@@ -350,19 +363,7 @@ async def test_a_client_that_stops_reading_mid_stream_of_a_real_engine_is_droppe
     """Tokens written by the engine's delivery task (the token sink) until the socket is full,
     then the waiting writes under send_timeout: the stalled client is dropped, its generation
     cancelled, and the server keeps serving."""
-    original_init, original_try = HTTPConnection.__init__, HTTPConnection.try_send_bytes
-    direct_writes: list[bool] = []
-
-    def with_small_send_buffer(self, stream, *args, **kwargs) -> None:
-        stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
-        original_init(self, stream, *args, **kwargs)
-
-    def recorded(self, data: bytes) -> bool:
-        direct_writes.append(original_try(self, data))
-        return direct_writes[-1]
-
-    monkeypatch.setattr(HTTPConnection, "__init__", with_small_send_buffer)
-    monkeypatch.setattr(HTTPConnection, "try_send_bytes", recorded)
+    writes = DirectWrites(monkeypatch)
     body = json.dumps(
         {"prompt": "once upon a time", "max_tokens": 490, "ignore_eos": True, "stream": True}
     ).encode()
@@ -370,10 +371,7 @@ async def test_a_client_that_stops_reading_mid_stream_of_a_real_engine_is_droppe
         open_engine(long_checkpoint, workers=1, max_batch=4) as engine,
         running_server(engine, send_timeout=0.5) as (_, port),
     ):
-        sock = trio.socket.socket()
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
-        await sock.connect(("127.0.0.1", port))
-        async with trio.SocketStream(sock) as stream:  # sends, then never reads
+        async with await _slow_reader_socket(port) as stream:  # sends, then never reads
             await stream.send_all(post("/v1/completions", body))
             cancelled = re.compile(
                 r'^tinyllm_request_success_total\{finished_reason="cancelled"\} 1\.0$', re.M
@@ -381,6 +379,6 @@ async def test_a_client_that_stops_reading_mid_stream_of_a_real_engine_is_droppe
             with trio.fail_after(20):  # dropped once a write has waited send_timeout
                 while not cancelled.search((await raw_request(port, get("/metrics"))).decode()):
                     await trio.sleep(0.05)
-        assert True in direct_writes and direct_writes[-1] is False  # the socket filled up
+        assert True in writes.results and writes.results[-1] is False  # the socket filled up
         assert engine.stats()["running"] == 0
         await _still_serving(port)
