@@ -368,12 +368,13 @@ def test_engine_benchmark_runs_and_reports(tiny_checkpoint: Path) -> None:
     for c in (1, 4):
         assert results["bare"][c]["tokens_per_s"] > 0
         assert results["engine"][2][c]["cpu_us_per_token"] > 0
+        assert results["bare_procs"][2][c]["tokens_per_s"] > 0  # two bare processes at once
     assert results["ipc"]["round_trip_us"] > 0
     table = format_table(results)
-    assert "1w/bare" in table and "2w/1w" in table and "round trip" in table
-    assert "one wave" in table
-    assert set(results["ratios"]) == {"1w/bare", "2w/1w"}
-    assert results["ratios"]["2w/1w"][4] > 0
+    assert "1w/bare" in table and "2w/1w" in table and "2p/bare" in table
+    assert "round trip" in table and "one wave" in table
+    assert set(results["ratios"]) == {"1w/bare", "2w/1w", "2p/bare"}
+    assert results["ratios"]["2w/1w"][4] > 0 and results["ratios"]["2p/bare"][4] > 0
 
 
 def test_engine_benchmark_closed_loop_runs_every_request(tiny_checkpoint: Path) -> None:
@@ -386,6 +387,23 @@ def test_engine_benchmark_closed_loop_runs_every_request(tiny_checkpoint: Path) 
     measured = interleaved_measurements(str(tiny_checkpoint), None, [1, 2], [3], load, runs=2)
     assert len(measured["bare"][3]) == 2 and measured["bare"][3][0][0] > 0
     assert [len(measured["engine"][w][3]) for w in (1, 2)] == [2, 2]
+    assert len(measured["bare_procs"][2][3]) == 2  # 2 + 1 clients, 4 + 3 requests, all counted
+
+
+def test_bare_processes_split_a_level_and_count_every_token(tiny_checkpoint: Path) -> None:
+    """The 2p/bare ceiling: each child runs its share at once; a child whose share is empty
+    (one stream over two processes) is left out instead of counted as zero."""
+    from tinyllm_trio.ipc.bench import BareProcesses, Load
+
+    procs = BareProcesses(2, str(tiny_checkpoint), None, max_batch=4)
+    try:
+        rate, cpu_us = procs.run(1, Load(max_tokens=6, prompt_words=2, per_level=3))
+        assert rate > 0 and cpu_us > 0
+        rate, cpu_us = procs.run(5, Load(max_tokens=6, prompt_words=2, per_level=9))
+        assert rate > 0 and cpu_us > 0
+    finally:
+        procs.close()
+    assert all(child.returncode == 0 for child in procs.children)
 
 
 def test_engine_benchmark_request_counts_parse() -> None:

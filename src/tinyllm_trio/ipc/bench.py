@@ -1,9 +1,13 @@
 """`tinyllm-trio bench engine`: what the process boundary costs, and what a second worker buys.
 
-Three measurements, each the median of `--runs` runs:
+Four measurements, each the median of `--runs` runs:
 
 - bare: the worker's own loop in this process: one `ContinuousBatcher` with serve's default
   `--max-batch` (32), kept across runs as a worker keeps its own. No IPC, no Trio.
+- bare in 2 processes (for each worker count w > 1: w processes): the same loop in processes
+  of their own, running at once, each given its share of the level (C/w clients and requests,
+  as the pool's routing splits them). "2p/bare" is what a second core gives this load with no
+  IPC and no server at all: the ceiling that "2w/1w" reads against on this machine.
 - engine: the same load through `open_engine` (1 worker, then 2 by default; the same max batch
   per worker), consumed by Trio tasks: IPC both ways, routing, per-request channels, all of it.
 - The load at each level C is a closed loop: C clients, each starting its next request when the
@@ -294,6 +298,83 @@ class BareLoop:
         return tokens / elapsed, cpu / tokens * 1e6
 
 
+class BareProcesses:
+    """`n` bare loops in `n` processes of their own, run at once: the most `n` workers could
+    give on this machine with no IPC and no server (`2p/bare` in the table is the ceiling of
+    `2w/1w`). Each child (``python -m tinyllm_trio.ipc.bench --bare-child``) loads the model
+    once and keeps its batcher, like a worker; the parent sends every child its share of a
+    level in one go (a JSON line on stdin) and reads back its tokens and seconds."""
+
+    def __init__(self, n: int, path: str, attention_scale: str | None, max_batch: int) -> None:
+        cmd = [sys.executable, "-m", "tinyllm_trio.ipc.bench", "--bare-child", path]
+        cmd += ["--max-batch", str(max_batch)]
+        if attention_scale is not None:
+            cmd += ["--attention-scale", attention_scale]
+        self.children = []
+        try:
+            for _ in range(n):
+                self.children.append(
+                    subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                )
+            for child in self.children:
+                if child.stdout is None or child.stdout.readline().strip() != "ready":
+                    raise RuntimeError("a bare benchmark process failed to start")
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, c: int, load: Load) -> Measurement:
+        """Level c split across the processes (C/n clients and requests each, as the pool's
+        least-loaded routing splits it); tokens/s counts all of them over the slowest one."""
+        n, total = len(self.children), load.requests(c)
+        orders = []
+        for i, child in enumerate(self.children):
+            clients, requests = c // n + (i < c % n), total // n + (i < total % n)
+            if clients and requests:  # one stream: only the first process works
+                orders.append((child, {"c": clients, "requests": requests}))
+        for child, order in orders:  # all sent before any is read: they run at once
+            order.update(max_tokens=load.max_tokens, prompt_words=load.prompt_words)
+            assert child.stdin is not None
+            child.stdin.write(json.dumps(order) + "\n")
+            child.stdin.flush()
+        done = []
+        for child, _ in orders:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a bare benchmark process exited ({child.wait()})")
+            done.append(json.loads(line))
+        tokens = sum(d["tokens"] for d in done)
+        cpu_s = sum(d["cpu_s"] for d in done)
+        return tokens / max(d["seconds"] for d in done), cpu_s / tokens * 1e6
+
+    def close(self) -> None:
+        for child in self.children:
+            if child.stdin is not None:
+                child.stdin.close()  # end of orders: the child exits
+        for child in self.children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def _bare_child(path: str, attention_scale: str | None, max_batch: int) -> int:
+    """The child side of `BareProcesses`: one BareLoop, one level per line of stdin."""
+    loop = BareLoop(path, attention_scale, max_batch)
+    loop.run(max_batch, Load(4, PROMPT_WORDS))  # warm-up: every batch slot once
+    print("ready", flush=True)
+    for line in sys.stdin:
+        order = json.loads(line)
+        load = Load(order["max_tokens"], order["prompt_words"], order["requests"], max_batch)
+        rate, cpu_us = loop.run(order["c"], load)
+        tokens = order["requests"] * order["max_tokens"]
+        result = {"tokens": tokens, "seconds": tokens / rate, "cpu_s": cpu_us * tokens / 1e6}
+        print(json.dumps(result), flush=True)
+    return 0
+
+
 async def _engine_run(engine, c: int, load: Load) -> Measurement:
     """`load.requests(c)` generations through `engine` (`workload.run_on_engine`), with the
     CPU of this process and of the engine's workers."""
@@ -323,7 +404,9 @@ def interleaved_measurements(
     the engine with each worker count (all engines started once, up front, and idle while
     another one runs). A shared machine drifts over minutes; measured back to back, the
     configurations see the same conditions, so their ratios hold even when the absolute rates
-    move. Returns {"bare": {c: [m, ...]}, "engine": {w: {c: [m, ...]}}}, runs in order."""
+    move. With `bare`, each worker count w > 1 also gets w bare loops in w processes at once
+    (`BareProcesses`), right after the in-process one. Returns {"bare": {c: [m, ...]},
+    "bare_procs": {w: {c: [m, ...]}}, "engine": {w: {c: [m, ...]}}}, runs in order."""
     import contextlib
 
     import trio
@@ -331,7 +414,7 @@ def interleaved_measurements(
     from tinyllm_trio.engine import open_engine
 
     async def main() -> dict[str, dict]:
-        out: dict[str, dict] = {"bare": {}, "engine": {w: {} for w in workers}}
+        out: dict[str, dict] = {"bare": {}, "bare_procs": {}, "engine": {w: {} for w in workers}}
         async with contextlib.AsyncExitStack() as stack:
             engines = {}
             for w in workers:
@@ -350,10 +433,17 @@ def interleaved_measurements(
             loop = BareLoop(path, attention_scale, load.max_batch) if bare else None
             if loop is not None:
                 loop.run(max(concurrency), Load(4, load.prompt_words))  # warm-up, as above
+            procs = {}
+            for w in workers if bare else ():
+                if w > 1:
+                    procs[w] = BareProcesses(w, path, attention_scale, load.max_batch)
+                    stack.callback(procs[w].close)
             for c in concurrency:
                 for _ in range(runs):
                     if loop is not None:  # synchronous: the engines' workers sit idle meanwhile
                         out["bare"].setdefault(c, []).append(loop.run(c, load))
+                    for w, p in procs.items():
+                        out["bare_procs"].setdefault(w, {}).setdefault(c, []).append(p.run(c, load))
                     for w, engine in engines.items():
                         out["engine"][w].setdefault(c, []).append(
                             await _engine_run(engine, c, load)
@@ -467,6 +557,10 @@ def run_benchmarks(
     )
     if bare:
         results["bare"] = {c: _medians(v) for c, v in measured["bare"].items()}
+        results["bare_procs"] = {
+            w: {c: _medians(v) for c, v in per_c.items()}
+            for w, per_c in measured["bare_procs"].items()
+        }
     results["engine"] = {
         w: {c: _medians(v) for c, v in per_c.items()} for w, per_c in measured["engine"].items()
     }
@@ -478,6 +572,10 @@ def run_benchmarks(
         for w in workers:
             if one and w != 1:
                 ratios.setdefault(f"{w}w/1w", {})[c] = _ratio(measured["engine"][w][c], one[c])
+            if bare and w != 1:
+                ratios.setdefault(f"{w}p/bare", {})[c] = _ratio(
+                    measured["bare_procs"][w][c], measured["bare"][c]
+                )
     results["ratios"] = ratios
     results["ipc"] = ipc_costs(ipc_messages)
     results["cpus"] = len(os.sched_getaffinity(0))
@@ -503,6 +601,8 @@ def format_table(results: dict) -> str:
             head += ["1w/bare", "1w/bare cpu"]
         if w != 1 and 1 in results["engine"]:
             head.append(f"{w}w/1w")
+        if w != 1 and bare:
+            head.append(f"{w}p/bare")
     rows = []
     for c in results["concurrency"]:
         row = [str(c)]
@@ -517,6 +617,8 @@ def format_table(results: dict) -> str:
                 row.append(f"{bare[c]['cpu_us_per_token'] / m['cpu_us_per_token']:.2f}")
             if w != 1 and 1 in results["engine"]:
                 row.append(f"{_run_ratio(results, f'{w}w/1w', c):.2f}")
+            if w != 1 and bare:
+                row.append(f"{_run_ratio(results, f'{w}p/bare', c):.2f}")
         rows.append(row)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [
@@ -552,7 +654,15 @@ def _counts(results: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(build_parser().parse_args(argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--bare-child"]:  # internal: one of BareProcesses' children
+        child = argparse.ArgumentParser(prog="python -m tinyllm_trio.ipc.bench --bare-child")
+        child.add_argument("path")
+        child.add_argument("--max-batch", type=int, required=True)
+        child.add_argument("--attention-scale", choices=["head", "embd"], default=None)
+        a = child.parse_args(args[1:])
+        return _bare_child(a.path, a.attention_scale, a.max_batch)
+    return run_cli(build_parser().parse_args(args))
 
 
 if __name__ == "__main__":
