@@ -181,8 +181,8 @@ async def test_server_pid_reports_the_servers_and_its_workers_cpu_per_token() ->
     # waiting on the fake engine's sleeps)
     assert level.workers_cpu_us_per_token * tokens / 1e6 > 0.5 * level.duration_s
     assert "server us/tok" in format_table([level])
-    own, children = process_cpu_seconds(os.getpid())
-    assert own > 0 and children >= 0
+    own, _ = process_cpu_seconds(os.getpid())  # the children's share is checked above
+    assert own > 0
 
 
 def test_bench_http_refuses_a_server_pid_that_is_not_there(capsys) -> None:
