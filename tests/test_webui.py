@@ -6,6 +6,7 @@ thread beside the Trio server; the fake engine's slow tokens make growth and Sto
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import trio
 
 from http_fixtures import FakeEngine, get, post, raw_request, running_server, split_response
-from tinyllm_trio.config import ServerConfig
+from tinyllm_trio.config import ServerConfig, add_server_arguments
 
 CHROMIUM = "/usr/bin/chromium"
 ORIGIN = "http://app.example:3000"
@@ -41,7 +42,7 @@ async def test_page_is_served_at_root_without_the_api_key() -> None:
 
 
 async def test_no_webui_answers_404() -> None:
-    async with running_server(FakeEngine(), webui=False) as (_, port):
+    async with running_server(FakeEngine(), no_webui=True) as (_, port):
         status, _, _ = split_response(await raw_request(port, get("/")))
         assert status == 404
 
@@ -52,6 +53,17 @@ def test_cors_origins_flag_parses_and_refuses_paths() -> None:
     assert ServerConfig.from_env({"TINYLLM_CORS_ORIGINS": "*"}).cors_origins == ("*",)
     with pytest.raises(ValueError, match="not an origin"):
         ServerConfig(cors_origins=("https://a.example/path",))
+
+
+def test_no_webui_flag_and_its_environment_variable() -> None:
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    assert ServerConfig.from_args(parser.parse_args([]), {}).no_webui is False
+    assert ServerConfig.from_args(parser.parse_args(["--no-webui"]), {}).no_webui is True
+    env = {"TINYLLM_NO_WEBUI": "true"}
+    assert ServerConfig.from_args(parser.parse_args([]), env).no_webui is True
+    given = parser.parse_args(["--cors-origins", "http://a.example,*"])
+    assert ServerConfig.from_args(given, {}).cors_origins == ("http://a.example", "*")
 
 
 async def test_preflight_and_responses_carry_cors_for_allowed_origins_only() -> None:

@@ -58,7 +58,7 @@ class ServerConfig:
     access_log: bool = True
     # browser clients
     cors_origins: tuple[str, ...] = ()
-    webui: bool = True
+    no_webui: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -325,10 +325,10 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option(
         "--no-webui",
-        "webui",
+        "no_webui",
         _to_bool,
         "do not serve the browser playground at / (which then answers 404)",
-        const=False,
+        const=True,
     ),
 )
 

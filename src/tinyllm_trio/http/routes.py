@@ -169,7 +169,7 @@ class Router:
 
     async def handle(self, ex: Exchange) -> None:
         started = time.perf_counter()
-        route = match(ex.path) if ex.path != "/" or self.app.config.webui else None
+        route = match(ex.path) if ex.path != "/" or not self.app.config.no_webui else None
         label = route[0] if route is not None else "other"
         origin = ex.headers.get("origin")
         ex.cors_headers = self.app.cors.response_headers(origin)
