@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -219,6 +221,8 @@ async def test_playground_in_chromium(tmp_path: Path) -> None:
         metrics = (await raw_request(port, get("/metrics"))).decode()
         assert re.search(r"^tinyllm_num_requests_running 0\.0$", metrics, re.M)
         assert shot.stat().st_size > 10_000
+        if os.environ.get("TINYLLM_SAVE_SCREENSHOT"):  # how docs/playground.png is made
+            shutil.copyfile(shot, os.environ["TINYLLM_SAVE_SCREENSHOT"])
     assert "401" in seen["error"] and "API key" in seen["error"]
     assert seen["stored_key"] == "wrong"
     assert seen["bubbles"][0] == "msg user:userhello there"
