@@ -56,6 +56,9 @@ class ServerConfig:
     log_format: str = "text"
     log_level: str = "info"
     access_log: bool = True
+    # browser clients
+    cors_origins: tuple[str, ...] = ()
+    no_webui: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -81,6 +84,12 @@ class ServerConfig:
             raise ValueError(f"shutdown_grace must be >= 0, got {self.shutdown_grace}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+        given = self.cors_origins
+        try:
+            origins = _origins(given if isinstance(given, str) else ",".join(given))
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"cors_origins: {exc}") from None
+        object.__setattr__(self, "cors_origins", origins)
 
     @classmethod
     def from_args(
@@ -123,6 +132,28 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
+def _origins(text: str) -> tuple[str, ...]:
+    """`--cors-origins`: comma-separated `scheme://host[:port]` origins, or `*` for any.
+
+    Browsers send `Origin` with a lowercase scheme and host and no path, so a configured origin
+    is lowercased and a trailing slash dropped; one with a path can never match and is refused.
+    """
+    origins: list[str] = []
+    for part in text.split(","):
+        origin = part.strip().lower().rstrip("/")
+        if not origin:
+            continue
+        scheme, sep, rest = origin.partition("://")
+        valid = sep and scheme in ("http", "https") and rest and "/" not in rest
+        if origin != "*" and not valid:
+            raise argparse.ArgumentTypeError(
+                f"not an origin: {part.strip()!r} (want scheme://host[:port], or *)"
+            )
+        if origin not in origins:
+            origins.append(origin)
+    return tuple(origins)
+
+
 @dataclass(frozen=True)
 class _Option:
     flag: str
@@ -131,6 +162,7 @@ class _Option:
     help: str
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
+    const: Any = None  # not None: a flag that takes no value and sets `dest` to this
 
     @property
     def env(self) -> str:
@@ -283,6 +315,21 @@ _OPTIONS: tuple[_Option, ...] = (
         "log one line per request (true/false)",
         metavar="BOOL",
     ),
+    _Option(
+        "--cors-origins",
+        "cors_origins",
+        _origins,
+        "browser origins allowed to call the API from another site, comma-separated "
+        "(https://app.example,http://localhost:3000), or * for any; unset: no CORS headers",
+        metavar="ORIGINS",
+    ),
+    _Option(
+        "--no-webui",
+        "no_webui",
+        _to_bool,
+        "do not serve the browser playground at / (which then answers 404)",
+        const=True,
+    ),
 )
 
 
@@ -297,6 +344,18 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         shown = "unset" if default is None else default
         if opt.dest == "max_body_size" or opt.dest == "max_header_size":
             shown = f"{default} bytes"
+        if opt.const is not None:
+            parser.add_argument(
+                opt.flag,
+                dest=opt.dest,
+                action="store_const",
+                const=opt.const,
+                default=None,
+                help=f"{opt.help} [env {opt.env}={str(opt.const).lower()}]",
+            )
+            continue
+        if opt.dest == "cors_origins":
+            shown = "none"
         parser.add_argument(
             opt.flag,
             dest=opt.dest,

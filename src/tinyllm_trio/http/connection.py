@@ -455,6 +455,7 @@ class Exchange:
         "_conn",
         "arrival",
         "connection",
+        "cors_headers",
         "headers",
         "keep_alive",
         "method",
@@ -482,6 +483,7 @@ class Exchange:
         self.keep_alive = True
         self._body: bytes | None = None
         self._chunked = False
+        self.cors_headers: Headers = []  # set by the router; on every response, streams too
 
     # ---- request --------------------------------------------------------------------------
 
@@ -512,6 +514,7 @@ class Exchange:
             headers.extend(h for h in extra if h[0].lower() != b"connection")
             headers.append((b"Connection", b"close"))
         headers.append((b"X-Request-Id", self.request_id.encode("ascii")))
+        headers.extend(self.cors_headers)
         return headers
 
     async def respond(
@@ -522,7 +525,8 @@ class Exchange:
         headers: Iterable[tuple[bytes, bytes]] = (),
     ) -> None:
         all_headers = self._headers(content_type, headers)
-        all_headers.insert(1, (b"Content-Length", str(len(body)).encode("ascii")))
+        if status != 204:  # a 204 has no body, and RFC 9110 forbids it a Content-Length
+            all_headers.insert(1, (b"Content-Length", str(len(body)).encode("ascii")))
         self.status = status
         self.response_started = True
         send = self.connection.send

@@ -8,6 +8,7 @@ an error event and it does so itself).
 
 | path                     | methods | auth | module        |
 |--------------------------|---------|------|---------------|
+| /                        | GET     | no   | webui         |
 | /ping                    | GET     | no   | ops           |
 | /health, /v1/health      | GET     | no   | ops           |
 | /metrics                 | GET     | no   | ops           |
@@ -19,6 +20,10 @@ an error event and it does so itself).
 
 "auth" applies only when an API key is configured: `Authorization: Bearer <key>`, compared in
 constant time (hmac.compare_digest on SHA-256 digests, so not even the length leaks).
+
+With `--cors-origins`, every response gets the CORS headers of `cors.CORSPolicy`, and `OPTIONS`
+on any route is a preflight answered here with 204 (before auth: a preflight has no key).
+Without it, `OPTIONS` stays a 405 as before. `--no-webui` makes `/` a 404.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from typing import Any
 import trio
 
 from tinyllm_trio.config import ServerConfig
-from tinyllm_trio.http import openai_api, ops, process_api
+from tinyllm_trio.http import openai_api, ops, process_api, webui
 from tinyllm_trio.http.connection import ClientGone, Exchange, HTTPError
+from tinyllm_trio.http.cors import CORSPolicy
 from tinyllm_trio.http.metrics import Metrics
 
 access_log = logging.getLogger("tinyllm_trio.access")
@@ -58,6 +64,7 @@ class AppState:
         self.metrics = Metrics(self._engine_stats)
         self.created = int(time.time())
         self.draining = False
+        self.cors = CORSPolicy(config.cors_origins)
         self._generation_scopes: set[trio.CancelScope] = set()
         key = config.api_key
         self._api_key_digest = hashlib.sha256(key.encode("utf-8")).digest() if key else None
@@ -128,6 +135,7 @@ class AppState:
 
 # path -> (metrics label, {method: handler}, needs auth)
 _ROUTES: dict[str, tuple[str, dict[str, Handler], bool]] = {
+    "/": ("/", {"GET": webui.index}, False),
     "/ping": ("/ping", {"GET": ops.ping}, False),
     "/health": ("/health", {"GET": ops.health}, False),
     "/v1/health": ("/health", {"GET": ops.health}, False),
@@ -161,12 +169,20 @@ class Router:
 
     async def handle(self, ex: Exchange) -> None:
         started = time.perf_counter()
-        route = match(ex.path)
+        route = match(ex.path) if ex.path != "/" or not self.app.config.no_webui else None
         label = route[0] if route is not None else "other"
+        origin = ex.headers.get("origin")
+        ex.cors_headers = self.app.cors.response_headers(origin)
         try:
             if route is None:
                 raise HTTPError(404, f"Endpoint not found: {ex.path}", code="not_found")
             _, methods, needs_auth = route
+            if ex.method == "OPTIONS" and self.app.cors.enabled:
+                allow = [*methods, "OPTIONS"]
+                headers = [(b"Allow", ", ".join(allow).encode("ascii"))]
+                headers += self.app.cors.preflight_headers(origin, allow)
+                await ex.respond(204, b"", b"text/plain", headers)
+                return
             handler = methods.get(ex.method)
             if handler is None:
                 allow = ", ".join(methods).encode("ascii")
