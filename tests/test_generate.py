@@ -44,11 +44,14 @@ def test_console_script_and_python_m_stream_the_same_continuation(tiny_checkpoin
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
         assert proc.returncode == 0, proc.stderr
         outputs.append(proc.stdout)
-    params = SamplingParams(max_tokens=8, temperature=0.9, top_k=5, top_p=0.9, seed=4)
+    cli_defaults = {"no_repeat_ngram_size": 3, "detokenize": "text"}  # generate's defaults
+    params = SamplingParams(
+        max_tokens=8, temperature=0.9, top_k=5, top_p=0.9, seed=4, **cli_defaults
+    )
     expected = _expected(tiny_checkpoint, params, attention_scale="embd")
     assert outputs == [expected + "\n"] * 2
     # the flags mattered: greedy decoding (the default) says something else
-    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, **cli_defaults)
     assert expected != _expected(tiny_checkpoint, greedy, attention_scale="embd")
     assert not outputs[0].startswith(PROMPT)  # the continuation, not the prompt
 

@@ -32,13 +32,31 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=60)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=3,
+        help="ban tokens that would repeat an n-gram of prompt + output (0 = off); on by "
+        "default here because the packaged model's greedy text loops",
+    )
+    _detokenize_arg(p)
+
+
+def _detokenize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--detokenize",
+        choices=["plain", "text"],
+        default="text",
+        help="text: sentence case, 'I' and English apostrophes; plain: the original's "
+        "lowercase form",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="stream a continuation of a prompt to stdout")
+    p = sub.add_parser(
+        "generate",
+        help="stream a continuation of a prompt to stdout",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("prompt")
     _model_args(p)
     _sampling_args(p)

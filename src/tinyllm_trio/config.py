@@ -40,6 +40,8 @@ class ServerConfig:
     max_queue: int = 256
     pin_workers: bool = True
     model_name: str | None = None
+    detokenize: str = "text"
+    no_repeat_ngram_size: int = 3
     # limits and timeouts
     max_body_size: int = 1 * MiB
     max_header_size: int = 16 * 1024
@@ -79,6 +81,12 @@ class ServerConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.shutdown_grace < 0:
             raise ValueError(f"shutdown_grace must be >= 0, got {self.shutdown_grace}")
+        if self.detokenize not in ("plain", "text"):
+            raise ValueError(f"detokenize must be 'plain' or 'text', got {self.detokenize!r}")
+        if not 0 <= self.no_repeat_ngram_size <= 32:
+            raise ValueError(
+                f"no_repeat_ngram_size must be in 0..32, got {self.no_repeat_ngram_size}"
+            )
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
 
@@ -187,6 +195,21 @@ _OPTIONS: tuple[_Option, ...] = (
         "model_name",
         str,
         "model id served by /v1/models and echoed in responses; unset: the engine's id",
+    ),
+    _Option(
+        "--detokenize",
+        "detokenize",
+        str.lower,
+        "text: sentence case, 'I' and English apostrophes; plain: the original's lowercase form",
+        choices=("plain", "text"),
+    ),
+    _Option(
+        "--no-repeat-ngram-size",
+        "no_repeat_ngram_size",
+        int,
+        "/process's default no_repeat_ngram_size (0 = off): no n-gram of prompt + output is "
+        "generated twice; the OpenAI endpoints default to off",
+        metavar="N",
     ),
     _Option(
         "--max-body-size",
