@@ -11,6 +11,7 @@ import json
 import logging
 import re
 
+import pytest
 import trio
 
 from http_fixtures import (
@@ -239,7 +240,7 @@ async def test_json_access_log_carries_the_request_id() -> None:
     saved = (logger.handlers[:], logger.level, logger.propagate)
     configure_logging(fast_config(log_format="json"), stream)
     try:
-        async with running_server(FakeEngine(), access_log=True) as (_, port):
+        async with running_server(FakeEngine(), access_log=True, access_log_skip="") as (_, port):
             await raw_request(port, get("/ping", extra="X-Request-Id: trace-42\r\n"))
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
@@ -247,6 +248,24 @@ async def test_json_access_log_carries_the_request_id() -> None:
     access = [e for e in lines if e["logger"] == "tinyllm_trio.access"]
     assert access[0]["request_id"] == "trace-42" and access[0]["status"] == 200
     assert access[0]["path"] == "/ping" and access[0]["level"] == "info"
+
+
+async def test_access_log_skips_health_probes_by_default() -> None:
+    stream = io.StringIO()
+    logger = logging.getLogger("tinyllm_trio")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    configure_logging(fast_config(log_format="json"), stream)
+    try:
+        async with running_server(FakeEngine(), access_log=True) as (_, port):
+            for path in ("/health", "/ping", "/metrics", "/nowhere"):
+                await raw_request(port, get(path))
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    logged = [e["path"] for e in lines if e["logger"] == "tinyllm_trio.access"]
+    assert logged == ["/metrics", "/nowhere"]
+    with pytest.raises(ValueError, match="access_log_skip"):
+        fast_config(access_log_skip="health")
 
 
 def test_fast_histogram_observer_counts_like_observe() -> None:

@@ -58,6 +58,7 @@ class ServerConfig:
     log_format: str = "text"
     log_level: str = "info"
     access_log: bool = True
+    access_log_skip: str = "/health,/ping"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -87,8 +88,17 @@ class ServerConfig:
             raise ValueError(
                 f"no_repeat_ngram_size must be in 0..32, got {self.no_repeat_ngram_size}"
             )
+        if any(p and not p.startswith("/") for p in self.access_log_skip.split(",")):
+            raise ValueError(
+                f"access_log_skip must be comma-separated paths starting with '/', "
+                f"got {self.access_log_skip!r}"
+            )
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+
+    def access_logged(self, path: str) -> bool:
+        """Whether a request for `path` gets an access-log line (probes are skipped)."""
+        return self.access_log and path not in self.access_log_skip.split(",")
 
     @classmethod
     def from_args(
@@ -305,6 +315,14 @@ _OPTIONS: tuple[_Option, ...] = (
         _to_bool,
         "log one line per request (true/false)",
         metavar="BOOL",
+    ),
+    _Option(
+        "--access-log-skip",
+        "access_log_skip",
+        str,
+        "comma-separated paths left out of the access log (health probes by default; '' logs "
+        "every path)",
+        metavar="PATHS",
     ),
 )
 
