@@ -286,3 +286,20 @@ def test_fast_histogram_observer_counts_like_observe() -> None:
         exported.append("\n".join(x for x in text.splitlines() if "_created" not in x))
     assert exported[0] == exported[1]
     assert 't_seconds_bucket{le="0.001"} 3.0' in exported[1]
+
+
+def test_ready_line_names_version_model_workers_cores_limits_and_url() -> None:
+    from tinyllm_trio import __version__
+    from tinyllm_trio.http.startup import ready_line
+
+    class Engine:
+        model_path = "/models/x"
+
+        def stats(self) -> dict:
+            workers = [{"cpu": 1}, {"cpu": 2}]
+            return {"workers": workers, "max_batch": 16, "max_queue": 99}
+
+    line = ready_line(fast_config(host="::1"), Engine(), "tinyllm", 8123)
+    assert line.startswith(f"tinyllm-trio {__version__} ready on http://[::1]:8123: model tinyllm")
+    assert "(/models/x), 2 worker(s) pinned to cores 1,2, max batch 16" in line
+    assert "queue 99" in line
