@@ -114,3 +114,19 @@ def test_errors_are_one_clear_line(
     assert out == ""
     assert err.startswith("tinyllm-trio generate: ") and message in err
     assert err.count("\n") == 1  # one line, no traceback
+
+
+def test_help_shows_every_default() -> None:
+    import argparse
+
+    from tinyllm_trio.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    generate = sub.choices["generate"].format_help().replace("\n", " ")
+    for shown in ("(default: 60)", "(default: 3)", "(default: text)", "sample at 1.0"):
+        assert shown in " ".join(generate.split()), shown
+    for name, parser_ in sub.choices.items():
+        for action in parser_._actions:
+            if action.option_strings and action.nargs != 0 and action.dest != "help":
+                assert "default" in (action.help or ""), (name, action.dest)

@@ -32,7 +32,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=60)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy; generate and /process are greedy by default, /v1/* and the Engine "
+        "sample at 1.0",
+    )
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
@@ -66,11 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "generate",
-        help="stream a continuation of a prompt to stdout",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = sub.add_parser("generate", help="stream a continuation of a prompt to stdout")
     p.add_argument("prompt")
     _model_args(p)
     _sampling_args(p)
@@ -117,7 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data", help="directory holding heldout.txt and train.txt")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(_run="tinyllm_trio.training.evaluate:run_cli")
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every command's --help shows each flag's default (serve's flags state theirs, with
+    their environment variables, in their own help text, so they are left as written)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+        elif (
+            action.option_strings
+            and action.default is not argparse.SUPPRESS
+            and action.nargs != 0
+            and "default:" not in (action.help or "")
+        ):
+            shown = "unset" if action.default is None else "%(default)s"
+            action.help = f"{action.help or ''} (default: {shown})".lstrip()
 
 
 def _declare(p: argparse.ArgumentParser, target: str) -> None:
