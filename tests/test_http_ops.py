@@ -234,36 +234,32 @@ async def test_grace_period_over_ends_streams_with_an_error_event() -> None:
     assert engine.cancelled == 2
 
 
-async def test_json_access_log_carries_the_request_id() -> None:
+async def _access_log(requests: list[bytes], **overrides: object) -> list[dict]:
+    """The JSON access-log entries a server with `overrides` writes for `requests`."""
     stream = io.StringIO()
     logger = logging.getLogger("tinyllm_trio")
     saved = (logger.handlers[:], logger.level, logger.propagate)
     configure_logging(fast_config(log_format="json"), stream)
     try:
-        async with running_server(FakeEngine(), access_log=True, access_log_skip="") as (_, port):
-            await raw_request(port, get("/ping", extra="X-Request-Id: trace-42\r\n"))
+        async with running_server(FakeEngine(), access_log=True, **overrides) as (_, port):
+            for request in requests:
+                await raw_request(port, request)
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    access = [e for e in lines if e["logger"] == "tinyllm_trio.access"]
+    return [e for e in lines if e["logger"] == "tinyllm_trio.access"]
+
+
+async def test_json_access_log_carries_the_request_id() -> None:
+    request = get("/ping", extra="X-Request-Id: trace-42\r\n")
+    access = await _access_log([request], access_log_skip="")
     assert access[0]["request_id"] == "trace-42" and access[0]["status"] == 200
     assert access[0]["path"] == "/ping" and access[0]["level"] == "info"
 
 
 async def test_access_log_skips_health_probes_by_default() -> None:
-    stream = io.StringIO()
-    logger = logging.getLogger("tinyllm_trio")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    configure_logging(fast_config(log_format="json"), stream)
-    try:
-        async with running_server(FakeEngine(), access_log=True) as (_, port):
-            for path in ("/health", "/ping", "/metrics", "/nowhere"):
-                await raw_request(port, get(path))
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    logged = [e["path"] for e in lines if e["logger"] == "tinyllm_trio.access"]
-    assert logged == ["/metrics", "/nowhere"]
+    access = await _access_log([get(p) for p in ("/health", "/ping", "/metrics", "/nowhere")])
+    assert [e["path"] for e in access] == ["/metrics", "/nowhere"]
     with pytest.raises(ValueError, match="access_log_skip"):
         fast_config(access_log_skip="health")
 
