@@ -490,3 +490,11 @@ def test_text_mode_encode_decode_encode_is_stable(tok, small, text):
     for t in (tok, small):
         ids = t.encode(text)
         assert t.encode(t.decode(ids, mode="text")) == ids
+
+
+def test_text_mode_capitalises_the_word_i_but_not_a_spelled_word_starting_with_i():
+    # "i" and "the" are the only words, so "icy" and "ink" are spelled from an "i" character.
+    t = build_vocab(["i i the the icy ink saw ."], n_words=2, n_chars=30)
+    ids = t.encode("i saw the icy ink. icy ink")
+    assert ids[1] < t.n_words and t.encode("icy", bos=False)[1] >= t.n_words  # the premise
+    assert t.decode(ids, mode="text") == "I saw the icy ink. Icy ink"

@@ -234,7 +234,7 @@ class StreamDecoder:
                 text[0] not in _CONTRACTION_STARTS if self._in_word else text not in _CONTRACTIONS
             ):
                 space = True
-            if text == "i":
+            if text == "i" and not self._in_word:  # the word, not a spelled word's first letter
                 text = "I"
             elif self._capital:
                 text = _capital(text)
