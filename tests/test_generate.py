@@ -118,6 +118,7 @@ def test_errors_are_one_clear_line(
 
 def test_help_shows_every_default() -> None:
     import argparse
+    import re
 
     from tinyllm_trio.cli import build_parser
 
@@ -126,7 +127,21 @@ def test_help_shows_every_default() -> None:
     generate = sub.choices["generate"].format_help().replace("\n", " ")
     for shown in ("(default: 60)", "(default: 3)", "(default: text)", "sample at 1.0"):
         assert shown in " ".join(generate.split()), shown
-    for name, parser_ in sub.choices.items():
+
+    def check(name: str, parser_: argparse.ArgumentParser) -> None:
         for action in parser_._actions:
-            if action.option_strings and action.nargs != 0 and action.dest != "help":
-                assert "default" in (action.help or ""), (name, action.dest)
+            if isinstance(action, argparse._SubParsersAction):  # bench model, engine, http
+                for sub_name, nested in action.choices.items():
+                    check(f"{name} {sub_name}", nested)
+            elif action.option_strings and action.nargs != 0 and action.dest != "help":
+                shown = (action.help or "").replace("%(default)s", "")
+                if action.required:  # a required flag has no default to show
+                    assert "default" not in shown, (name, action.dest)
+                else:  # shown once, not twice
+                    n = len(re.findall(r"\(default|default:", shown))
+                    assert n == 1, (name, action.dest, shown)
+
+    for name, parser_ in sub.choices.items():
+        check(name, parser_)
+    serve = " ".join(sub.choices["serve"].format_help().split())
+    assert "/process is greedy (0)" in serve and "sample at 1.0" in serve

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -102,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     _declare(b, "tinyllm_trio.http.loadgen:add_arguments")
     b.set_defaults(_run="tinyllm_trio.http.loadgen:run_cli")
 
-    p = sub.add_parser("serve", help="start the HTTP server")
+    p = sub.add_parser(
+        "serve",
+        help="start the HTTP server",
+        description="Start the HTTP server. Default temperature by surface: POST /process is "
+        "greedy (0), as the original was; /v1/completions and /v1/chat/completions sample at "
+        "1.0, as OpenAI's API does.",
+    )
     _declare(p, "tinyllm_trio.config:add_server_arguments")  # beside ServerConfig
     p.set_defaults(_run="tinyllm_trio.http.server:run_cli")
 
@@ -134,7 +141,8 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
             action.option_strings
             and action.default is not argparse.SUPPRESS
             and action.nargs != 0
-            and "default:" not in (action.help or "")
+            and not action.required
+            and not re.search(r"\(default|default:", action.help or "")  # already says it
         ):
             shown = "unset" if action.default is None else "%(default)s"
             action.help = f"{action.help or ''} (default: {shown})".lstrip()
