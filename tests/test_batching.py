@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tinyllm_trio.model.batching import ContinuousBatcher, DoneEvent, Event, TokenEvent
-from tinyllm_trio.model.sampling import SamplingParams
+from tinyllm_trio.model.sampling import Sampler, SamplingParams
 from tinyllm_trio.model.tokenizer import EOS, HybridTokenizer, build_vocab
 from tinyllm_trio.model.transformer import ContextLengthError, ModelConfig, Transformer
 
@@ -253,3 +253,44 @@ def test_logprobs_on_request(model, tokenizer) -> None:
         assert entry["top_logprobs"][0]["id"] == entry["id"]  # greedy picks the best
         assert entry["logprob"] <= 0.0
     assert all(e.logprobs is None for e in events[2] if isinstance(e, TokenEvent))
+
+
+def _ngrams(ids: list[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+
+
+def test_no_repeat_ngram_size_bans_repeats_and_off_keeps_the_fast_path(model, tokenizer) -> None:
+    off = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    ban = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, no_repeat_ngram_size=3)
+    batcher = ContinuousBatcher(model, tokenizer, max_batch=8)
+    for i, prompt in enumerate(PROMPTS):
+        batcher.submit(i, prompt, off)
+        batcher.submit(10 + i, prompt, ban)
+    out = _run(batcher)
+    looped = 0
+    for i, prompt in enumerate(PROMPTS):
+        ids = tokenizer.encode(prompt)
+        plain = ids + _tokens(out[i])
+        banned = ids + _tokens(out[10 + i])
+        grams = _ngrams(banned, 3)
+        assert len(grams) == len(set(grams)), prompt  # no 3-gram of prompt + output twice
+        looped += len(set(_ngrams(plain, 3))) < len(_ngrams(plain, 3))
+        # off: the same tokens as a batch of one with the default parameters
+        alone = ContinuousBatcher(model, tokenizer, max_batch=1)
+        alone.submit(0, prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+        assert _tokens(_run(alone)[0]) == _tokens(out[i])
+    assert looped  # the random model loops without the ban, so the ban was tested
+    assert Sampler(off, tokenizer.vocab_size).plain_greedy
+    assert not Sampler(ban, tokenizer.vocab_size).plain_greedy
+
+
+def test_text_detokenize_mode_reaches_the_stream(model, tokenizer) -> None:
+    batcher = ContinuousBatcher(model, tokenizer, max_batch=2)
+    batcher.submit(0, "once upon a time", SamplingParams(max_tokens=20, temperature=0))
+    text = SamplingParams(max_tokens=20, temperature=0, detokenize="text")
+    batcher.submit(1, "once upon a time", text)
+    out = _run(batcher)
+    assert _tokens(out[0]) == _tokens(out[1])
+    ids = tokenizer.encode("once upon a time")
+    full = tokenizer.decode(ids + _tokens(out[1]), mode="text")
+    assert full == tokenizer.decode(ids, mode="text") + _text(out[1])

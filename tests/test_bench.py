@@ -72,3 +72,28 @@ def test_scaling_ceiling_script_prints_each_round_and_the_median(tiny_checkpoint
     )
     label, median = lines[3].rsplit(" ", 1)
     assert label == "median two/one:" and float(median) == pytest.approx(sum(ratios) / 2)
+
+
+def test_bench_model_reports_each_row_as_it_finishes(tiny_checkpoint):
+    from tinyllm_trio.model.bench import format_table, run_benchmarks, table_head, table_row
+    from tinyllm_trio.model.checkpoint import load_model
+
+    transformer = load_model(tiny_checkpoint).transformer
+    seen: list[tuple[str, int]] = []
+    decode_done: dict = {}
+
+    def on_row(name, rates):
+        seen.append((name, len(decode_done)))
+        if name.startswith("decode"):
+            decode_done[name] = rates
+
+    results = run_benchmarks(transformer, runs=1, batches=(1, 2), steps=2, on_row=on_row)
+    assert seen == [
+        ("prefill, 128-token prompt", 0),
+        ("decode, batch 1", 0),
+        ("decode, batch 2", 1),
+    ]
+    lines = format_table(results, 1).splitlines()
+    assert lines[0] == table_head(1) and lines[2] == table_row(
+        "decode, batch 1", decode_done["decode, batch 1"]
+    )

@@ -44,11 +44,14 @@ def test_console_script_and_python_m_stream_the_same_continuation(tiny_checkpoin
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
         assert proc.returncode == 0, proc.stderr
         outputs.append(proc.stdout)
-    params = SamplingParams(max_tokens=8, temperature=0.9, top_k=5, top_p=0.9, seed=4)
+    cli_defaults = {"no_repeat_ngram_size": 3, "detokenize": "text"}  # generate's defaults
+    params = SamplingParams(
+        max_tokens=8, temperature=0.9, top_k=5, top_p=0.9, seed=4, **cli_defaults
+    )
     expected = _expected(tiny_checkpoint, params, attention_scale="embd")
     assert outputs == [expected + "\n"] * 2
     # the flags mattered: greedy decoding (the default) says something else
-    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, **cli_defaults)
     assert expected != _expected(tiny_checkpoint, greedy, attention_scale="embd")
     assert not outputs[0].startswith(PROMPT)  # the continuation, not the prompt
 
@@ -111,3 +114,34 @@ def test_errors_are_one_clear_line(
     assert out == ""
     assert err.startswith("tinyllm-trio generate: ") and message in err
     assert err.count("\n") == 1  # one line, no traceback
+
+
+def test_help_shows_every_default() -> None:
+    import argparse
+    import re
+
+    from tinyllm_trio.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    generate = sub.choices["generate"].format_help().replace("\n", " ")
+    for shown in ("(default: 60)", "(default: 3)", "(default: text)", "sample at 1.0"):
+        assert shown in " ".join(generate.split()), shown
+
+    def check(name: str, parser_: argparse.ArgumentParser) -> None:
+        for action in parser_._actions:
+            if isinstance(action, argparse._SubParsersAction):  # bench model, engine, http
+                for sub_name, nested in action.choices.items():
+                    check(f"{name} {sub_name}", nested)
+            elif action.option_strings and action.nargs != 0 and action.dest != "help":
+                shown = (action.help or "").replace("%(default)s", "")
+                if action.required:  # a required flag has no default to show
+                    assert "default" not in shown, (name, action.dest)
+                else:  # shown once, not twice
+                    n = len(re.findall(r"\(default|default:", shown))
+                    assert n == 1, (name, action.dest, shown)
+
+    for name, parser_ in sub.choices.items():
+        check(name, parser_)
+    serve = " ".join(sub.choices["serve"].format_help().split())
+    assert "/process is greedy (0)" in serve and "sample at 1.0" in serve

@@ -110,7 +110,9 @@ async def test_openai_sdk_and_the_original_process_api_on_real_workers(tiny_chec
 
         out = await trio.to_thread.run_sync(use_sdk)
         # /process, the original way: raw bytes, raw_decode on the concatenation.
-        request = post("/process", b'{"message": "once upon a time", "max_tokens": 12}')
+        # (no_repeat_ngram_size 0: the OpenAI endpoints' default, /process's is 3)
+        body = b'{"message": "once upon a time", "max_tokens": 12, "no_repeat_ngram_size": 0}'
+        request = post("/process", body)
         status, headers, body = split_response(await raw_request(port, request))
         stats = engine.stats()
 

@@ -345,7 +345,7 @@ async def test_a_client_that_stalls_briefly_gets_its_tokens_written_directly_aga
                 while not received.endswith(b"0\r\n\r\n"):
                     received.extend(await stream.receive_some(65536))
         alone = await engine.complete(
-            "once upon a time", max_tokens=490, ignore_eos=True, temperature=0
+            "once upon a time", max_tokens=490, ignore_eos=True, temperature=0, detokenize="text"
         )
     first_full = writes.results.index(False)
     assert True in writes.results[first_full + 1 :]  # direct writes resumed after the stall

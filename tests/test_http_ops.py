@@ -11,6 +11,7 @@ import json
 import logging
 import re
 
+import pytest
 import trio
 
 from http_fixtures import (
@@ -233,20 +234,34 @@ async def test_grace_period_over_ends_streams_with_an_error_event() -> None:
     assert engine.cancelled == 2
 
 
-async def test_json_access_log_carries_the_request_id() -> None:
+async def _access_log(requests: list[bytes], **overrides: object) -> list[dict]:
+    """The JSON access-log entries a server with `overrides` writes for `requests`."""
     stream = io.StringIO()
     logger = logging.getLogger("tinyllm_trio")
     saved = (logger.handlers[:], logger.level, logger.propagate)
     configure_logging(fast_config(log_format="json"), stream)
     try:
-        async with running_server(FakeEngine(), access_log=True) as (_, port):
-            await raw_request(port, get("/ping", extra="X-Request-Id: trace-42\r\n"))
+        async with running_server(FakeEngine(), access_log=True, **overrides) as (_, port):
+            for request in requests:
+                await raw_request(port, request)
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    access = [e for e in lines if e["logger"] == "tinyllm_trio.access"]
+    return [e for e in lines if e["logger"] == "tinyllm_trio.access"]
+
+
+async def test_json_access_log_carries_the_request_id() -> None:
+    request = get("/ping", extra="X-Request-Id: trace-42\r\n")
+    access = await _access_log([request], access_log_skip="")
     assert access[0]["request_id"] == "trace-42" and access[0]["status"] == 200
     assert access[0]["path"] == "/ping" and access[0]["level"] == "info"
+
+
+async def test_access_log_skips_health_probes_by_default() -> None:
+    access = await _access_log([get(p) for p in ("/health", "/ping", "/metrics", "/nowhere")])
+    assert [e["path"] for e in access] == ["/metrics", "/nowhere"]
+    with pytest.raises(ValueError, match="access_log_skip"):
+        fast_config(access_log_skip="health")
 
 
 def test_fast_histogram_observer_counts_like_observe() -> None:
@@ -267,3 +282,20 @@ def test_fast_histogram_observer_counts_like_observe() -> None:
         exported.append("\n".join(x for x in text.splitlines() if "_created" not in x))
     assert exported[0] == exported[1]
     assert 't_seconds_bucket{le="0.001"} 3.0' in exported[1]
+
+
+def test_ready_line_names_version_model_workers_cores_limits_and_url() -> None:
+    from tinyllm_trio import __version__
+    from tinyllm_trio.http.startup import ready_line
+
+    class Engine:
+        model_path = "/models/x"
+
+        def stats(self) -> dict:
+            workers = [{"cpu": 1}, {"cpu": 2}]
+            return {"workers": workers, "max_batch": 16, "max_queue": 99}
+
+    line = ready_line(fast_config(host="::1"), Engine(), "tinyllm", 8123)
+    assert line.startswith(f"tinyllm-trio {__version__} ready on http://[::1]:8123: model tinyllm")
+    assert "(/models/x), 2 worker(s) pinned to cores 1,2, max batch 16" in line
+    assert "queue 99" in line

@@ -281,3 +281,25 @@ async def test_curl_sees_sse_events_as_they_are_generated() -> None:
     assert len(arrivals) >= 4
     assert arrivals[-1][1].endswith(b"data: [DONE]\n\n")
     assert arrivals[-1][0] - arrivals[0][0] >= 0.3
+
+
+async def test_no_repeat_ngram_and_detokenize_defaults_by_surface() -> None:
+    engine = FakeEngine()
+    completion = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    async with running_server(engine) as (_, port):
+        await raw_request(port, post("/process", b'{"message": "hi", "max_tokens": 2}'))
+        await raw_request(port, post("/v1/completions", completion))
+        explicit = {"message": "hi", "max_tokens": 2, "no_repeat_ngram_size": 0}
+        await raw_request(port, post("/process", json.dumps(explicit).encode()))
+        raw = await raw_request(
+            port, post("/process", b'{"message": "hi", "no_repeat_ngram_size": -1}')
+        )
+    assert [p.no_repeat_ngram_size for _, p in engine.calls] == [3, 0, 0]
+    assert {p.detokenize for _, p in engine.calls} == {"text"}
+    assert split_response(raw)[0] == 400 and b"no_repeat_ngram_size" in raw
+    async with running_server(engine, no_repeat_ngram_size=2, detokenize="plain") as (_, port):
+        await raw_request(port, post("/process", b'{"message": "hi", "max_tokens": 2}'))
+    assert (engine.calls[-1][1].no_repeat_ngram_size, engine.calls[-1][1].detokenize) == (
+        2,
+        "plain",
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -32,13 +33,37 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=60)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy; generate and /process are greedy by default, /v1/* and the Engine "
+        "sample at 1.0",
+    )
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=3,
+        help="ban tokens that would repeat an n-gram of prompt + output (0 = off); on by "
+        "default here because the packaged model's greedy text loops",
+    )
+    _detokenize_arg(p)
+
+
+def _detokenize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--detokenize",
+        choices=["plain", "text"],
+        default="text",
+        help="text: sentence case, 'I' and English apostrophes; plain: the original's "
+        "lowercase form",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     _declare(b, "tinyllm_trio.http.loadgen:add_arguments")
     b.set_defaults(_run="tinyllm_trio.http.loadgen:run_cli")
 
-    p = sub.add_parser("serve", help="start the HTTP server")
+    p = sub.add_parser(
+        "serve",
+        help="start the HTTP server",
+        description="Start the HTTP server. Default temperature by surface: POST /process is "
+        "greedy (0), as the original was; /v1/completions and /v1/chat/completions sample at "
+        "1.0, as OpenAI's API does.",
+    )
     _declare(p, "tinyllm_trio.config:add_server_arguments")  # beside ServerConfig
     p.set_defaults(_run="tinyllm_trio.http.server:run_cli")
 
@@ -95,7 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data", help="directory holding heldout.txt and train.txt")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(_run="tinyllm_trio.training.evaluate:run_cli")
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every command's --help shows each flag's default (serve's flags state theirs, with
+    their environment variables, in their own help text, so they are left as written)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+        elif (
+            action.option_strings
+            and action.default is not argparse.SUPPRESS
+            and action.nargs != 0
+            and not action.required
+            and not re.search(r"\(default|default:", action.help or "")  # already says it
+        ):
+            shown = "unset" if action.default is None else "%(default)s"
+            action.help = f"{action.help or ''} (default: {shown})".lstrip()
 
 
 def _declare(p: argparse.ArgumentParser, target: str) -> None:

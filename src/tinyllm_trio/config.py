@@ -40,6 +40,8 @@ class ServerConfig:
     max_queue: int = 256
     pin_workers: bool = True
     model_name: str | None = None
+    detokenize: str = "text"
+    no_repeat_ngram_size: int = 3
     # limits and timeouts
     max_body_size: int = 1 * MiB
     max_header_size: int = 16 * 1024
@@ -56,6 +58,7 @@ class ServerConfig:
     log_format: str = "text"
     log_level: str = "info"
     access_log: bool = True
+    access_log_skip: str = "/health,/ping"
     # browser clients
     cors_origins: tuple[str, ...] = ()
     no_webui: bool = False
@@ -82,6 +85,17 @@ class ServerConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.shutdown_grace < 0:
             raise ValueError(f"shutdown_grace must be >= 0, got {self.shutdown_grace}")
+        if self.detokenize not in ("plain", "text"):
+            raise ValueError(f"detokenize must be 'plain' or 'text', got {self.detokenize!r}")
+        if not 0 <= self.no_repeat_ngram_size <= 32:
+            raise ValueError(
+                f"no_repeat_ngram_size must be in 0..32, got {self.no_repeat_ngram_size}"
+            )
+        if any(p and not p.startswith("/") for p in self.access_log_skip.split(",")):
+            raise ValueError(
+                f"access_log_skip must be comma-separated paths starting with '/', "
+                f"got {self.access_log_skip!r}"
+            )
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         given = self.cors_origins
@@ -90,6 +104,10 @@ class ServerConfig:
         except argparse.ArgumentTypeError as exc:
             raise ValueError(f"cors_origins: {exc}") from None
         object.__setattr__(self, "cors_origins", origins)
+
+    def access_logged(self, path: str) -> bool:
+        """Whether a request for `path` gets an access-log line (probes are skipped)."""
+        return self.access_log and path not in self.access_log_skip.split(",")
 
     @classmethod
     def from_args(
@@ -221,6 +239,21 @@ _OPTIONS: tuple[_Option, ...] = (
         "model id served by /v1/models and echoed in responses; unset: the engine's id",
     ),
     _Option(
+        "--detokenize",
+        "detokenize",
+        str.lower,
+        "text: sentence case, 'I' and English apostrophes; plain: the original's lowercase form",
+        choices=("plain", "text"),
+    ),
+    _Option(
+        "--no-repeat-ngram-size",
+        "no_repeat_ngram_size",
+        int,
+        "/process's default no_repeat_ngram_size (0 = off): no n-gram of prompt + output is "
+        "generated twice; the OpenAI endpoints default to off",
+        metavar="N",
+    ),
+    _Option(
         "--max-body-size",
         "max_body_size",
         _size,
@@ -314,6 +347,14 @@ _OPTIONS: tuple[_Option, ...] = (
         _to_bool,
         "log one line per request (true/false)",
         metavar="BOOL",
+    ),
+    _Option(
+        "--access-log-skip",
+        "access_log_skip",
+        str,
+        "comma-separated paths left out of the access log (health probes by default; '' logs "
+        "every path)",
+        metavar="PATHS",
     ),
     _Option(
         "--cors-origins",

@@ -55,6 +55,7 @@ SAMPLING_FIELDS = (
     "seed",
     "stop",
     "ignore_eos",
+    "no_repeat_ngram_size",
 )
 SHUTDOWN_MESSAGE = "the server is shutting down; this generation was cancelled"
 

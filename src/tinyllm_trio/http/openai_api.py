@@ -114,10 +114,11 @@ def _check_common(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, include_usage and stream
 
 
-def _sampling(body: dict[str, Any], max_tokens: int, logprobs: int | None):
+def _sampling(body: dict[str, Any], max_tokens: int, logprobs: int | None, detokenize: str):
     return sampling_params(
         max_tokens=max_tokens,
         logprobs=logprobs,
+        detokenize=detokenize,
         **{name: body.get(name) for name in _EXTRA_FIELDS},
     )
 
@@ -338,7 +339,7 @@ async def completions(app: AppState, ex: Exchange) -> None:
         body.get("max_tokens"), "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS, context
     )
     logprobs = body.get("logprobs")
-    params = _sampling(body, max_tokens, logprobs)
+    params = _sampling(body, max_tokens, logprobs, app.config.detokenize)
     generation = HTTPGeneration(app, ex, prompt, params, prompt_param="prompt")
     await _answer(app, generation, chat=False, stream=stream, include_usage=include_usage)
 
@@ -366,7 +367,7 @@ async def chat_completions(app: AppState, ex: Exchange) -> None:
         raise HTTPError(400, "'top_logprobs' must be an integer", param="top_logprobs")
     logprobs = (top or 0) if want_logprobs else None
     try:
-        params = _sampling(body, max_tokens, logprobs)
+        params = _sampling(body, max_tokens, logprobs, app.config.detokenize)
     except HTTPError as exc:
         if exc.param == "logprobs":
             exc.param = "top_logprobs"

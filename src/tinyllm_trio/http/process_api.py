@@ -25,7 +25,9 @@ Where we differ from the original, on purpose:
   crashed or continued the previous request's context).
 - Sampling is greedy by default, like the original; `temperature`, `top_k`, `top_p`, `min_p`,
   `repetition_penalty`, `presence_penalty`, `frequency_penalty`, `seed`, `stop` and
-  `ignore_eos` may be given.
+  `ignore_eos` and `no_repeat_ngram_size` may be given; `no_repeat_ngram_size` defaults to
+  `serve --no-repeat-ngram-size` (3), which keeps greedy text out of loops (the OpenAI
+  endpoints default to 0, off, as OpenAI's API has no such ban).
 - Errors before the stream starts are JSON error responses (`{"error": {"message", "type",
   "param", "code"}}`, like every endpoint); an error after it started is one last chunk
   `{"chunk": "", "is_last": true, "error": "<message>"}`, so a client written for the original
@@ -117,10 +119,14 @@ async def process(app: AppState, ex: Exchange) -> None:
     if not 1 <= max_tokens <= context:
         raise _bad(f"'max_tokens' must be between 1 and {context}", "max_tokens")
     temperature = body.get("temperature")
+    fields = {name: body.get(name) for name in SAMPLING_FIELDS}
+    if fields["no_repeat_ngram_size"] is None:
+        fields["no_repeat_ngram_size"] = app.config.no_repeat_ngram_size
     params = sampling_params(
         max_tokens=max_tokens,
         temperature=0.0 if temperature is None else temperature,
-        **{name: body.get(name) for name in SAMPLING_FIELDS},
+        detokenize=app.config.detokenize,
+        **fields,
     )
     generation = HTTPGeneration(app, ex, message, params, prompt_param="message")
     await stream_response(app, generation, ProcessFormat(message))

@@ -222,7 +222,7 @@ class Router:
         status = ex.status if ex.status is not None else 499  # 499: client left first
         method = ex.method if ex.method in _KNOWN_METHODS else "other"
         self.app.metrics.http_requests.labels(label, method, str(status)).inc()
-        if self.app.config.access_log:
+        if self.app.config.access_logged(ex.path):
             ms = (time.perf_counter() - started) * 1000.0
             access_log.info(
                 '%s "%s %s" %d %.1fms rid=%s',

@@ -45,6 +45,7 @@ import trio
 from tinyllm_trio.config import ServerConfig
 from tinyllm_trio.http.connection import HTTPConnection, HTTPError, json_bytes, reason_phrase
 from tinyllm_trio.http.routes import AppState, Router
+from tinyllm_trio.http.startup import ready_line
 
 log = logging.getLogger("tinyllm_trio.server")
 
@@ -326,7 +327,7 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
                     pin_workers=config.pin_workers,
                 ) as engine:
                     server.attach_engine(engine)
-                    log.info("ready: model %s", server.app.model_name)
+                    log.info("%s", ready_line(config, engine, server.app.model_name, port))
                     await server.stopped.wait()
             except Exception as exc:
                 log.error("the engine failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))

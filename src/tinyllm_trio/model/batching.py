@@ -218,7 +218,7 @@ class ContinuousBatcher:
         sampler = Sampler(params, self.transformer.config.vocab_size, ids, eos_id=EOS)
         # The decoder reads the prompt first, so the completion's first delta carries the
         # spacing a continuation needs (" there", but "," with no space).
-        decoder = self.tokenizer.stream_decoder()
+        decoder = self.tokenizer.stream_decoder(params.detokenize)
         for token in ids:
             decoder.push(token)
         self._waiting.append(

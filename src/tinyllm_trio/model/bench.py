@@ -68,11 +68,16 @@ def run_cli(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"tinyllm-trio bench model: {e}", file=sys.stderr)
         return 1
-    results = run_benchmarks(transformer, runs=args.runs, batches=batches)
     print(f"model: {label}")
     print(f"BLAS threads: 1 ({', '.join(f'{v}=1' for v in BLAS_THREAD_VARS)})")
     print(f"BLAS kernels: {os.environ.get(CORETYPE_VAR) or 'OpenBLAS default'} ({CORETYPE_VAR})")
-    print(format_table(results, args.runs))
+    print(table_head(args.runs), flush=True)
+    results = run_benchmarks(
+        transformer,
+        runs=args.runs,
+        batches=batches,
+        on_row=lambda name, rates: print(table_row(name, rates), flush=True),
+    )
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(to_json(results), indent=2) + "\n")
     return 0
@@ -105,11 +110,16 @@ def _load(model: str | None, attention_scale: str | None):
     return loaded.transformer, f"{loaded.path}: {loaded.transformer.config}"
 
 
-def run_benchmarks(transformer, runs: int = 5, batches=BATCHES, steps: int = DECODE_STEPS):
+def run_benchmarks(
+    transformer, runs: int = 5, batches=BATCHES, steps: int = DECODE_STEPS, on_row=None
+):
     """{"prefill_128": Rates, "decode": {batch: Rates}}, one wall and one CPU rate per run.
 
     A model with a context shorter than 128 + 64 tokens gets shorter prompts / fewer steps.
+    `on_row(name, rates)`, when given, is called as each measurement finishes (so the CLI
+    prints each table row at once, even into a pipe).
     """
+    report = on_row or (lambda name, rates: None)
     import numpy as np
 
     cfg = transformer.config
@@ -122,6 +132,7 @@ def run_benchmarks(transformer, runs: int = 5, batches=BATCHES, steps: int = DEC
         cache.drop(0)
 
     results: dict = {"prefill_128": _timed(prefill, len(prompt), runs, repeat=4), "decode": {}}
+    report(PREFILL_ROW, results["prefill_128"])
     longest = min(DECODE_PROMPT * 3 // 2, cfg.max_context // 2)
     steps = min(steps, cfg.max_context - longest)
     for batch in batches:
@@ -141,6 +152,7 @@ def run_benchmarks(transformer, runs: int = 5, batches=BATCHES, steps: int = DEC
 
         # a batch-1 pass is ~50 ms, too short to time on a shared machine: repeat small ones
         results["decode"][batch] = _timed(decode, batch * steps, runs, repeat=max(1, 16 // batch))
+        report(f"decode, batch {batch}", results["decode"][batch])
     return results
 
 
@@ -193,14 +205,20 @@ def to_json(results: dict) -> dict:
     }
 
 
-def format_table(results: dict, runs: int) -> str:
-    rows = [("prefill, 128-token prompt", results["prefill_128"])]
-    rows += [(f"decode, batch {b}", r) for b, r in results["decode"].items()]
+PREFILL_ROW = "prefill, 128-token prompt"
+
+
+def table_head(runs: int) -> str:
     head = f"tokens/s (median of {runs})"
-    lines = [f"{'measurement':<28}{head:>26}{'min':>9}{'max':>9}{'per CPU-second':>16}"]
-    for name, r in rows:
-        med, cpu = statistics.median(r.wall), statistics.median(r.cpu)
-        lines.append(
-            f"{name:<28}{med:>26,.0f}{min(r.wall):>9,.0f}{max(r.wall):>9,.0f}{cpu:>16,.0f}"
-        )
-    return "\n".join(lines)
+    return f"{'measurement':<28}{head:>26}{'min':>9}{'max':>9}{'per CPU-second':>16}"
+
+
+def table_row(name: str, r) -> str:
+    med, cpu = statistics.median(r.wall), statistics.median(r.cpu)
+    return f"{name:<28}{med:>26,.0f}{min(r.wall):>9,.0f}{max(r.wall):>9,.0f}{cpu:>16,.0f}"
+
+
+def format_table(results: dict, runs: int) -> str:
+    rows = [(PREFILL_ROW, results["prefill_128"])]
+    rows += [(f"decode, batch {b}", r) for b, r in results["decode"].items()]
+    return "\n".join([table_head(runs), *(table_row(name, r) for name, r in rows)])

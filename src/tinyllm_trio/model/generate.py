@@ -25,6 +25,8 @@ def run_cli(args: argparse.Namespace) -> int:
             repetition_penalty=args.repetition_penalty,
             seed=args.seed,
             stop=tuple(args.stop),
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+            detokenize=args.detokenize,
         )
     except InvalidParameterError as exc:
         print(

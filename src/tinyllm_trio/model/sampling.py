@@ -23,9 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from tinyllm_trio.model.tokenizer import DETOKENIZE_MODES
+
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
 MAX_TOP_LOGPROBS = 20
+MAX_NO_REPEAT_NGRAM = 32
 
 
 class InvalidParameterError(ValueError):
@@ -69,6 +72,12 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default=())
     ignore_eos: bool = False
     logprobs: int | None = None
+    # Ban any token that would complete an n-gram already in prompt + output (Hugging Face's
+    # `no_repeat_ngram_size`); 0 is off. It breaks the greedy loops a small model falls into.
+    no_repeat_ngram_size: int = 0
+    # How token ids become text: "plain" (the original's lowercase) or "text" (see
+    # StreamDecoder); a detokenization option in the sampling params, as vLLM keeps its own.
+    detokenize: str = "plain"
 
     def __post_init__(self) -> None:
         _check(_is_int(self.max_tokens), "max_tokens", "max_tokens must be an integer")
@@ -125,6 +134,17 @@ class SamplingParams:
             or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
             "logprobs",
             f"logprobs must be null or an integer in [0, {MAX_TOP_LOGPROBS}]",
+        )
+        _check(
+            _is_int(self.no_repeat_ngram_size)
+            and 0 <= self.no_repeat_ngram_size <= MAX_NO_REPEAT_NGRAM,
+            "no_repeat_ngram_size",
+            f"no_repeat_ngram_size must be an integer in [0, {MAX_NO_REPEAT_NGRAM}] (0 is off)",
+        )
+        _check(
+            self.detokenize in DETOKENIZE_MODES,
+            "detokenize",
+            f"detokenize must be one of {', '.join(DETOKENIZE_MODES)}",
         )
 
     @property
@@ -187,17 +207,27 @@ class Sampler:
             self._output_counts = np.zeros(vocab_size, dtype=np.float32)
             self._seen = np.zeros(vocab_size, dtype=bool)
             self._seen[np.asarray(prompt_ids, dtype=np.int64)] = True
+        self._ngrams: NgramBan | None = None
+        if params.no_repeat_ngram_size:
+            self._ngrams = NgramBan(params.no_repeat_ngram_size, prompt_ids)
 
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits: an argmax over the raw row is exact."""
-        return self.params.greedy and not self.params.penalised and self._banned is None
+        return (
+            self.params.greedy
+            and not self.params.penalised
+            and self._banned is None
+            and self._ngrams is None
+        )
 
     def observe(self, token_id: int) -> None:
-        """Record a generated token (for the penalties)."""
+        """Record a generated token (for the penalties and the n-gram ban)."""
         if self._output_counts is not None:
             self._output_counts[token_id] += 1.0
             self._seen[token_id] = True
+        if self._ngrams is not None:
+            self._ngrams.append(token_id)
 
     def sample(self, logits: np.ndarray) -> int:
         """Pick the next token from one row of raw logits (float32, length vocab)."""
@@ -205,6 +235,10 @@ class Sampler:
         x = logits.astype(np.float64)
         if self._banned is not None:
             x[self._banned] = -np.inf
+        if self._ngrams is not None:
+            banned = self._ngrams.banned()
+            if banned and len(banned) < x.size:  # never ban every token
+                x[list(banned)] = -np.inf
         if self._output_counts is not None:
             if p.repetition_penalty != 1.0:
                 seen = self._seen
@@ -233,6 +267,33 @@ class Sampler:
         cumulative = np.cumsum(probs)
         draw = self._rng.random() * cumulative[-1]
         return int(min(np.searchsorted(cumulative, draw, side="right"), probs.size - 1))
+
+
+class NgramBan:
+    """The tokens that would repeat an n-gram of the sequence so far, kept incrementally.
+
+    Each (n-1)-token context maps to the tokens seen after it, so a step costs one tuple and
+    one dict lookup, not a scan of the sequence.
+    """
+
+    def __init__(self, n: int, ids: Sequence[int] = ()) -> None:
+        self._n = n
+        self._ids: list[int] = []
+        self._next: dict[tuple[int, ...], set[int]] = {}
+        for token in ids:
+            self.append(int(token))
+
+    def append(self, token: int) -> None:
+        self._ids.append(token)
+        if len(self._ids) >= self._n:
+            context = tuple(self._ids[len(self._ids) - self._n : -1])
+            self._next.setdefault(context, set()).add(token)
+
+    def banned(self) -> set[int]:
+        """Tokens that, appended now, would complete an n-gram already present."""
+        if len(self._ids) < self._n - 1:
+            return set()
+        return self._next.get(tuple(self._ids[len(self._ids) - self._n + 1 :]), set())
 
 
 def top_logprobs(row_logprobs: np.ndarray, chosen: int, n: int, token_text: Any) -> dict[str, Any]:

@@ -39,6 +39,7 @@ __all__ = [
     "BOS",
     "CHAR_END",
     "CHAR_START",
+    "DETOKENIZE_MODES",
     "ENDOFTEXT",
     "EOS",
     "PAD",
@@ -81,6 +82,25 @@ _QUOTE = 5  # " before we know whether it opens or closes
 _PUNCT_KIND = {c: _CLOSE for c in ".,!?;:)]}"} | {c: _OPEN for c in "([{"}
 _PUNCT_KIND |= {"'": _JOIN, "-": _JOIN, '"': _QUOTE}
 
+#: ``plain``: the original's lowercase text with the spacing rules; ``text``: the same tokens
+#: shown as people write them (sentence case, "I", English apostrophes). See StreamDecoder.
+DETOKENIZE_MODES = ("plain", "text")
+# What follows an apostrophe inside a word; any other word after a word's ' is a new word.
+_CONTRACTIONS = frozenset({"s", "t", "m", "d", "re", "ll", "ve", "clock"})
+# A spelled word shows only its first character when the choice is made.
+_CONTRACTION_STARTS = frozenset(w[0] for w in _CONTRACTIONS)
+_SENTENCE_END = frozenset(".!?")
+
+
+def _capital(text: str) -> str:
+    """``text`` with its first character upper-cased, where lowercasing gives it back exactly
+    (so encode, which lowercases, cannot tell); final-sigma contexts are left alone."""
+    first = text[:1]
+    upper = first.upper()
+    if first == "\u03c3" or upper == first or upper.lower() != first:
+        return text
+    return upper + text[1:]
+
 
 def _space_before(prev: int, cur: int) -> bool:
     """Whether a token of kind ``cur`` written after one of kind ``prev`` gets a space first."""
@@ -115,6 +135,21 @@ class StreamDecoder:
     - the spacing only changes whitespace between tokens, and only next to a split character, so
       ``encode(decode(encode(t))) == encode(t)``.
 
+    ``mode="text"`` (what ``serve`` and ``generate`` show by default) is a display layer over
+    these rules, still a function of the prefix only, so streaming stays exact:
+
+    - sentence case: the first word of the text, of a story (after ``<BOS>`` / ``<EOS>``), after
+      ``. ! ?`` and after an opening ``"`` that does not follow a word (``said, "Let's``, but
+      ``the "big" dog``) gets a capital; a closing ``"`` after ``!`` or ``?`` cancels it
+      (``"wow!" said tom``), after ``.`` it stands. The word ``i`` is always ``I``
+      (so ``i'm`` -> ``I'm``);
+    - apostrophes: a ``'`` glued to a word stays glued to a contraction's ending
+      (``s t m d re ll ve``, and ``clock``; for a spelled word, its first letter decides), and any
+      other word after it gets a space, so
+      ``dogs' bone`` and ``'hi' she said`` read as English while ``it's`` stays whole;
+    - only case and whitespace next to split characters change, and only where lowercasing gives
+      the character back, so ``encode(decode(ids, mode="text")) == encode(decode(ids))``.
+
     Ids: ``<PAD>`` is ignored; ``<BOS>`` / ``<EOS>`` write nothing and end a spelled word;
     ``<CHAR_START>`` starts a spelled word (ending an unclosed one); ``<CHAR_END>`` ends it (a stray
     one is ignored); a character id outside a spelled word starts one implicitly, so consecutive
@@ -123,15 +158,32 @@ class StreamDecoder:
     ``[0, vocab_size)`` raises ValueError and leaves the decoder unchanged.
     """
 
-    __slots__ = ("_in_word", "_n_words", "_prev", "_quote_open", "_texts", "_word_started")
+    __slots__ = (
+        "_apostrophe",
+        "_capital",
+        "_in_word",
+        "_last",
+        "_n_words",
+        "_prev",
+        "_quote_open",
+        "_text_mode",
+        "_texts",
+        "_word_started",
+    )
 
-    def __init__(self, tokenizer: HybridTokenizer) -> None:
+    def __init__(self, tokenizer: HybridTokenizer, mode: str = "plain") -> None:
+        if mode not in DETOKENIZE_MODES:
+            raise ValueError(f"detokenize mode must be one of {DETOKENIZE_MODES}, got {mode!r}")
         self._texts = tokenizer._texts  # display text per id: words, then characters
         self._n_words = tokenizer.n_words  # the first character id
         self._prev = _START
         self._in_word = False  # inside a spelled word
         self._word_started = False  # ... and it has written its first character
         self._quote_open = False
+        self._text_mode = mode == "text"
+        self._capital = True  # text mode: the next word starts a sentence
+        self._apostrophe = False  # text mode: the last token was a ' glued to a word
+        self._last = ""  # text mode: the last token written
 
     def push(self, token_id: int) -> str:
         tid = _check_id(token_id, len(self._texts))
@@ -153,6 +205,7 @@ class StreamDecoder:
         elif tid in (BOS, EOS):
             self._in_word = False
             self._quote_open = False
+            self._capital = True
         return ""  # PAD, BOS, EOS and the markers write nothing
 
     def _write_char(self, ch: str) -> str:
@@ -167,8 +220,35 @@ class StreamDecoder:
             kind = _CLOSE if self._quote_open else _OPEN
             self._quote_open = not self._quote_open
         space = _space_before(self._prev, kind)
+        if self._text_mode:
+            text, space = self._display(text, kind, space)
         self._prev = kind
         return " " + text if space else text
+
+    def _display(self, text: str, kind: int, space: bool) -> tuple[str, bool]:
+        """Text mode: the case of ``text`` and whether a word after a ' gets its space back."""
+        last, self._last = self._last, text
+        after_apostrophe, self._apostrophe = self._apostrophe, False
+        if kind == _WORD:
+            if after_apostrophe and (
+                text[0] not in _CONTRACTION_STARTS if self._in_word else text not in _CONTRACTIONS
+            ):
+                space = True
+            if text == "i" and not self._in_word:  # the word, not a spelled word's first letter
+                text = "I"
+            elif self._capital:
+                text = _capital(text)
+            self._capital = False
+        elif text in _SENTENCE_END:
+            self._capital = True
+        elif text == '"':
+            if kind == _OPEN:
+                self._capital = self._capital or self._prev != _WORD
+            elif last in ("!", "?"):
+                self._capital = False
+        elif text == "'":
+            self._apostrophe = self._prev == _WORD
+        return text, space
 
 
 def _check_id(token_id: int, vocab_size: int) -> int:
@@ -305,16 +385,18 @@ class HybridTokenizer:
                 self._spelled[word] = spelled
         return spelled
 
-    def stream_decoder(self) -> StreamDecoder:
-        """A fresh decoder; see :class:`StreamDecoder` for the rules."""
-        return StreamDecoder(self)
+    def stream_decoder(self, mode: str = "plain") -> StreamDecoder:
+        """A fresh decoder; see :class:`StreamDecoder` for the rules and the modes."""
+        return StreamDecoder(self, mode)
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], mode: str = "plain") -> str:
         """Ids -> readable text, exactly the concatenated deltas of a :class:`StreamDecoder`.
 
-        Raises ValueError for an id outside ``[0, vocab_size)``.
+        ``mode`` is ``plain`` (the original's lowercase form) or ``text`` (sentence case,
+        "I", English apostrophes; a display layer that ``encode`` cannot tell apart). Raises
+        ValueError for an id outside ``[0, vocab_size)`` or an unknown mode.
         """
-        push = self.stream_decoder().push
+        push = self.stream_decoder(mode).push
         return "".join([push(i) for i in ids])
 
     def token_text(self, token_id: int) -> str:
