@@ -41,6 +41,7 @@ instances (see `ring.sweep_stale`) before it starts.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -68,10 +69,19 @@ from tinyllm_trio.ipc.messages import (
     decode,
     encode,
 )
-from tinyllm_trio.ipc.ring import Frame, Ring, new_prefix, sweep_stale
+from tinyllm_trio.ipc.ring import (
+    Frame,
+    MessageTooLargeError,
+    Ring,
+    RingError,
+    new_prefix,
+    sweep_stale,
+)
 from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, Event, TokenEvent
 from tinyllm_trio.model.blas import single_threaded_env
 from tinyllm_trio.model.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 REQUEST_SLOTS = 32
 REQUEST_SLOT_SIZE = 4096  # a 512-token prompt as JSON ids fits in one slot
@@ -183,7 +193,7 @@ class PendingRequest:
                     sink(event)
                     return
                 except Exception as exc:  # a bug in the sink: this event and the rest queue
-                    print(f"tinyllm: request {self.id}'s token sink: {exc!r}", file=sys.stderr)
+                    log.error("request %d's token sink failed: %r", self.id, exc)
                     self.sink = None
         try:
             self.send.send_nowait(event)
@@ -395,10 +405,11 @@ class WorkerPool:
         slot.stall_scope = None
         if process.returncode is None:  # the deadline passed: hung, not dead
             slot.stalled = True
-            print(
-                f"tinyllm: {slot.name} sent nothing for {self.stall_timeout:g} s while "
-                f"running {len(slot.inflight)} requests; killing it",
-                file=sys.stderr,
+            log.warning(
+                "%s sent nothing for %g s while running %d requests; killing it",
+                slot.name,
+                self.stall_timeout,
+                len(slot.inflight),
             )
             process.kill()
 
@@ -502,7 +513,7 @@ class WorkerPool:
             slot.restarts += 1
             self.restarts += 1
             why = slot.load_error or f"{slot.name} {_describe_exit(slot.last_exit)}"
-            print(f"tinyllm: {why}; restarting in {delay:.2f} s", file=sys.stderr)
+            log.warning("%s; restarting in %.2f s", why, delay)
             with trio.move_on_after(delay):
                 await self._stop_requested.wait()
 
@@ -534,26 +545,28 @@ class WorkerPool:
         slot.load_error = None
         slot.stalled = False
         base = f"{self.prefix}-w{slot.index}g{slot.generation}"
-        requests = self._new_ring(base + "-req", REQUEST_SLOTS, REQUEST_SLOT_SIZE)
+        rings: list[Ring] = []
         try:
-            responses = self._new_ring(base + "-resp", RESPONSE_SLOTS, RESPONSE_SLOT_SIZE)
             try:
-                try:
-                    process = await trio.lowlevel.open_process(
-                        self._command(slot, requests, responses),
-                        stdin=subprocess.DEVNULL,
-                        start_new_session=True,  # the terminal's Ctrl+C is the server's alone
-                        env=single_threaded_env(),  # one BLAS thread: one worker per core
-                    )
-                except OSError as e:  # e.g. EAGAIN, ENOMEM: a failed start, retried with back-off
-                    slot.load_error = f"could not start a worker process: {e}"
-                    slot.last_exit = None
-                    return
-                await self._serve_process(slot, process, requests, responses)
-            finally:
-                self._drop_ring(responses)
+                # posix_ipc's errors (EMFILE, ENOSPC) are not OSError, and whatever fails here
+                # is a failed start of this slot, retried with back-off, never the pool's end.
+                rings.append(self._new_ring(base + "-req", REQUEST_SLOTS, REQUEST_SLOT_SIZE))
+                rings.append(self._new_ring(base + "-resp", RESPONSE_SLOTS, RESPONSE_SLOT_SIZE))
+                requests, responses = rings
+                process = await trio.lowlevel.open_process(
+                    self._command(slot, requests, responses),
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # the terminal's Ctrl+C is the server's alone
+                    env=single_threaded_env(),  # one BLAS thread: one worker per core
+                )
+            except Exception as e:  # e.g. EAGAIN, ENOMEM, EMFILE, a full /dev/shm
+                slot.load_error = f"could not start a worker process: {type(e).__name__}: {e}"
+                slot.last_exit = None
+                return
+            await self._serve_process(slot, process, requests, responses)
         finally:
-            self._drop_ring(requests)
+            for ring in reversed(rings):
+                self._drop_ring(ring)
 
     async def _serve_process(
         self, slot: WorkerSlot, process: trio.Process, requests: Ring, responses: Ring
@@ -565,7 +578,7 @@ class WorkerPool:
             slot.post(Shutdown())
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_loop, requests, outbox_receive)
+                nursery.start_soon(self._write_loop, slot, requests, outbox_receive)
                 nursery.start_soon(self._read_loop, slot, responses)
                 nursery.start_soon(self._watch_stall, slot, process)
                 await process.wait()
@@ -593,9 +606,37 @@ class WorkerPool:
                 slot.inflight.clear()
             self._pump()  # queued requests may fit on the other workers
 
-    async def _write_loop(self, requests: Ring, outbox: trio.MemoryReceiveChannel[object]) -> None:
+    async def _write_loop(
+        self, slot: WorkerSlot, requests: Ring, outbox: trio.MemoryReceiveChannel[object]
+    ) -> None:
+        """Send each queued message; a message that cannot be sent fails its request alone."""
         async for msg in outbox:
-            await requests.send(*encode(msg), limiter=self._limiter)
+            try:
+                frame = encode(msg)  # type: ignore[arg-type]
+            except Exception as e:  # nothing was written: the ring and the worker are fine
+                self._unsendable(slot, msg, e)
+                continue
+            try:
+                await requests.send(*frame, limiter=self._limiter)
+            except MessageTooLargeError as e:  # refused before any frame was written
+                self._unsendable(slot, msg, e)
+            except RingError as e:  # the ring is in an unknown state: replace the worker
+                self._unsendable(slot, msg, e)
+                log.error("%s: its request ring failed (%s); restarting it", slot.name, e)
+                if slot.process is not None:
+                    slot.process.kill()
+                return
+
+    def _unsendable(self, slot: WorkerSlot, msg: object, exc: Exception) -> None:
+        log.error(
+            "%s: could not send %s: %s: %s", slot.name, type(msg).__name__, type(exc).__name__, exc
+        )
+        if isinstance(msg, Submit):
+            request = slot.inflight.pop(msg.request_id, None)
+            if request is not None:
+                why = f"could not send this request to its worker: {type(exc).__name__}: {exc}"
+                self._end(request, ErrorEvent(request.id, why, "internal"))
+                self._pump()
 
     async def _read_loop(self, slot: WorkerSlot, responses: Ring) -> None:
         def deliver(frames: list[Frame]) -> None:
@@ -610,7 +651,7 @@ class WorkerPool:
         try:
             msg = decode(frame.msg_type, frame.request_id, frame.payload)
         except MessageError as e:
-            print(f"tinyllm: {slot.name} sent a bad message: {e}", file=sys.stderr)
+            log.error("%s sent a bad message: %s", slot.name, e)
             return
         if type(msg) is not Batch:
             self._route_one(slot, msg)

@@ -1,0 +1,153 @@
+"""Issue 11, the ipc/ side: a request that cannot be sent fails alone, a ring that cannot get
+its memory fails its creation (never a SIGBUS later), a worker that cannot be restarted for any
+reason is retried with back-off while the others serve."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import posix_ipc
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tinyllm_trio.ipc.pool as pool_mod
+from tinyllm_trio.ipc.messages import Submit, decode, encode
+from tinyllm_trio.ipc.pool import WorkerPool
+from tinyllm_trio.ipc.ring import Ring
+from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, TokenEvent
+from tinyllm_trio.model.sampling import SamplingParams
+
+_ANY_CHAR = st.characters(exclude_categories=())  # st.text() alone never makes a surrogate
+LONG = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(_ANY_CHAR), st.text(_ANY_CHAR, min_size=1))
+def test_messages_encode_any_str_and_round_trip(text: str, stop: str) -> None:
+    """Lone surrogates included: encoding never raises and decoding gives the same str back."""
+    params = SamplingParams(max_tokens=3)
+    object.__setattr__(params, "stop", (stop,))  # past validation, as a buggy caller could
+    for msg in (Submit(7, text, params), TokenEvent(7, [1], text, None, None)):
+        back = decode(*encode(msg))
+        assert back == msg
+
+
+def _unencodable() -> SamplingParams:
+    params = SamplingParams(max_tokens=3)
+    object.__setattr__(params, "stop", (b"not a str",))  # json.dumps raises TypeError
+    return params
+
+
+async def test_a_request_that_cannot_be_sent_fails_alone(tiny_checkpoint: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        pool = WorkerPool(tiny_checkpoint, workers=1)
+        await nursery.start(pool.run)
+        try:
+            other = pool.admit([2, 7], LONG)
+            assert isinstance(await other.events.receive(), TokenEvent)
+            bad = pool.admit([2, 7], _unencodable())
+            with trio.fail_after(10):
+                events = [e async for e in bad.events]
+            assert isinstance(events[-1], ErrorEvent) and events[-1].kind == "internal"
+            assert "could not send this request" in events[-1].message
+            surrogate = SamplingParams(max_tokens=3)
+            object.__setattr__(surrogate, "stop", ("\ud800",))
+            odd = pool.admit([2, 7], surrogate)  # crosses the ring; the worker answers it
+            with trio.fail_after(20):
+                events = [e async for e in odd.events]
+            assert isinstance(events[-1], DoneEvent | ErrorEvent)
+            with trio.fail_after(60):
+                rest = [e async for e in other.events]
+            assert isinstance(rest[-1], DoneEvent) and rest[-1].finish_reason == "length"
+            assert pool.restarts == 0
+        finally:
+            await pool.aclose()
+
+
+async def test_a_worker_that_cannot_be_restarted_backs_off_while_others_serve(
+    tiny_checkpoint: Path, monkeypatch
+) -> None:
+    """posix_ipc's "too many open files" is not an OSError: it used to end the pool."""
+    monkeypatch.setattr(pool_mod, "BACKOFF_FIRST", 0.1)
+    real_create = Ring.create
+    failures = []
+
+    def flaky_create(name: str, **kw) -> Ring:
+        if "-w1g" in name and len(failures) < 3:
+            failures.append(name)
+            raise posix_ipc.Error("Too many open files")
+        return real_create(name, **kw)
+
+    async with trio.open_nursery() as nursery:
+        pool = WorkerPool(tiny_checkpoint, workers=2)
+        await nursery.start(pool.run)
+        try:
+            monkeypatch.setattr(Ring, "create", staticmethod(flaky_create))
+            victim = pool.slots[1]
+            old = victim.pid
+            os.kill(old, signal.SIGKILL)
+            with trio.fail_after(10):
+                while len(failures) < 2:
+                    await trio.sleep(0.01)
+            request = pool.admit([2, 7], SamplingParams(max_tokens=5, temperature=0))
+            assert request.worker is pool.slots[0]  # never routed to the dead slot
+            events = [e async for e in request.events]
+            assert isinstance(events[-1], DoneEvent)
+            with trio.fail_after(20):
+                while not (victim.ready and victim.pid != old):
+                    await trio.sleep(0.02)
+            assert len(failures) == 3 and pool.restarts == 4
+        finally:
+            await pool.aclose()
+
+
+SMALL_SHM = textwrap.dedent(
+    """
+    import sys, trio
+    from tinyllm_trio import open_engine
+    from tinyllm_trio.ipc.ring import Ring, RingError
+    try:
+        Ring.create("/tinyllm-1-00-x", n_slots=64, slot_size=4096)
+    except RingError as e:
+        print("ring:", e, flush=True)
+    import os
+    print("left:", os.listdir("/dev/shm"), flush=True)
+
+    async def main():
+        async with open_engine(sys.argv[1], workers=1) as engine:
+            print(await engine.complete([2, 7], max_tokens=50, temperature=0, ignore_eos=True))
+
+    try:
+        trio.run(main)
+    except Exception as e:
+        print("start:", type(e).__name__, e, flush=True)
+    """
+)
+
+
+def test_a_full_dev_shm_fails_start_up_clearly_never_sigbus(tiny_checkpoint: Path) -> None:
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=100k tmpfs /dev/shm"],
+        capture_output=True,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"no private tmpfs here (unshare -m): {probe.stderr.decode().strip()}")
+    script = 'mount -t tmpfs -o size=200k tmpfs /dev/shm && exec "$0" -c "$1" "$2"'
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, sys.executable, SMALL_SHM, str(tiny_checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+    assert "ring: cannot reserve 262208 bytes" in done.stdout
+    assert "left: []" in done.stdout
+    assert "start: WorkerStartError" in done.stdout and "cannot reserve" in done.stdout
