@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tinyllm_trio.ipc.pool as pool_mod
+from tinyllm_trio.engine import WorkerDiedError
 from tinyllm_trio.ipc.messages import Submit, decode, encode
 from tinyllm_trio.ipc.pool import WorkerPool
 from tinyllm_trio.ipc.ring import Ring
@@ -151,3 +152,45 @@ def test_a_full_dev_shm_fails_start_up_clearly_never_sigbus(tiny_checkpoint: Pat
     assert "ring: cannot reserve 262208 bytes" in done.stdout
     assert "left: []" in done.stdout
     assert "start: WorkerStartError" in done.stdout and "cannot reserve" in done.stdout
+
+
+async def test_with_no_worker_left_requests_fail_clearly_then_recover(
+    tiny_checkpoint: Path, monkeypatch
+) -> None:
+    """The only worker cannot be restarted: queued and new requests fail at once (no hang for
+    the back-off); once a retry succeeds, requests are served again."""
+    monkeypatch.setattr(pool_mod, "BACKOFF_FIRST", 0.2)
+    real_create = Ring.create
+    broken = [True]
+
+    def create(name: str, **kw) -> Ring:
+        if broken[0]:
+            raise posix_ipc.Error("Too many open files")
+        return real_create(name, **kw)
+
+    async with trio.open_nursery() as nursery:
+        pool = WorkerPool(tiny_checkpoint, workers=1, max_batch=1)
+        await nursery.start(pool.run)
+        try:
+            monkeypatch.setattr(Ring, "create", staticmethod(create))
+            slot = pool.slots[0]
+            running = pool.admit([2, 7], LONG)
+            queued = pool.admit([2, 7], LONG)
+            assert pool.waiting == 1
+            os.kill(slot.pid, signal.SIGKILL)
+            with trio.fail_after(10):
+                events = [e async for e in queued.events]
+            assert isinstance(events[-1], ErrorEvent) and events[-1].kind == "worker_died"
+            assert "no worker is running" in events[-1].message
+            assert "Too many open files" in events[-1].message
+            assert [e async for e in running.events][-1].kind == "worker_died"
+            with pytest.raises(WorkerDiedError, match="no worker is running"):
+                pool.admit([2, 7], LONG)
+            broken[0] = False
+            with trio.fail_after(20):
+                while not slot.ready:
+                    await trio.sleep(0.02)
+            request = pool.admit([2, 7], SamplingParams(max_tokens=5, temperature=0))
+            assert isinstance([e async for e in request.events][-1], DoneEvent)
+        finally:
+            await pool.aclose()

@@ -57,6 +57,7 @@ from tinyllm_trio.engine import (
     EngineError,
     OverloadedError,
     ShuttingDownError,
+    WorkerDiedError,
     WorkerStartError,
 )
 from tinyllm_trio.ipc.messages import (
@@ -225,6 +226,8 @@ class WorkerSlot:
     stall_scope: trio.CancelScope | None = None  # its deadline: when a busy worker is hung
     cpu: int | None = None  # the core its process is pinned to (`worker_cpus`)
     stalled: bool = False  # the last process was killed for not responding
+    ready_once: bool = False  # its current process sent Ready
+    down: bool = False  # its last start failed; it waits for a retry (see WorkerPool.live)
 
     @property
     def name(self) -> str:
@@ -306,6 +309,13 @@ class WorkerPool:
     def any_ready(self) -> bool:
         return any(s.ready for s in self.slots)
 
+    @property
+    def live(self) -> bool:
+        """Some worker is up or on its way (a death is followed by a restart); False when the
+        last start of every slot failed, so waiting would mean waiting for a retry that may
+        fail again: then requests are refused rather than queued for an unknown time."""
+        return not all(s.down for s in self.slots)
+
     def stats(self) -> dict[str, object]:
         """Counts for /metrics and /health: running and waiting requests, per-worker load."""
         return {
@@ -338,6 +348,8 @@ class WorkerPool:
         """Raise ShuttingDownError / OverloadedError if `admit` would refuse right now."""
         if not self.accepting:
             raise ShuttingDownError("the engine is shutting down and accepts no new requests")
+        if not self.live:
+            raise WorkerDiedError(self._no_worker_message())
         if self.waiting >= self.max_queue and (self._queue or self._least_loaded() is None):
             raise OverloadedError(
                 f"all {len(self.slots)} workers are busy ({self.running} requests running) and "
@@ -412,6 +424,10 @@ class WorkerPool:
                 len(slot.inflight),
             )
             process.kill()
+
+    def _no_worker_message(self) -> str:
+        why = "; ".join(f"{s.name}: {s.load_error or 'failed to start'}" for s in self.slots)
+        return f"no worker is running (each is being restarted with back-off): {why}"
 
     def _pump(self) -> None:
         """Move queued requests to workers with free slots, oldest first."""
@@ -510,6 +526,12 @@ class WorkerPool:
                 raise WorkerStartError(f"worker {slot.index} failed to start: {why}")
             young_deaths = 0 if trio.current_time() - born > STABLE_AFTER else young_deaths + 1
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (young_deaths - 1)) if young_deaths else 0
+            slot.down = not slot.ready_once
+            if not self.live:  # nobody left to serve the queue: fail it now, not after back-off
+                message = self._no_worker_message()
+                for request in self._queue.values():
+                    self._end(request, ErrorEvent(request.id, message, "worker_died"))
+                self._queue.clear()
             slot.restarts += 1
             self.restarts += 1
             why = slot.load_error or f"{slot.name} {_describe_exit(slot.last_exit)}"
@@ -544,6 +566,7 @@ class WorkerPool:
         slot.generation += 1
         slot.load_error = None
         slot.stalled = False
+        slot.ready_once = False
         base = f"{self.prefix}-w{slot.index}g{slot.generation}"
         rings: list[Ring] = []
         try:
@@ -671,6 +694,8 @@ class WorkerPool:
             if slot.process is None:  # read after its process exited: not ready at all
                 return
             slot.ready = True
+            slot.ready_once = True
+            slot.down = False
             slot.pid = msg.pid
             if all(s.ready for s in self.slots):
                 self._all_ready.set()
