@@ -194,3 +194,34 @@ async def test_with_no_worker_left_requests_fail_clearly_then_recover(
             assert isinstance([e async for e in request.events][-1], DoneEvent)
         finally:
             await pool.aclose()
+
+
+async def test_worker_stderr_and_pool_lines_are_json_with_log_format_json(
+    tmp_path: Path,
+) -> None:
+    """A worker's own stderr line (here: why its model did not load) comes out through
+    `logging`, so with --log-format json it is a JSON line like every other."""
+    import io
+    import json
+    import logging
+
+    from tinyllm_trio.config import ServerConfig
+    from tinyllm_trio.engine import WorkerStartError
+    from tinyllm_trio.http.server import configure_logging
+
+    root = logging.getLogger("tinyllm_trio")
+    saved = (root.handlers[:], root.level, root.propagate)
+    stream = io.StringIO()
+    configure_logging(ServerConfig(log_format="json"), stream)
+    try:
+        (tmp_path / "config.json").write_text("{}")
+        pool = WorkerPool(tmp_path, workers=1)
+        with pytest.raises(WorkerStartError), trio.fail_after(20):
+            await pool.run()
+    finally:
+        root.handlers[:], root.level, root.propagate = saved
+    lines = stream.getvalue().splitlines()
+    records = [json.loads(line) for line in lines]  # every line, or this raises
+    ours = [r for r in records if r["logger"] == "tinyllm_trio.ipc.worker"]
+    assert any("could not load the model" in r["message"] for r in ours), lines
+    assert all(r["worker"] == 0 for r in ours)

@@ -83,6 +83,9 @@ from tinyllm_trio.model.blas import single_threaded_env
 from tinyllm_trio.model.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+worker_log = logging.getLogger("tinyllm_trio.ipc.worker")  # what workers write to stderr
+STDERR_DRAIN = 1.0  # seconds to read a dead worker's last stderr lines (a traceback)
+STDERR_LINE_MAX = 16384
 
 REQUEST_SLOTS = 32
 REQUEST_SLOT_SIZE = 4096  # a 512-token prompt as JSON ids fits in one slot
@@ -579,6 +582,7 @@ class WorkerPool:
                 process = await trio.lowlevel.open_process(
                     self._command(slot, requests, responses),
                     stdin=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,  # re-logged: every line goes through `logging`
                     start_new_session=True,  # the terminal's Ctrl+C is the server's alone
                     env=single_threaded_env(),  # one BLAS thread: one worker per core
                 )
@@ -601,10 +605,14 @@ class WorkerPool:
             slot.post(Shutdown())
         try:
             async with trio.open_nursery() as nursery:
+                stderr_done = trio.Event()
+                nursery.start_soon(self._relog_stderr, slot, process, stderr_done)
                 nursery.start_soon(self._write_loop, slot, requests, outbox_receive)
                 nursery.start_soon(self._read_loop, slot, responses)
                 nursery.start_soon(self._watch_stall, slot, process)
                 await process.wait()
+                with trio.move_on_after(STDERR_DRAIN):
+                    await stderr_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             slot.outbox = None
@@ -615,6 +623,9 @@ class WorkerPool:
                     await process.wait()
             slot.last_exit = process.returncode
             slot.process = None
+            if process.stderr is not None:
+                with trio.CancelScope(shield=True):
+                    await process.stderr.aclose()
             # events the worker wrote before it died still count (e.g. a Done just in time)
             while (frame := responses.get(timeout=0)) is not None:
                 self._route(slot, frame)
@@ -628,6 +639,33 @@ class WorkerPool:
                     self._end(request, ErrorEvent(request.id, message, "worker_died"))
                 slot.inflight.clear()
             self._pump()  # queued requests may fit on the other workers
+
+    async def _relog_stderr(
+        self, slot: WorkerSlot, process: trio.Process, done: trio.Event
+    ) -> None:
+        """Log each line the worker writes to stderr (its warnings, a traceback, a C library's
+        message), so that with ``--log-format json`` every line the server emits is JSON."""
+        name = slot.name
+        pending = b""
+        try:
+            if process.stderr is None:
+                return
+            async for chunk in process.stderr:
+                *lines, pending = (pending + chunk).split(b"\n")
+                if len(pending) > STDERR_LINE_MAX:
+                    lines.append(pending)
+                    pending = b""
+                for line in lines:
+                    self._relog(name, slot.index, line)
+            self._relog(name, slot.index, pending)
+        finally:
+            done.set()
+
+    @staticmethod
+    def _relog(name: str, index: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip()
+        if text:
+            worker_log.warning("%s: %s", name, text, extra={"worker": index})
 
     async def _write_loop(
         self, slot: WorkerSlot, requests: Ring, outbox: trio.MemoryReceiveChannel[object]
