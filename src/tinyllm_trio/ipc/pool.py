@@ -263,7 +263,7 @@ class WorkerPool:
         max_queue: int = 256,
         attention_scale: str | None = None,
         ready_timeout: float = 120.0,
-        stall_timeout: float = 30.0,
+        stall_timeout: float = 5.0,
         pin_workers: bool = True,
     ) -> None:
         workers = default_workers() if workers is None else workers
