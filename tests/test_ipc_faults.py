@@ -60,10 +60,12 @@ async def test_a_request_that_cannot_be_sent_fails_alone(tiny_checkpoint: Path) 
             assert "could not send this request" in events[-1].message
             surrogate = SamplingParams(max_tokens=3)
             object.__setattr__(surrogate, "stop", ("\ud800",))
-            odd = pool.admit([2, 7], surrogate)  # crosses the ring; the worker answers it
+            odd = pool.admit([2, 7], surrogate)  # crosses the ring as an escape
             with trio.fail_after(20):
                 events = [e async for e in odd.events]
-            assert isinstance(events[-1], DoneEvent | ErrorEvent)
+            # the worker refuses it (and lives): it must never decode a message into a crash
+            assert isinstance(events[-1], ErrorEvent) and events[-1].kind == "invalid_request"
+            assert "lone surrogate" in events[-1].message
             with trio.fail_after(60):
                 rest = [e async for e in other.events]
             assert isinstance(rest[-1], DoneEvent) and rest[-1].finish_reason == "length"
@@ -225,3 +227,26 @@ async def test_worker_stderr_and_pool_lines_are_json_with_log_format_json(
     ours = [r for r in records if r["logger"] == "tinyllm_trio.ipc.worker"]
     assert any("could not load the model" in r["message"] for r in ours), lines
     assert all(r["worker"] == 0 for r in ours)
+
+
+async def test_a_lone_surrogate_stop_through_the_engine_fails_only_that_call(
+    tiny_checkpoint: Path,
+) -> None:
+    """The audit's request: refused by the call itself (param "stop"), before anything is
+    queued; a stream already running goes on and the engine keeps serving."""
+    from tinyllm_trio.engine import InvalidParameterError, open_engine
+
+    async with open_engine(tiny_checkpoint, workers=1) as engine:
+        async with engine.generate([2, 7], LONG) as running:
+            first = await running.__anext__()
+            assert isinstance(first, TokenEvent)
+            for stop in ("\ud800", ["ok", "x\udfff"]):
+                with pytest.raises(InvalidParameterError, match="lone surrogate") as info:
+                    engine.generate("hi", max_tokens=3, stop=stop)
+                assert info.value.param == "stop"
+            assert engine.stats()["running"] == 1 and engine.stats()["waiting"] == 0
+            rest = [e async for e in running]
+            assert isinstance(rest[-1], DoneEvent) and rest[-1].finish_reason == "length"
+        done = await engine.complete([2, 7], max_tokens=3, temperature=0, stop="\u00e9")
+        assert done.finish_reason in ("length", "stop")
+        assert engine.stats()["restarts"] == 0

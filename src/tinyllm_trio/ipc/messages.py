@@ -252,3 +252,7 @@ def decode(msg_type: int, request_id: int, payload: bytes) -> Message:
         return Ready(body["pid"], body.get("info", {}), request_id)
     except KeyError as e:
         raise MessageError(f"{kind.name} payload lacks {e}") from None
+    except MessageError:
+        raise
+    except (TypeError, ValueError) as e:  # e.g. sampling parameters the receiver refuses
+        raise MessageError(f"{kind.name} payload is invalid: {e}") from None
