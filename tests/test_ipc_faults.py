@@ -250,3 +250,64 @@ async def test_a_lone_surrogate_stop_through_the_engine_fails_only_that_call(
         done = await engine.complete([2, 7], max_tokens=3, temperature=0, stop="\u00e9")
         assert done.finish_reason in ("length", "stop")
         assert engine.stats()["restarts"] == 0
+
+
+FD_LIMIT = textwrap.dedent(
+    """
+    import os, resource, signal, sys, trio
+    import tinyllm_trio.ipc.pool as pool_mod
+    from tinyllm_trio import open_engine
+
+    pool_mod.BACKOFF_FIRST = 0.05
+
+    async def main():
+        async with open_engine(sys.argv[1], workers=2, pin_workers=False) as engine:
+            pool = engine._pool
+            slot = pool.slots[1]
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+            fillers = []
+
+            def fill():  # every fd there is, including those the dead worker's slot frees
+                try:
+                    while True:
+                        fillers.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError:
+                    pass
+
+            fill()
+            os.kill(slot.pid, signal.SIGKILL)
+            with trio.fail_after(20):
+                while pool.restarts < 3:
+                    fill()
+                    await trio.sleep(0.005)
+            print("error:", slot.load_error, flush=True)
+            done = await engine.complete([2, 7], max_tokens=5, temperature=0)
+            print("served:", done.finish_reason, flush=True)
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            with trio.fail_after(30):
+                while not slot.ready:
+                    await trio.sleep(0.02)
+            print("recovered", flush=True)
+
+    trio.run(main)
+    """
+)
+
+
+def test_out_of_fds_at_a_restart_backs_off_and_the_pool_serves_on(tiny_checkpoint: Path) -> None:
+    """A real RLIMIT_NOFILE: the replacement's rings cannot be created (posix_ipc's EMFILE),
+    the server lives, serves on the other worker, and the slot comes back once fds free up."""
+    done = subprocess.run(
+        [sys.executable, "-c", FD_LIMIT, str(tiny_checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert "error: could not start a worker process" in done.stdout
+    # posix_ipc's wording for EMFILE, or the OS's when the spawn is what runs out
+    assert "maximum number of files open" in done.stdout or "Too many open files" in done.stdout
+    assert "served: length" in done.stdout and "recovered" in done.stdout
