@@ -51,7 +51,7 @@ class ServerConfig:
     keep_alive_timeout: float = 15.0
     send_timeout: float = 30.0
     sse_ping_interval: float = 15.0
-    worker_stall_timeout: float = 30.0
+    worker_stall_timeout: float = 5.0
     shutdown_grace: float = 10.0
     # security and logging
     api_key: str | None = field(default=None, repr=False)

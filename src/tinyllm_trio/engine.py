@@ -350,7 +350,7 @@ async def open_engine(
     attention_scale: str | None = None,
     shutdown_timeout: float = 5.0,
     ready_timeout: float = 120.0,
-    stall_timeout: float = 30.0,
+    stall_timeout: float = 5.0,
     pin_workers: bool = True,
 ) -> AsyncIterator[Engine]:
     """Start `workers` worker processes (default: one per CPU) and yield an Engine.

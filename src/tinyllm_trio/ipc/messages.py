@@ -96,14 +96,22 @@ _TYPES = {int(t): t for t in MsgType}
 
 
 def _json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    # ASCII output (non-ASCII as \u escapes) cannot fail to encode: a lone surrogate a caller
+    # passed (say, in a stop string) crosses as its escape instead of raising in the sender.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def _utf8(text: str) -> bytes:
+    """Token text as bytes; a lone surrogate passes through (decoded the same way) rather than
+    raising in the sender."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 def encode(msg: Message) -> tuple[int, int, bytes]:
     """(message type, request id, payload) for one message."""
     if isinstance(msg, TokenEvent):
-        text = msg.text.encode()
-        reason = (msg.finish_reason or "").encode()
+        text = _utf8(msg.text)
+        reason = _utf8(msg.finish_reason or "")
         payload = b"".join(
             (
                 _TOKEN_HEAD.pack(len(msg.token_ids), len(text), len(reason)),
@@ -168,7 +176,7 @@ def _decode_batch(request_id: int, payload: bytes) -> Batch:
             n_ids, text_len, reason_len, token_id = unpack_token1(payload, pos)
             if n_ids == 1 and reason_len == 0 and token1_size + text_len == length:
                 try:
-                    text = payload[pos + token1_size : end].decode()
+                    text = payload[pos + token1_size : end].decode("utf-8", "surrogatepass")
                 except UnicodeDecodeError as e:
                     raise MessageError(f"token message text is not UTF-8: {e}") from None
                 append(TokenEvent(item_id, [token_id], text, None, None))
@@ -199,9 +207,9 @@ def _decode_token(request_id: int, payload: bytes) -> TokenEvent:
     ids = list(struct.unpack_from(f"<{n_ids}I", payload, pos))
     pos += 4 * n_ids
     try:
-        text = payload[pos : pos + text_len].decode()
+        text = payload[pos : pos + text_len].decode("utf-8", "surrogatepass")
         pos += text_len
-        reason = payload[pos : pos + reason_len].decode() or None
+        reason = payload[pos : pos + reason_len].decode("utf-8", "surrogatepass") or None
     except UnicodeDecodeError as e:
         raise MessageError(f"token message text is not UTF-8: {e}") from None
     pos += reason_len
@@ -244,3 +252,7 @@ def decode(msg_type: int, request_id: int, payload: bytes) -> Message:
         return Ready(body["pid"], body.get("info", {}), request_id)
     except KeyError as e:
         raise MessageError(f"{kind.name} payload lacks {e}") from None
+    except MessageError:
+        raise
+    except (TypeError, ValueError) as e:  # e.g. sampling parameters the receiver refuses
+        raise MessageError(f"{kind.name} payload is invalid: {e}") from None

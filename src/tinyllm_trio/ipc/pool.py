@@ -41,6 +41,7 @@ instances (see `ring.sweep_stale`) before it starts.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -56,6 +57,7 @@ from tinyllm_trio.engine import (
     EngineError,
     OverloadedError,
     ShuttingDownError,
+    WorkerDiedError,
     WorkerStartError,
 )
 from tinyllm_trio.ipc.messages import (
@@ -68,10 +70,22 @@ from tinyllm_trio.ipc.messages import (
     decode,
     encode,
 )
-from tinyllm_trio.ipc.ring import Frame, Ring, new_prefix, sweep_stale
+from tinyllm_trio.ipc.ring import (
+    Frame,
+    MessageTooLargeError,
+    Ring,
+    RingError,
+    new_prefix,
+    sweep_stale,
+)
 from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, Event, TokenEvent
 from tinyllm_trio.model.blas import single_threaded_env
 from tinyllm_trio.model.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+worker_log = logging.getLogger("tinyllm_trio.ipc.worker")  # what workers write to stderr
+STDERR_DRAIN = 1.0  # seconds to read a dead worker's last stderr lines (a traceback)
+STDERR_LINE_MAX = 16384
 
 REQUEST_SLOTS = 32
 REQUEST_SLOT_SIZE = 4096  # a 512-token prompt as JSON ids fits in one slot
@@ -183,7 +197,7 @@ class PendingRequest:
                     sink(event)
                     return
                 except Exception as exc:  # a bug in the sink: this event and the rest queue
-                    print(f"tinyllm: request {self.id}'s token sink: {exc!r}", file=sys.stderr)
+                    log.error("request %d's token sink failed: %r", self.id, exc)
                     self.sink = None
         try:
             self.send.send_nowait(event)
@@ -215,6 +229,8 @@ class WorkerSlot:
     stall_scope: trio.CancelScope | None = None  # its deadline: when a busy worker is hung
     cpu: int | None = None  # the core its process is pinned to (`worker_cpus`)
     stalled: bool = False  # the last process was killed for not responding
+    ready_once: bool = False  # its current process sent Ready
+    down: bool = False  # its last start failed; it waits for a retry (see WorkerPool.live)
 
     @property
     def name(self) -> str:
@@ -247,7 +263,7 @@ class WorkerPool:
         max_queue: int = 256,
         attention_scale: str | None = None,
         ready_timeout: float = 120.0,
-        stall_timeout: float = 30.0,
+        stall_timeout: float = 5.0,
         pin_workers: bool = True,
     ) -> None:
         workers = default_workers() if workers is None else workers
@@ -296,6 +312,13 @@ class WorkerPool:
     def any_ready(self) -> bool:
         return any(s.ready for s in self.slots)
 
+    @property
+    def live(self) -> bool:
+        """Some worker is up or on its way (a death is followed by a restart); False when the
+        last start of every slot failed, so waiting would mean waiting for a retry that may
+        fail again: then requests are refused rather than queued for an unknown time."""
+        return not all(s.down for s in self.slots)
+
     def stats(self) -> dict[str, object]:
         """Counts for /metrics and /health: running and waiting requests, per-worker load."""
         return {
@@ -328,6 +351,8 @@ class WorkerPool:
         """Raise ShuttingDownError / OverloadedError if `admit` would refuse right now."""
         if not self.accepting:
             raise ShuttingDownError("the engine is shutting down and accepts no new requests")
+        if not self.live:
+            raise WorkerDiedError(self._no_worker_message())
         if self.waiting >= self.max_queue and (self._queue or self._least_loaded() is None):
             raise OverloadedError(
                 f"all {len(self.slots)} workers are busy ({self.running} requests running) and "
@@ -395,12 +420,17 @@ class WorkerPool:
         slot.stall_scope = None
         if process.returncode is None:  # the deadline passed: hung, not dead
             slot.stalled = True
-            print(
-                f"tinyllm: {slot.name} sent nothing for {self.stall_timeout:g} s while "
-                f"running {len(slot.inflight)} requests; killing it",
-                file=sys.stderr,
+            log.warning(
+                "%s sent nothing for %g s while running %d requests; killing it",
+                slot.name,
+                self.stall_timeout,
+                len(slot.inflight),
             )
             process.kill()
+
+    def _no_worker_message(self) -> str:
+        why = "; ".join(f"{s.name}: {s.load_error or 'failed to start'}" for s in self.slots)
+        return f"no worker is running (each is being restarted with back-off): {why}"
 
     def _pump(self) -> None:
         """Move queued requests to workers with free slots, oldest first."""
@@ -499,10 +529,16 @@ class WorkerPool:
                 raise WorkerStartError(f"worker {slot.index} failed to start: {why}")
             young_deaths = 0 if trio.current_time() - born > STABLE_AFTER else young_deaths + 1
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (young_deaths - 1)) if young_deaths else 0
+            slot.down = not slot.ready_once
+            if not self.live:  # nobody left to serve the queue: fail it now, not after back-off
+                message = self._no_worker_message()
+                for request in self._queue.values():
+                    self._end(request, ErrorEvent(request.id, message, "worker_died"))
+                self._queue.clear()
             slot.restarts += 1
             self.restarts += 1
             why = slot.load_error or f"{slot.name} {_describe_exit(slot.last_exit)}"
-            print(f"tinyllm: {why}; restarting in {delay:.2f} s", file=sys.stderr)
+            log.warning("%s; restarting in %.2f s", why, delay)
             with trio.move_on_after(delay):
                 await self._stop_requested.wait()
 
@@ -533,27 +569,31 @@ class WorkerPool:
         slot.generation += 1
         slot.load_error = None
         slot.stalled = False
+        slot.ready_once = False
         base = f"{self.prefix}-w{slot.index}g{slot.generation}"
-        requests = self._new_ring(base + "-req", REQUEST_SLOTS, REQUEST_SLOT_SIZE)
+        rings: list[Ring] = []
         try:
-            responses = self._new_ring(base + "-resp", RESPONSE_SLOTS, RESPONSE_SLOT_SIZE)
             try:
-                try:
-                    process = await trio.lowlevel.open_process(
-                        self._command(slot, requests, responses),
-                        stdin=subprocess.DEVNULL,
-                        start_new_session=True,  # the terminal's Ctrl+C is the server's alone
-                        env=single_threaded_env(),  # one BLAS thread: one worker per core
-                    )
-                except OSError as e:  # e.g. EAGAIN, ENOMEM: a failed start, retried with back-off
-                    slot.load_error = f"could not start a worker process: {e}"
-                    slot.last_exit = None
-                    return
-                await self._serve_process(slot, process, requests, responses)
-            finally:
-                self._drop_ring(responses)
+                # posix_ipc's errors (EMFILE, ENOSPC) are not OSError, and whatever fails here
+                # is a failed start of this slot, retried with back-off, never the pool's end.
+                rings.append(self._new_ring(base + "-req", REQUEST_SLOTS, REQUEST_SLOT_SIZE))
+                rings.append(self._new_ring(base + "-resp", RESPONSE_SLOTS, RESPONSE_SLOT_SIZE))
+                requests, responses = rings
+                process = await trio.lowlevel.open_process(
+                    self._command(slot, requests, responses),
+                    stdin=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,  # re-logged: every line goes through `logging`
+                    start_new_session=True,  # the terminal's Ctrl+C is the server's alone
+                    env=single_threaded_env(),  # one BLAS thread: one worker per core
+                )
+            except Exception as e:  # e.g. EAGAIN, ENOMEM, EMFILE, a full /dev/shm
+                slot.load_error = f"could not start a worker process: {type(e).__name__}: {e}"
+                slot.last_exit = None
+                return
+            await self._serve_process(slot, process, requests, responses)
         finally:
-            self._drop_ring(requests)
+            for ring in reversed(rings):
+                self._drop_ring(ring)
 
     async def _serve_process(
         self, slot: WorkerSlot, process: trio.Process, requests: Ring, responses: Ring
@@ -565,10 +605,14 @@ class WorkerPool:
             slot.post(Shutdown())
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_loop, requests, outbox_receive)
+                stderr_done = trio.Event()
+                nursery.start_soon(self._relog_stderr, slot, process, stderr_done)
+                nursery.start_soon(self._write_loop, slot, requests, outbox_receive)
                 nursery.start_soon(self._read_loop, slot, responses)
                 nursery.start_soon(self._watch_stall, slot, process)
                 await process.wait()
+                with trio.move_on_after(STDERR_DRAIN):
+                    await stderr_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             slot.outbox = None
@@ -579,6 +623,9 @@ class WorkerPool:
                     await process.wait()
             slot.last_exit = process.returncode
             slot.process = None
+            if process.stderr is not None:
+                with trio.CancelScope(shield=True):
+                    await process.stderr.aclose()
             # events the worker wrote before it died still count (e.g. a Done just in time)
             while (frame := responses.get(timeout=0)) is not None:
                 self._route(slot, frame)
@@ -593,9 +640,64 @@ class WorkerPool:
                 slot.inflight.clear()
             self._pump()  # queued requests may fit on the other workers
 
-    async def _write_loop(self, requests: Ring, outbox: trio.MemoryReceiveChannel[object]) -> None:
+    async def _relog_stderr(
+        self, slot: WorkerSlot, process: trio.Process, done: trio.Event
+    ) -> None:
+        """Log each line the worker writes to stderr (its warnings, a traceback, a C library's
+        message), so that with ``--log-format json`` every line the server emits is JSON."""
+        name = slot.name
+        pending = b""
+        try:
+            if process.stderr is None:
+                return
+            async for chunk in process.stderr:
+                *lines, pending = (pending + chunk).split(b"\n")
+                if len(pending) > STDERR_LINE_MAX:
+                    lines.append(pending)
+                    pending = b""
+                for line in lines:
+                    self._relog(name, slot.index, line)
+            self._relog(name, slot.index, pending)
+        finally:
+            done.set()
+
+    @staticmethod
+    def _relog(name: str, index: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip()
+        if text:
+            worker_log.warning("%s: %s", name, text, extra={"worker": index})
+
+    async def _write_loop(
+        self, slot: WorkerSlot, requests: Ring, outbox: trio.MemoryReceiveChannel[object]
+    ) -> None:
+        """Send each queued message; a message that cannot be sent fails its request alone."""
         async for msg in outbox:
-            await requests.send(*encode(msg), limiter=self._limiter)
+            try:
+                frame = encode(msg)  # type: ignore[arg-type]
+            except Exception as e:  # nothing was written: the ring and the worker are fine
+                self._unsendable(slot, msg, e)
+                continue
+            try:
+                await requests.send(*frame, limiter=self._limiter)
+            except MessageTooLargeError as e:  # refused before any frame was written
+                self._unsendable(slot, msg, e)
+            except RingError as e:  # the ring is in an unknown state: replace the worker
+                self._unsendable(slot, msg, e)
+                log.error("%s: its request ring failed (%s); restarting it", slot.name, e)
+                if slot.process is not None:
+                    slot.process.kill()
+                return
+
+    def _unsendable(self, slot: WorkerSlot, msg: object, exc: Exception) -> None:
+        log.error(
+            "%s: could not send %s: %s: %s", slot.name, type(msg).__name__, type(exc).__name__, exc
+        )
+        if isinstance(msg, Submit):
+            request = slot.inflight.pop(msg.request_id, None)
+            if request is not None:
+                why = f"could not send this request to its worker: {type(exc).__name__}: {exc}"
+                self._end(request, ErrorEvent(request.id, why, "internal"))
+                self._pump()
 
     async def _read_loop(self, slot: WorkerSlot, responses: Ring) -> None:
         def deliver(frames: list[Frame]) -> None:
@@ -610,7 +712,7 @@ class WorkerPool:
         try:
             msg = decode(frame.msg_type, frame.request_id, frame.payload)
         except MessageError as e:
-            print(f"tinyllm: {slot.name} sent a bad message: {e}", file=sys.stderr)
+            log.error("%s sent a bad message: %s", slot.name, e)
             return
         if type(msg) is not Batch:
             self._route_one(slot, msg)
@@ -630,6 +732,8 @@ class WorkerPool:
             if slot.process is None:  # read after its process exited: not ready at all
                 return
             slot.ready = True
+            slot.ready_once = True
+            slot.down = False
             slot.pid = msg.pid
             if all(s.ready for s in self.slots):
                 self._all_ready.set()

@@ -190,6 +190,22 @@ def _acquire_blocking(
             raise PeerGoneError("the process at the other end of the ring is gone")
 
 
+def _reserve(fd: int, size: int, name: str) -> None:
+    """Allocate every page of a new segment now.
+
+    ``ftruncate`` alone leaves the segment sparse: on a full ``/dev/shm`` the first write to an
+    unbacked page is a SIGBUS that kills the writing process (the server, for a request ring).
+    Reserved here, a ring that cannot get its memory fails its creation with a RingError.
+    """
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        raise RingError(
+            f"cannot reserve {size} bytes of shared memory for {name} in {SHM_DIR}: "
+            f"{e.strerror or e} (is {SHM_DIR} full or too small? see `df {SHM_DIR}`)"
+        ) from e
+
+
 # --- the ring ------------------------------------------------------------------------------------
 
 
@@ -245,6 +261,7 @@ class Ring:
             shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=0o600, size=size)
             created.append(lambda: posix_ipc.unlink_shared_memory(shm_name))
             try:
+                _reserve(shm.fd, size, shm_name)
                 mm = mmap.mmap(shm.fd, size)
             finally:
                 shm.close_fd()

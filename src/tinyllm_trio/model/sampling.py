@@ -31,6 +31,16 @@ MAX_TOP_LOGPROBS = 20
 MAX_NO_REPEAT_NGRAM = 32
 
 
+def _valid_unicode(text: str) -> bool:
+    """False for a str holding a lone surrogate (JSON's "\\ud800" makes one): no generated
+    text can contain it, and it has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class InvalidParameterError(ValueError):
     """A request asked for something impossible; `param` names the field (HTTP 400)."""
 
@@ -126,6 +136,11 @@ class SamplingParams:
             all(len(s) <= MAX_STOP_LENGTH for s in stop),
             "stop",
             f"a stop sequence may be at most {MAX_STOP_LENGTH} characters",
+        )
+        _check(
+            all(_valid_unicode(s) for s in stop),
+            "stop",
+            "a stop sequence must be valid Unicode (it holds a lone surrogate such as \\ud800)",
         )
         object.__setattr__(self, "stop", stop)
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", "ignore_eos must be a boolean")
