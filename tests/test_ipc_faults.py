@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import tinyllm_trio.ipc.pool as pool_mod
 from tinyllm_trio.engine import WorkerDiedError
-from tinyllm_trio.ipc.messages import Submit, decode, encode
+from tinyllm_trio.ipc.messages import MessageError, Submit, decode, encode
 from tinyllm_trio.ipc.pool import WorkerPool
 from tinyllm_trio.ipc.ring import Ring
 from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, TokenEvent
@@ -32,12 +32,18 @@ LONG = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
 @settings(max_examples=300, deadline=None)
 @given(st.text(_ANY_CHAR), st.text(_ANY_CHAR, min_size=1))
 def test_messages_encode_any_str_and_round_trip(text: str, stop: str) -> None:
-    """Lone surrogates included: encoding never raises and decoding gives the same str back."""
+    """Lone surrogates included: encoding never raises, and decoding gives the same message
+    back, except a stop string with a lone surrogate, which the receiver refuses as a
+    MessageError (answered with an error event), never as another exception."""
     params = SamplingParams(max_tokens=3)
     object.__setattr__(params, "stop", (stop,))  # past validation, as a buggy caller could
     for msg in (Submit(7, text, params), TokenEvent(7, [1], text, None, None)):
-        back = decode(*encode(msg))
-        assert back == msg
+        frame = encode(msg)
+        if isinstance(msg, Submit) and any(0xD800 <= ord(c) <= 0xDFFF for c in stop):
+            with pytest.raises(MessageError, match="lone surrogate"):
+                decode(*frame)
+            continue
+        assert decode(*frame) == msg
 
 
 def _unencodable() -> SamplingParams:
