@@ -133,7 +133,15 @@ def _browser(playwright):
     )
 
 
-def _drive_page(port: int, screenshot: Path) -> dict:
+def _error_after_generate(page) -> str:
+    """Generate, wait for the run to end, and return what the error box says."""
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    page.wait_for_function("!document.getElementById('generate').disabled")
+    return page.text_content("#error") or ""
+
+
+def _drive_page(port: int, screenshot: Path, engine: FakeEngine) -> dict:
     from playwright.sync_api import sync_playwright
 
     seen: dict = {}
@@ -179,8 +187,21 @@ def _drive_page(port: int, screenshot: Path) -> dict:
             seen["error"] = page.text_content("#error")
             seen["stored_key"] = page.evaluate("localStorage.getItem('tinyllm_api_key')")
 
-            # Chat mode shows the conversation.
+            # The other errors the API answers with: 400 with its message, 429 with
+            # Retry-After, and an error event inside the stream.
             page.fill("#api_key", "k")
+            page.dispatch_event("#api_key", "change")
+            page.fill("#max_tokens", "-1")
+            seen["bad_request"] = _error_after_generate(page)
+            page.fill("#max_tokens", "6")
+            engine.overloaded = True  # a plain attribute, read by the next generate
+            seen["overloaded"] = _error_after_generate(page)
+            engine.overloaded = False
+            engine.fail_after = 2
+            seen["stream_error"] = _error_after_generate(page)
+            engine.fail_after = None
+
+            # Chat mode shows the conversation.
             page.click("#mode-chat")
             page.fill("#max_tokens", "4")
             page.fill("#prompt", "hello there")
@@ -206,7 +227,7 @@ async def test_playground_in_chromium(tmp_path: Path) -> None:
     engine = FakeEngine(words=words, delay=0.05, max_context=128)
     async with running_server(engine, api_key="k") as (_, port):
         shot = tmp_path / "playground.png"
-        seen = await trio.to_thread.run_sync(_drive_page, port, shot)
+        seen = await trio.to_thread.run_sync(_drive_page, port, shot, engine)
         # The output grew in several steps, and the stats line filled in.
         steps = sorted(set(seen["lengths"]))
         assert len(steps) >= 3, seen["lengths"]
@@ -225,6 +246,9 @@ async def test_playground_in_chromium(tmp_path: Path) -> None:
             shutil.copyfile(shot, os.environ["TINYLLM_SAVE_SCREENSHOT"])
     assert "401" in seen["error"] and "API key" in seen["error"]
     assert seen["stored_key"] == "wrong"
+    assert seen["bad_request"].startswith("400: ") and "max_tokens" in seen["bad_request"]
+    assert seen["overloaded"].startswith("429: ") and "Retry after 1 s" in seen["overloaded"]
+    assert seen["stream_error"].startswith("error during generation: ")
     assert seen["bubbles"][0] == "msg user:userhello there"
     assert seen["bubbles"][1].startswith("msg assistant:assistant lily")
     assert not seen["phone_overflow"]
