@@ -172,7 +172,7 @@ async def test_sse_ping_while_waiting_for_the_first_token() -> None:
     assert events[-1] == "[DONE]" and len(events) == 3
 
 
-async def test_drain_lets_streams_finish_and_answers_503_to_new_work() -> None:
+async def test_drain_refuses_connections_closes_idle_ones_and_serves_open_ones() -> None:
     engine = FakeEngine(delay=0.02)
     async with running_server(engine, shutdown_grace=5.0) as (server, port):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -181,22 +181,48 @@ async def test_drain_lets_streams_finish_and_answers_503_to_new_work() -> None:
         idle = await trio.open_tcp_stream("127.0.0.1", port)
         await idle.send_all(get("/ping", close=False))
         await read_until(idle, b'"ok"}')
+        opened = await trio.open_tcp_stream("127.0.0.1", port)  # no request on it yet
+        with trio.fail_after(2):
+            while server.connection_count < 3:
+                await trio.sleep(0.01)
         server.shutdown()
         with trio.fail_after(1):  # the idle keep-alive connection is closed at once
             while await idle.receive_some(100):
                 pass
-        status, headers, body = split_response(await raw_request(port, get("/health")))
-        assert status == 503 and json.loads(body)["error"]["code"] == "shutting_down"
-        assert headers["connection"] == "close"
-        raw = await raw_request(port, post("/process", b'{"message": "hi"}'))
-        assert split_response(raw)[0] == 503
+        with pytest.raises(OSError):  # the listener is closed: a proxy fails over at connect
+            await trio.open_tcp_stream("127.0.0.1", port)
+        # a request on a connection that was already open is served, and told to close
+        await opened.send_all(post("/process", b'{"message": "hi", "max_tokens": 3}', close=False))
+        status, headers, body = split_response(await read_until(opened, b"\r\n0\r\n\r\n"))
+        assert status == 200 and headers["connection"] == "close"
+        assert json.loads(dechunk(body)[-1])["is_last"] is True
+        with trio.fail_after(2):  # and then closed by the server
+            while await opened.receive_some(100):
+                pass
         rest = await read_until(stream, b"\r\n0\r\n\r\n")
         chunks = [json.loads(c) for c in dechunk(split_response(first + rest)[2])]
         assert len(chunks) == 26 and chunks[-1] == {"chunk": " worried", "is_last": True}
         with trio.fail_after(2):
             await server.stopped.wait()
-        assert engine.finished == 1 and engine.cancelled == 0
+        assert engine.finished == 2 and engine.cancelled == 0
         await stream.aclose()
+
+
+async def test_drain_delay_reports_unready_while_serving_then_drains() -> None:
+    engine = FakeEngine()
+    async with running_server(engine, drain_delay=0.5) as (server, port):
+        server.shutdown()
+        started = trio.current_time()
+        status, _, body = split_response(await raw_request(port, get("/health")))
+        assert status == 503 and json.loads(body)["error"]["code"] == "shutting_down"
+        raw = await raw_request(port, post("/process", b'{"message": "hi", "max_tokens": 2}'))
+        status, _, _ = split_response(raw)
+        assert status == 200 and not server.app.draining  # served as usual: still in the delay
+        with trio.fail_after(5):
+            await server.stopped.wait()
+        assert trio.current_time() - started >= 0.5
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", port)
 
 
 async def test_grace_period_over_ends_streams_with_an_error_event() -> None:

@@ -53,6 +53,7 @@ class ServerConfig:
     sse_ping_interval: float = 15.0
     worker_stall_timeout: float = 5.0
     shutdown_grace: float = 10.0
+    drain_delay: float = 0.0
     # security and logging
     api_key: str | None = field(default=None, repr=False)
     log_format: str = "text"
@@ -62,6 +63,7 @@ class ServerConfig:
     # browser clients
     cors_origins: tuple[str, ...] = ()
     no_webui: bool = False
+    metrics_compat: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -96,6 +98,10 @@ class ServerConfig:
                 f"access_log_skip must be comma-separated paths starting with '/', "
                 f"got {self.access_log_skip!r}"
             )
+        if not 0 <= self.drain_delay < float("inf"):
+            raise ValueError(f"drain_delay must be >= 0 and finite, got {self.drain_delay}")
+        if self.metrics_compat not in (None, "vllm"):
+            raise ValueError(f"metrics_compat must be 'vllm' or unset, got {self.metrics_compat!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         given = self.cors_origins
@@ -326,6 +332,15 @@ _OPTIONS: tuple[_Option, ...] = (
         metavar="SECONDS",
     ),
     _Option(
+        "--drain-delay",
+        "drain_delay",
+        float,
+        "seconds after SIGTERM/SIGINT during which /health says 503 while everything else is "
+        "served as usual, before the drain starts (for a load balancer or Kubernetes to take "
+        "the instance out of rotation first)",
+        metavar="SECONDS",
+    ),
+    _Option(
         "--api-key",
         "api_key",
         str,
@@ -370,6 +385,14 @@ _OPTIONS: tuple[_Option, ...] = (
         _to_bool,
         "do not serve the browser playground at / (which then answers 404)",
         const=True,
+    ),
+    _Option(
+        "--metrics-compat",
+        "metrics_compat",
+        str.lower,
+        "also export the engine gauges under another server's names, for routers and "
+        "dashboards that scrape those (vllm: vllm:num_requests_waiting, ...)",
+        choices=("vllm",),
     ),
 )
 

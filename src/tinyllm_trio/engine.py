@@ -241,6 +241,23 @@ class Generation:
         await self.aclose()
 
 
+def kv_cache_usage(stats: dict[str, Any], max_context: int) -> float:
+    """The fraction (0..1) of the workers' KV cache that running sequences fill.
+
+    Each worker holds `max_batch` cache rows of `max_context` positions; a running sequence
+    fills one position per prompt token and per generated token. So: the sum over running
+    sequences of (prompt + generated tokens), over workers x max_batch x max_context. Counted
+    by the pool from what it sent and received, at no cost to the workers; rows kept only as
+    a cache of finished sequences are not "used".
+    """
+    workers = stats.get("workers") or ()
+    total = len(workers) * int(stats.get("max_batch", 0)) * max_context
+    if total <= 0:
+        return 0.0
+    used = sum(int(w.get("kv_tokens", 0)) for w in workers)
+    return min(1.0, used / total)
+
+
 class Engine:
     """Generation on a pool of worker processes. Get one from `open_engine`."""
 
@@ -271,8 +288,12 @@ class Engine:
         return len(self._pool.slots)
 
     def stats(self) -> dict[str, object]:
-        """running, waiting, capacity, restarts and per-worker load (pid, ready, running)."""
-        return self._pool.stats()
+        """running, waiting, capacity, restarts, per-worker load (pid, ready, running,
+        kv_tokens) and `kv_cache_usage` (see `kv_cache_usage`)."""
+        stats = self._pool.stats()
+        stats["max_context"] = self.model_config.max_context
+        stats["kv_cache_usage"] = kv_cache_usage(stats, self.model_config.max_context)
+        return stats
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt as the worker will see them (text gets BOS first).

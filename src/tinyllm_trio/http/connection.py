@@ -259,9 +259,9 @@ class HTTPConnection:
             if event is not h11.NEED_DATA:  # pragma: no cover - h11 yields nothing else here
                 raise HTTPError(400, "unexpected HTTP event", close=True)
             if not started:
-                # Between requests of a keep-alive connection, a drain closes it; a fresh
-                # connection still gets its (first) request read and answered (with a 503
-                # for new work), so health probes during a drain see the 503.
+                # Between requests of a keep-alive connection, a drain closes it; a connection
+                # accepted just before the listener closed still gets its first request read
+                # and served (with Connection: close): the client sent it in good faith.
                 keep_alive_wait = self.requests_served > 0
                 if keep_alive_wait and self._is_draining():
                     return None

@@ -66,7 +66,7 @@ class AppState(Protocol):
     engine: Any
     config: Any
     metrics: Any
-    draining: bool
+    grace_over: bool
 
     def generation_scope(self) -> Any: ...
 
@@ -243,7 +243,9 @@ class HTTPGeneration:
         return event
 
     async def _first(self) -> TokenEvent | DoneEvent | ErrorEvent:
-        if self._app.draining:
+        # During the drain a request on an open connection is served (with Connection: close);
+        # only once the grace period ran out is new work refused.
+        if self._app.grace_over:
             self._done = "rejected"
             raise HTTPError(
                 503,

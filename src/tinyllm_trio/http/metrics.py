@@ -13,6 +13,14 @@ Names follow vLLM's metric set under a `tinyllm_` prefix, so the usual dashboard
 - `tinyllm_num_requests_running` / `tinyllm_num_requests_waiting`: read from `engine.stats()` at
   scrape time (running in a worker / queued for a slot), plus `tinyllm_worker_restarts_total`
   and `tinyllm_worker_requests_running{worker}` (each worker's load).
+- `tinyllm_kv_cache_usage_ratio`: the fraction (0..1) of the workers' KV cache positions that
+  running sequences fill (`engine.kv_cache_usage`: prompt + generated tokens of every running
+  sequence over workers x max_batch x context), and `tinyllm_worker_kv_cache_usage_ratio{worker}`.
+- `--metrics-compat vllm` also exports the three gauges a router scrapes from vLLM by default,
+  with vLLM's exact names and a `model_name` label: `vllm:num_requests_waiting` (=
+  `tinyllm_num_requests_waiting`), `vllm:num_requests_running` (= `tinyllm_num_requests_running`),
+  `vllm:kv_cache_usage_perc` (= `tinyllm_kv_cache_usage_ratio`; a 0..1 fraction, as vLLM's is,
+  despite "perc"), so dashboards and the Gateway API endpoint picker work unchanged.
 - `tinyllm_http_generations_active`: generations the HTTP layer is streaming now; returns to 0
   when a client disconnects mid-stream, which is how tests see the slot being freed.
 - Histograms: `tinyllm_time_to_first_token_seconds`, `tinyllm_inter_token_latency_seconds`,
@@ -72,14 +80,49 @@ def fast_observer(histogram: Histogram) -> Callable[[float], None]:
 class _EngineCollector:
     """Gauges read from `engine.stats()` when scraped (nothing to keep in sync)."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], dict[str, Any] | None],
+        compat: str | None = None,
+        model_name: Callable[[], str] = lambda: "tinyllm",
+    ) -> None:
         self._stats = stats
+        self._compat = compat
+        self._model_name = model_name
 
     def describe(self):
         return []
 
     def collect(self):
         stats = self._stats() or {}
+        usage = GaugeMetricFamily(
+            "tinyllm_kv_cache_usage_ratio",
+            "Fraction (0..1) of the workers' KV cache positions filled by running sequences",
+        )
+        usage.add_metric([], float(stats.get("kv_cache_usage", 0.0)))
+        per_worker_usage = GaugeMetricFamily(
+            "tinyllm_worker_kv_cache_usage_ratio",
+            "Fraction (0..1) of each worker's KV cache positions filled by running sequences",
+            labels=["worker"],
+        )
+        rows = int(stats.get("max_batch", 0)) * int(stats.get("max_context", 0))
+        for worker in stats.get("workers") or ():
+            filled = float(worker.get("kv_tokens", 0)) / rows if rows > 0 else 0.0
+            per_worker_usage.add_metric([str(worker.get("index", "?"))], min(1.0, filled))
+        yield from (usage, per_worker_usage)
+        if self._compat == "vllm":
+            label = [self._model_name()]
+            for name, doc, value in (
+                ("vllm:num_requests_running", "Requests running (tinyllm_num_requests_running)",
+                 stats.get("running", 0)),
+                ("vllm:num_requests_waiting", "Requests waiting (tinyllm_num_requests_waiting)",
+                 stats.get("waiting", 0)),
+                ("vllm:kv_cache_usage_perc", "KV-cache usage, 0..1 (tinyllm_kv_cache_usage_ratio)",
+                 stats.get("kv_cache_usage", 0.0)),
+            ):  # fmt: skip
+                family = GaugeMetricFamily(name, doc, labels=["model_name"])
+                family.add_metric(label, float(value))
+                yield family
         running = GaugeMetricFamily(
             "tinyllm_num_requests_running", "Requests being generated in a worker now"
         )
@@ -105,7 +148,13 @@ class _EngineCollector:
 class Metrics:
     """The server's instruments; `render()` is the /metrics body."""
 
-    def __init__(self, engine_stats: Callable[[], dict[str, Any] | None]) -> None:
+    def __init__(
+        self,
+        engine_stats: Callable[[], dict[str, Any] | None],
+        *,
+        compat: str | None = None,
+        model_name: Callable[[], str] = lambda: "tinyllm",
+    ) -> None:
         self.registry = r = CollectorRegistry()
         self.http_requests = Counter(
             "tinyllm_http_requests",
@@ -155,7 +204,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        r.register(_EngineCollector(engine_stats))
+        r.register(_EngineCollector(engine_stats, compat, model_name))
         # Once per streamed token: the cheap equivalents of `.observe`.
         self.observe_ttft = fast_observer(self.ttft)
         self.observe_itl = fast_observer(self.itl)

@@ -3,7 +3,8 @@
 - `GET /ping`: liveness, the original's exact answer `{"status": "ok"}`; always 200.
 - `GET /health` (also `/v1/health`): readiness. 503 with an OpenAI-shaped error while the
   workers load (`code: "loading"`) or while the server drains on SIGINT/SIGTERM
-  (`code: "shutting_down"`), 200 `{"status": "ok"}` when it takes requests.
+  (`code: "shutting_down"`, from the signal on, through any `--drain-delay`), 200
+  `{"status": "ok"}` when it takes requests.
 - `GET /metrics`: Prometheus text (see `metrics.py`).
 - `POST /tokenize`: `{"prompt": str}` (or llama-server's `content`, or a chat `messages` list
   through the chat template), `add_special` (default true: BOS first, as generation encodes),
@@ -32,7 +33,7 @@ async def ping(app: AppState, ex: Exchange) -> None:
 
 
 async def health(app: AppState, ex: Exchange) -> None:
-    if app.draining:
+    if app.stopping:
         raise HTTPError(503, "the server is shutting down", code="shutting_down")
     if not app.ready:
         raise HTTPError(503, "Loading model", code="loading", headers=[(b"Retry-After", b"1")])

@@ -61,9 +61,13 @@ class AppState:
     def __init__(self, engine: Any, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
-        self.metrics = Metrics(self._engine_stats)
+        self.metrics = Metrics(
+            self._engine_stats, compat=config.metrics_compat, model_name=lambda: self.model_name
+        )
         self.created = int(time.time())
-        self.draining = False
+        self.stopping = False  # shutdown() was called: /health says 503 (drain delay, drain)
+        self.draining = False  # the drain runs: listeners closed, every response closes
+        self.grace_over = False  # the grace period ran out: nothing new may start
         self.cors = CORSPolicy(config.cors_origins)
         self._generation_scopes: set[trio.CancelScope] = set()
         key = config.api_key
@@ -87,7 +91,7 @@ class AppState:
     def ready(self) -> bool:
         return (
             self.engine is not None and bool(getattr(self.engine, "ready", True))
-        ) and not self.draining
+        ) and not self.stopping
 
     def require_engine(self) -> Any:
         """The engine, or 503 while it loads."""
@@ -116,6 +120,7 @@ class AppState:
             self._generation_scopes.discard(scope)
 
     def cancel_generations(self) -> None:
+        self.grace_over = True
         for scope in list(self._generation_scopes):
             scope.cancel()
 

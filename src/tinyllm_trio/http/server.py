@@ -9,18 +9,26 @@ Embedding in a Trio application (the engine is yours; the server only uses it):
 For a graceful stop, pass `shutdown_trigger` (an async callable; when it returns, the server
 drains), or use `HTTPServer` directly and call `server.shutdown()`.
 
+Start-up: `tinyllm-trio serve` binds its port at once (a port conflict fails fast) but calls
+`listen()` only once the workers are ready, so until then a connection is refused and a proxy
+fails over at connect time, which is safe even for a POST (`HTTPServer.run(wait_for_engine=
+True)`). An embedding that constructs `HTTPServer(None, ...)` without it listens at once and
+answers 503 `loading` meanwhile.
+
 Shutdown is driven by cancel scopes, not flags polled in loops (hypercorn's shape):
 
-1. `shutdown()` marks the app draining and cancels the idle keep-alive waits (idle
-   connections close at once). From then on new work is refused, not new connections:
-   `/health` answers 503 (so a load balancer sees the drain), generation requests get 503
-   `shutting_down` with `Retry-After`, and every response says `Connection: close`.
+0. `shutdown()` marks the app stopping: `/health` answers 503 from now on. With
+   `drain_delay` > 0 everything else is served as usual for that long (readiness turns false
+   before the endpoint is removed, the Kubernetes pattern); then the drain starts.
+1. The drain closes the listening sockets at once (new connections are refused, so a proxy
+   retries them elsewhere) and cancels the idle keep-alive waits (idle connections close at
+   once). A request that still arrives on an open connection is served, with
+   `Connection: close` on its response, like every response from then on.
 2. In-flight requests get `shutdown_grace` seconds to finish on their own.
 3. Then every generation still running is cancelled through its `generation_scope`; each one
    ends its stream with a final error event (`/process`: an error chunk; SSE:
    `data: {"error": ...}` and `data: [DONE]`), bounded by a short final deadline.
-4. The listeners close and whatever connection is left (say, a client stalling on a write)
-   is cancelled outright.
+4. Whatever connection is left (say, a client stalling on a write) is cancelled outright.
 
 `run_cli` wires this to signals: the first SIGINT or SIGTERM drains (exit status 0), a second
 one cancels everything at once (exit status 130). Either way the engine's `async with` exits,
@@ -34,10 +42,12 @@ import errno
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import trio
@@ -55,6 +65,7 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 _ACCEPT_RETRY_SECONDS = 0.1
 _FINAL_EVENT_SECONDS = 2.0  # after the grace period: time to write the final error events
 _REFUSE_SEND_SECONDS = 1.0
+_LISTEN_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn, as trio's default does
 
 
 def _busy_response() -> bytes:
@@ -81,23 +92,31 @@ class HTTPServer:
         self.router = Router(self.app)
         self.port: int | None = None
         self.stopped = trio.Event()
-        self._stop_requested = trio.Event()
         self._connections: set[HTTPConnection] = set()
         self._refusing = 0
         self._all_closed = trio.Event()
+        self._shutdown_called = trio.Event()
+        self._engine_attached = trio.Event()
+        if engine is not None:
+            self._engine_attached.set()
+        self.listening = trio.Event()  # set once the sockets listen
 
     def attach_engine(self, engine: Any) -> None:
-        """Start serving generation requests (the server may listen before workers load)."""
+        """Start serving generation requests (and, with `wait_for_engine`, start listening)."""
         self.app.engine = engine
+        self._engine_attached.set()
 
     def shutdown(self) -> None:
-        """Begin the graceful drain (idempotent; safe to call from any task)."""
-        if self.app.draining:
+        """Begin the shutdown: /health 503, `drain_delay`, then the drain (idempotent; safe to
+        call from any task)."""
+        if self.app.stopping:
             return
-        self.app.draining = True
-        self._stop_requested.set()
-        for conn in list(self._connections):
-            conn.cancel_idle_wait()
+        self.app.stopping = True
+        self._shutdown_called.set()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.app.stopping
 
     @property
     def connection_count(self) -> int:
@@ -107,34 +126,51 @@ class HTTPServer:
         self,
         *,
         shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+        wait_for_engine: bool = False,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen, serve until `shutdown()` (or the trigger), drain, return.
+        """Bind, listen, serve until `shutdown()` (or the trigger), drain, return.
 
-        Reports the bound port with `task_status.started(port)`. Cancelling the caller's scope
-        stops everything at once (no drain).
+        Reports the bound port with `task_status.started(port)`: once listening, or with
+        `wait_for_engine`, once bound, and then listens only after `attach_engine` (or returns
+        if `shutdown()` comes first). Cancelling the caller's scope stops everything at once.
         """
         config = self.config
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
-        self.port = listeners[0].socket.getsockname()[1]
+        sockets = await bind_sockets(config.host, config.port)
+        listeners: list[trio.SocketListener] = []
+        self.port = sockets[0].getsockname()[1]
         try:
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
-                    for listener in listeners:
-                        accepting.start_soon(self._accept_loop, listener, connections)
                     if shutdown_trigger is not None:
                         accepting.start_soon(self._wait_for_trigger, shutdown_trigger)
-                    task_status.started(self.port)
-                    await self._stop_requested.wait()
-                    await self._drain()  # still accepting: late requests get a clear 503
+                    if wait_for_engine:
+                        task_status.started(self.port)
+                        await _first_of(self._engine_attached.wait, self._shutdown_called.wait)
+                    if not self.app.stopping:
+                        listeners = [_listen(sock) for sock in sockets]
+                        for listener in listeners:
+                            accepting.start_soon(self._accept_loop, listener, connections)
+                        self.listening.set()
+                    if not wait_for_engine:
+                        task_status.started(self.port)
+                    await self._shutdown_called.wait()
+                    delay = config.drain_delay
+                    if delay > 0 and listeners:
+                        log.info("/health says 503 now; draining in %.1fs", delay)
+                        await trio.sleep(delay)
                     accepting.cancel_scope.cancel()
+                # Refuse new connections at once: a proxy fails over at connect time.
                 for listener in listeners:
                     await listener.aclose()
+                await self._drain()
                 connections.cancel_scope.cancel()
         finally:
-            for listener in listeners:
-                with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
                     await listener.aclose()
+                for sock in sockets:
+                    sock.close()
             self.stopped.set()
 
     async def _wait_for_trigger(self, trigger: Callable[[], Awaitable[Any]]) -> None:
@@ -142,6 +178,9 @@ class HTTPServer:
         self.shutdown()
 
     async def _drain(self) -> None:
+        self.app.draining = True
+        for conn in list(self._connections):
+            conn.cancel_idle_wait()
         grace = self.config.shutdown_grace
         log.info("draining %d connection(s), grace %.1fs", self.connection_count, grace)
         if self._connections:
@@ -203,6 +242,48 @@ class HTTPServer:
             app.metrics.connections.dec()
             if app.draining and not self._connections:
                 self._all_closed.set()
+
+
+async def bind_sockets(host: str, port: int) -> list[trio.socket.SocketType]:
+    """Bound TCP sockets for `host:port`, not yet listening (a connection is refused).
+
+    What `trio.open_tcp_listeners` does, minus `listen()`: one socket per address `host`
+    resolves to, SO_REUSEADDR, IPv6 sockets IPv6-only. Raises OSError (say, EADDRINUSE) now.
+    """
+    infos = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[trio.socket.SocketType] = []
+    try:
+        for family, kind, proto, _, address in infos:
+            sock = trio.socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind(address)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _listen(sock: trio.socket.SocketType) -> trio.SocketListener:
+    sock.listen(_LISTEN_BACKLOG)
+    return trio.SocketListener(sock)
+
+
+async def _first_of(*waits: Callable[[], Awaitable[Any]]) -> None:
+    """Return when the first of `waits` returns."""
+    async with trio.open_nursery() as nursery:
+
+        async def one(wait: Callable[[], Awaitable[Any]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(one, wait)
 
 
 def _coerce_config(config_or_host: ServerConfig | str | None, port: int | None) -> ServerConfig:
@@ -295,7 +376,7 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
                         log.info("received %s while starting: stopping", name)
                         nursery.cancel_scope.cancel()
                         return
-                    if not server.app.draining:
+                    if not server.shutting_down:
                         log.info(
                             "received %s: draining (grace %.1fs); send it again to stop now",
                             name,
@@ -310,12 +391,16 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
 
             nursery.start_soon(on_signals)
             try:
-                port = await nursery.start(server.run)
+                port = await nursery.start(partial(server.run, wait_for_engine=True))
             except OSError as exc:
                 log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
                 nursery.cancel_scope.cancel()
                 return 1
-            log.info("listening on http://%s:%d", _url_host(config.host), port)
+            log.info(
+                "bound http://%s:%d; listening once the workers are ready",
+                _url_host(config.host),
+                port,
+            )
             try:
                 async with open_engine(
                     config.model,

@@ -186,8 +186,11 @@ class PendingRequest:
     cancel_sent: bool = False
     sink: Callable[[TokenEvent], None] | None = None  # see Generation.set_token_sink
     queued: int = 0  # events in `send` not yet received: a sink must not overtake them
+    generated: int = 0  # token ids received so far: with the prompt, what its KV rows hold
 
     def deliver(self, event: Event) -> None:
+        if type(event) is TokenEvent:
+            self.generated += len(event.token_ids)
         sink = self.sink
         if sink is not None:
             if type(event) is not TokenEvent:
@@ -337,6 +340,8 @@ class WorkerPool:
                     "cpu": s.cpu,
                     "ready": s.ready,
                     "running": len(s.inflight),
+                    # KV positions its running sequences fill (prompt + generated so far)
+                    "kv_tokens": sum(len(r.prompt) + r.generated for r in s.inflight.values()),
                     "generation": s.generation,
                     "restarts": s.restarts,
                     "last_exit": s.last_exit,
