@@ -322,6 +322,7 @@ def test_ready_line_names_version_model_workers_cores_limits_and_url() -> None:
             return {"workers": workers, "max_batch": 16, "max_queue": 99}
 
     line = ready_line(fast_config(host="::1"), Engine(), "tinyllm", 8123)
-    assert line.startswith(f"tinyllm-trio {__version__} ready on http://[::1]:8123: model tinyllm")
+    url = "http://[::1]:8123"
+    assert line.startswith(f"tinyllm-trio {__version__} ready, listening on {url}: model tinyllm")
     assert "(/models/x), 2 worker(s) pinned to cores 1,2, max batch 16" in line
     assert "queue 99" in line

@@ -14,7 +14,7 @@ from tinyllm_trio.config import ServerConfig
 
 
 def ready_line(config: ServerConfig, engine: Any, model_name: str, port: int) -> str:
-    """``tinyllm-trio 0.1.0 ready on URL: model NAME (PATH), N workers (cores ...), ...``."""
+    """``tinyllm-trio 0.1.0 ready, listening on URL: model NAME (PATH), N workers ...``."""
     host = f"[{config.host}]" if ":" in config.host else config.host
     url = f"http://{host}:{port}"
     stats = engine.stats()
@@ -25,7 +25,7 @@ def ready_line(config: ServerConfig, engine: Any, model_name: str, port: int) ->
     else:
         cores = "not pinned"
     return (
-        f"tinyllm-trio {__version__} ready on {url}: model {model_name} "
+        f"tinyllm-trio {__version__} ready, listening on {url}: model {model_name} "
         f"({getattr(engine, 'model_path', None) or 'packaged default'}), "
         f"{len(workers)} worker(s) {cores}, max batch {stats.get('max_batch')} per worker, "
         f"queue {stats.get('max_queue')}, detokenize {config.detokenize}, "
