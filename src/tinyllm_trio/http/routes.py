@@ -168,6 +168,8 @@ class Router:
                 raise HTTPError(404, f"Endpoint not found: {ex.path}", code="not_found")
             _, methods, needs_auth = route
             handler = methods.get(ex.method)
+            if handler is None and ex.method == "HEAD":
+                handler = methods.get("GET")  # RFC 9110 9.3.2: as GET, without the body
             if handler is None:
                 allow = ", ".join(methods).encode("ascii")
                 raise HTTPError(
