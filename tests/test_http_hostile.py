@@ -109,3 +109,21 @@ async def test_head_is_answered_like_get_without_a_body() -> None:
         )
         status, headers, _ = split_response(raw)
         assert status == 405 and headers["allow"] == "POST"
+
+
+async def test_the_connection_cap_is_exact() -> None:
+    cap, extra = 3, 3  # extra <= cap: beyond that many refusals at once, a close
+    async with running_server(FakeEngine(), max_connections=cap, keep_alive_timeout=30.0) as (
+        server,
+        port,
+    ):
+        streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(cap + extra)]
+        refused = 0
+        for stream in streams:
+            with trio.move_on_after(2.0):
+                data = await stream.receive_some(65536)
+                refused += data.startswith(b"HTTP/1.1 503")
+        assert refused == extra
+        assert server.connection_count == cap
+        for stream in streams:
+            await stream.aclose()
