@@ -252,6 +252,14 @@ class HTTPConnection:
                 # that arrived whole in a single read is measured here.
                 if _head_size(event) > self.config.max_header_size:
                     raise HTTPError(431, "request head too large", close=True)
+                if _has_both_framings(event):
+                    # RFC 9112 6.1: a request with both may be an attempt at request smuggling;
+                    # the framing of what follows cannot be trusted, so answer 400 and close.
+                    raise HTTPError(
+                        400,
+                        "a request must not have both Content-Length and Transfer-Encoding",
+                        close=True,
+                    )
                 self.request = event
                 return event
             if type(event) is h11.ConnectionClosed:
@@ -425,11 +433,52 @@ class HTTPConnection:
             await self.stream.aclose()
 
 
+def _check_encodable(value: Any) -> None:
+    """400 with `param` for any string (key or value) that cannot be encoded as UTF-8.
+
+    JSON allows a lone surrogate escape (`"\\ud800"`); such a string cannot be sent to a worker
+    or written back, so every text field is refused here, at the edge, once for all endpoints.
+    Iterative, so a deep document cannot exhaust the stack.
+    """
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            strings = [(path, item)]
+        elif isinstance(item, dict):
+            strings = []
+            for key, child in item.items():
+                child_path = f"{path}.{key}" if path else str(key)
+                strings.append((child_path, key))
+                stack.append((child_path, child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", child) for i, child in enumerate(item))
+            continue
+        else:
+            continue
+        for where, text in strings:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                param = where.encode("utf-8", "replace").decode("utf-8")
+                raise HTTPError(
+                    400,
+                    f"'{param}' is not valid Unicode text (a lone surrogate?)",
+                    param=param,
+                    code="invalid_text",
+                ) from None
+
+
 def _head_size(request: h11.Request) -> int:
     size = len(request.method) + len(request.target) + 12  # "M T HTTP/1.1\r\n"
     for name, value in request.headers:
         size += len(name) + len(value) + 4  # ": " and CRLF
     return size
+
+
+def _has_both_framings(request: h11.Request) -> bool:
+    names = {name for name, _ in request.headers}
+    return b"content-length" in names and b"transfer-encoding" in names
 
 
 def _peer_name(stream: trio.SocketStream) -> str:
@@ -500,9 +549,14 @@ class Exchange:
         except UnicodeDecodeError:
             raise HTTPError(400, "request body is not valid UTF-8") from None
         try:
-            return json.loads(text)
+            value = json.loads(text)
         except ValueError as exc:
             raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise HTTPError(400, "request body is nested too deeply") from None
+        if "\\u" in text:  # only a \uXXXX escape can make a lone surrogate
+            _check_encodable(value)
+        return value
 
     # ---- response -------------------------------------------------------------------------
 

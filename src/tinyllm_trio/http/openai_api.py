@@ -157,7 +157,7 @@ def chat_prompt(messages: Any) -> str:
         if not isinstance(message, dict):
             raise HTTPError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise HTTPError(
                 400, f"messages[{i}].role must be one of {sorted(_ROLES)}", param=f"messages[{i}]"
             )

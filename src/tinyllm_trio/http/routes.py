@@ -189,6 +189,8 @@ class Router:
                 await ex.respond(204, b"", b"text/plain", headers)
                 return
             handler = methods.get(ex.method)
+            if handler is None and ex.method == "HEAD":
+                handler = methods.get("GET")  # RFC 9110 9.3.2: as GET, without the body
             if handler is None:
                 allow = ", ".join(methods).encode("ascii")
                 raise HTTPError(

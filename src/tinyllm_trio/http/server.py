@@ -94,6 +94,7 @@ class HTTPServer:
         self.stopped = trio.Event()
         self._connections: set[HTTPConnection] = set()
         self._refusing = 0
+        self._admitted = 0  # counted at accept, before the connection's task first runs
         self._all_closed = trio.Event()
         self._shutdown_called = trio.Event()
         self._engine_attached = trio.Event()
@@ -204,12 +205,15 @@ class HTTPServer:
                 log.error("accept: %s; retrying in %.1fs", exc, _ACCEPT_RETRY_SECONDS)
                 await trio.sleep(_ACCEPT_RETRY_SECONDS)
                 continue
-            if len(self._connections) >= self.config.max_connections:
+            # Not len(self._connections): a task started here joins it only when it first
+            # runs, so several accepts in a row overshot the cap (513 with 512).
+            if self._admitted >= self.config.max_connections:
                 if self._refusing >= self.config.max_connections:
                     await stream.aclose()  # a flood: not even a 503
                 else:
                     connections.start_soon(self._refuse, stream)
                 continue
+            self._admitted += 1
             connections.start_soon(self._serve_connection, stream)
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
@@ -238,6 +242,7 @@ class HTTPServer:
         except Exception:
             log.exception("connection from %s failed", conn.peer)
         finally:
+            self._admitted -= 1
             self._connections.discard(conn)
             app.metrics.connections.dec()
             if app.draining and not self._connections:
