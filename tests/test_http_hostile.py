@@ -6,7 +6,8 @@ import json
 
 import pytest
 import trio
-from tests.http_fixtures import FakeEngine, get, post, raw_request, running_server, split_response
+
+from http_fixtures import FakeEngine, get, post, raw_request, running_server, split_response
 
 GENERATION = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": 3}),
