@@ -39,6 +39,7 @@ class ServerConfig:
     max_batch: int = 32
     max_queue: int = 256
     pin_workers: bool = True
+    prefix_cache: bool = True
     model_name: str | None = None
     # limits and timeouts
     max_body_size: int = 1 * MiB
@@ -131,6 +132,7 @@ class _Option:
     help: str
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
+    negatable: bool = False  # a boolean: --flag [BOOL] and --no-flag
 
     @property
     def env(self) -> str:
@@ -175,6 +177,15 @@ _OPTIONS: tuple[_Option, ...] = (
         "with fewer workers than cores, keep each worker on a core of its own, leaving the "
         "others to the server (true/false); false when several servers share the cores",
         metavar="BOOL",
+    ),
+    _Option(
+        "--prefix-cache",
+        "prefix_cache",
+        _to_bool,
+        "keep the keys and values of finished sequences and reuse a prompt's longest cached "
+        "prefix; route requests to the worker holding their prefix (--no-prefix-cache: off)",
+        metavar="BOOL",
+        negatable=True,
     ),
     _Option(
         "--max-queue",
@@ -297,6 +308,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         shown = "unset" if default is None else default
         if opt.dest == "max_body_size" or opt.dest == "max_header_size":
             shown = f"{default} bytes"
+        extra: dict[str, Any] = {"nargs": "?", "const": True} if opt.negatable else {}
         parser.add_argument(
             opt.flag,
             dest=opt.dest,
@@ -305,7 +317,17 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
             default=None,
             metavar=opt.metavar,
             help=f"{opt.help} [env {opt.env}; default: {shown}]",
+            **extra,
         )
+        if opt.negatable:
+            parser.add_argument(
+                "--no-" + opt.flag[2:],
+                dest=opt.dest,
+                action="store_const",
+                const=False,
+                default=None,
+                help=f"the same as {opt.flag} false",
+            )
 
 
 __all__ = ["ServerConfig", "add_server_arguments"]

@@ -55,6 +55,10 @@ SAMPLING_FIELDS = (
     "seed",
     "stop",
     "ignore_eos",
+    "logit_bias",
+    "min_tokens",
+    "stop_token_ids",
+    "cache_prompt",
 )
 SHUTDOWN_MESSAGE = "the server is shutting down; this generation was cancelled"
 
@@ -147,6 +151,7 @@ class Collected:
     completion_tokens: int
     logprobs: list[dict[str, Any]] | None = field(default=None)
     text_offsets: list[int] = field(default_factory=list)  # where each logprobs token starts
+    cached_tokens: int = 0
 
 
 class HTTPGeneration:
@@ -468,6 +473,7 @@ async def _collect(generation: HTTPGeneration) -> Collected:
                 event.completion_tokens,
                 logprobs,
                 offsets,
+                event.cached_tokens,
             )
         else:
             raise error_event(event, generation.prompt_param)

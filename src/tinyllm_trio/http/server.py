@@ -324,6 +324,7 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
                     attention_scale=config.attention_scale,
                     stall_timeout=config.worker_stall_timeout,
                     pin_workers=config.pin_workers,
+                    prefix_cache=config.prefix_cache,
                 ) as engine:
                     server.attach_engine(engine)
                     log.info("ready: model %s", server.app.model_name)
