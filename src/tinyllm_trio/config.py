@@ -39,6 +39,7 @@ class ServerConfig:
     max_batch: int = 32
     max_queue: int = 256
     pin_workers: bool = True
+    prefix_cache: bool = True
     model_name: str | None = None
     detokenize: str = "text"
     no_repeat_ngram_size: int = 3
@@ -187,6 +188,7 @@ class _Option:
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
     const: Any = None  # not None: a flag that takes no value and sets `dest` to this
+    negatable: bool = False  # a boolean: --flag [BOOL] and --no-flag
 
     @property
     def env(self) -> str:
@@ -231,6 +233,15 @@ _OPTIONS: tuple[_Option, ...] = (
         "with fewer workers than cores, keep each worker on a core of its own, leaving the "
         "others to the server (true/false); false when several servers share the cores",
         metavar="BOOL",
+    ),
+    _Option(
+        "--prefix-cache",
+        "prefix_cache",
+        _to_bool,
+        "keep the keys and values of finished sequences and reuse a prompt's longest cached "
+        "prefix; route requests to the worker holding their prefix (--no-prefix-cache: off)",
+        metavar="BOOL",
+        negatable=True,
     ),
     _Option(
         "--max-queue",
@@ -420,6 +431,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         if opt.dest == "cors_origins":
             shown = "none"
+        extra: dict[str, Any] = {"nargs": "?", "const": True} if opt.negatable else {}
         parser.add_argument(
             opt.flag,
             dest=opt.dest,
@@ -428,7 +440,17 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
             default=None,
             metavar=opt.metavar,
             help=f"{opt.help} [env {opt.env}; default: {shown}]",
+            **extra,
         )
+        if opt.negatable:
+            parser.add_argument(
+                "--no-" + opt.flag[2:],
+                dest=opt.dest,
+                action="store_const",
+                const=False,
+                default=None,
+                help=f"the same as {opt.flag} false",
+            )
 
 
 __all__ = ["ServerConfig", "add_server_arguments"]

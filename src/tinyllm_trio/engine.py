@@ -134,6 +134,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[str, Any]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    cached_tokens: int = 0  # prompt tokens the worker's prefix cache supplied
 
 
 class Generation:
@@ -287,9 +288,15 @@ class Engine:
     def workers(self) -> int:
         return len(self._pool.slots)
 
+    @property
+    def prefix_cache(self) -> bool:
+        """Whether the workers keep a prefix cache (responses then report cached tokens)."""
+        return self._pool.prefix_cache
+
     def stats(self) -> dict[str, object]:
         """running, waiting, capacity, restarts, per-worker load (pid, ready, running,
-        kv_tokens) and `kv_cache_usage` (see `kv_cache_usage`)."""
+        kv_tokens), `kv_cache_usage` (see `kv_cache_usage`) and prefix-cache counters (queries
+        and hits, in prompt tokens; total and per worker)."""
         stats = self._pool.stats()
         stats["max_context"] = self.model_config.max_context
         stats["kv_cache_usage"] = kv_cache_usage(stats, self.model_config.max_context)
@@ -322,6 +329,7 @@ class Engine:
         elif overrides:
             params = dataclasses.replace(params, **overrides)
         ids = self.encode_prompt(prompt)
+        params.check_vocab(self.model_config.vocab_size)
         self._pool.check_admission()
         return Generation(self._pool, ids, params)
 
@@ -351,6 +359,7 @@ class Engine:
                         token_ids,
                         logprobs if events.params.logprobs is not None else None,
                         event.timings,
+                        event.cached_tokens,
                     )
                 else:
                     raise error_from_event(event)
@@ -373,6 +382,7 @@ async def open_engine(
     ready_timeout: float = 120.0,
     stall_timeout: float = 5.0,
     pin_workers: bool = True,
+    prefix_cache: bool = True,
 ) -> AsyncIterator[Engine]:
     """Start `workers` worker processes (default: one per CPU) and yield an Engine.
 
@@ -387,6 +397,10 @@ async def open_engine(
     the core where this process does the IPC work; this process itself is left alone. Pass
     False when several engines or servers share a machine's cores, or give each its own cores
     with ``taskset`` (see `tinyllm_trio.ipc.pool.worker_cpus`).
+
+    `prefix_cache` lets each worker keep the keys and values of finished sequences and reuse
+    a prompt's longest cached prefix (`tinyllm_trio.model.prefix_cache`); the pool then sends
+    a request to the worker that most likely holds its prefix. Outputs do not change.
     """
     from tinyllm_trio.ipc.pool import WorkerPool, unwrap_single_exception
     from tinyllm_trio.model.checkpoint import load_model
@@ -404,6 +418,7 @@ async def open_engine(
         ready_timeout=ready_timeout,
         stall_timeout=stall_timeout,
         pin_workers=pin_workers,
+        prefix_cache=prefix_cache,
     )
     engine = Engine(pool, loaded.tokenizer, loaded.transformer.config, path)
     del loaded  # the server process needs the tokenizer and config, not the weights

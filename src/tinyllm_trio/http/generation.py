@@ -56,6 +56,10 @@ SAMPLING_FIELDS = (
     "stop",
     "ignore_eos",
     "no_repeat_ngram_size",
+    "logit_bias",
+    "min_tokens",
+    "stop_token_ids",
+    "cache_prompt",
 )
 SHUTDOWN_MESSAGE = "the server is shutting down; this generation was cancelled"
 
@@ -148,6 +152,7 @@ class Collected:
     completion_tokens: int
     logprobs: list[dict[str, Any]] | None = field(default=None)
     text_offsets: list[int] = field(default_factory=list)  # where each logprobs token starts
+    cached_tokens: int = 0
 
 
 class HTTPGeneration:
@@ -471,6 +476,7 @@ async def _collect(generation: HTTPGeneration) -> Collected:
                 event.completion_tokens,
                 logprobs,
                 offsets,
+                event.cached_tokens,
             )
         else:
             raise error_event(event, generation.prompt_param)

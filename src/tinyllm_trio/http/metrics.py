@@ -143,6 +143,16 @@ class _EngineCollector:
         for worker in stats.get("workers") or ():
             per_worker.add_metric([str(worker.get("index", "?"))], float(worker.get("running", 0)))
         yield from (running, waiting, restarts, per_worker)
+        # vLLM's names and units: prompt tokens looked up in the prefix cache, and of those
+        # the tokens it supplied (hits / queries is the hit rate)
+        cache = stats.get("prefix_cache") or {}
+        for name, key, text in (
+            ("tinyllm_prefix_cache_queries", "queries", "Prompt tokens looked up in the cache"),
+            ("tinyllm_prefix_cache_hits", "hits", "Prompt tokens the prefix cache supplied"),
+        ):
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], float(cache.get(key, 0)))
+            yield family
 
 
 class Metrics:

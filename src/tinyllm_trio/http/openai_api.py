@@ -89,8 +89,6 @@ def _check_common(body: dict[str, Any]) -> tuple[bool, bool]:
         raise HTTPError(400, "only best_of=1 is supported", param="best_of")
     if body.get("echo"):
         raise HTTPError(400, "echo is not supported", param="echo")
-    if body.get("logit_bias"):
-        raise HTTPError(400, "logit_bias is not supported", param="logit_bias")
     if body.get("tools"):
         raise HTTPError(400, "tools are not supported by this model", param="tools")
     response_format = body.get("response_format")
@@ -223,12 +221,21 @@ def _chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return {"content": [_chat_logprob(e) for e in entries], "refusal": None}
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage object; `cached` (None when the engine has no prefix cache) becomes
+    `prompt_tokens_details.cached_tokens`, the prompt tokens the cache supplied."""
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
+def _reports_cache(app: AppState) -> bool:
+    return bool(getattr(app.engine, "prefix_cache", False))
 
 
 # ---- streaming ---------------------------------------------------------------------------
@@ -247,6 +254,7 @@ class SSEFormat:
         self._logprobs = logprobs
         self._finished = False
         self._text_size = 0
+        self.report_cache = False  # usage carries prompt_tokens_details.cached_tokens
         self._base = {
             "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -262,7 +270,7 @@ class SSEFormat:
             self._prefix = head + b'"text":'
             self._suffix = b',"logprobs":null,"finish_reason":null}]' + usage + b"}\n\n"
 
-    def _event(self, choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> bytes:
+    def _event(self, choice: dict[str, Any] | None, usage: dict[str, Any] | None = None) -> bytes:
         obj = dict(self._base)
         obj["choices"] = [] if choice is None else [choice]
         if self._include_usage:
@@ -317,7 +325,9 @@ class SSEFormat:
             reason = done.finish_reason if done.finish_reason in ("stop", "length") else "stop"
             out.append(self._event(self._choice(None, reason, None)))
         if self._include_usage:
-            out.append(self._event(None, _usage(done.prompt_tokens, done.completion_tokens)))
+            cached = done.cached_tokens if self.report_cache else None
+            usage = _usage(done.prompt_tokens, done.completion_tokens, cached)
+            out.append(self._event(None, usage))
         out.append(_DONE)
         return [b"".join(out)]
 
@@ -387,6 +397,7 @@ async def _answer(
             include_usage=include_usage,
             logprobs=generation.params.logprobs is not None,
         )
+        fmt.report_cache = _reports_cache(app)
         await stream_response(app, generation, fmt)
         return
     result = await collect_response(app, generation)
@@ -408,7 +419,11 @@ async def _answer(
         "created": int(time.time()),
         "model": app.model_name,
         "choices": [choice],
-        "usage": _usage(result.prompt_tokens, result.completion_tokens),
+        "usage": _usage(
+            result.prompt_tokens,
+            result.completion_tokens,
+            result.cached_tokens if _reports_cache(app) else None,
+        ),
     }
     await generation.exchange.respond_json(200, response)
 

@@ -415,6 +415,7 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
                     attention_scale=config.attention_scale,
                     stall_timeout=config.worker_stall_timeout,
                     pin_workers=config.pin_workers,
+                    prefix_cache=config.prefix_cache,
                 ) as engine:
                     server.attach_engine(engine)
                     log.info("%s", ready_line(config, engine, server.app.model_name, port))

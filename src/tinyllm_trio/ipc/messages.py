@@ -129,6 +129,8 @@ def encode(msg: Message) -> tuple[int, int, bytes]:
             "completion_tokens": msg.completion_tokens,
             "timings": msg.timings,
         }
+        if msg.cached_tokens:
+            body["cached_tokens"] = msg.cached_tokens
         return MsgType.DONE, msg.request_id, _json(body)
     if isinstance(msg, ErrorEvent):
         return MsgType.ERROR, msg.request_id, _json({"message": msg.message, "kind": msg.kind})
@@ -241,6 +243,7 @@ def decode(msg_type: int, request_id: int, payload: bytes) -> Message:
                 body["prompt_tokens"],
                 body["completion_tokens"],
                 body["timings"],
+                body.get("cached_tokens", 0),
             )
         if kind is MsgType.ERROR:
             return ErrorEvent(request_id, body["message"], body["kind"])

@@ -47,7 +47,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -80,6 +80,7 @@ from tinyllm_trio.ipc.ring import (
 )
 from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, Event, TokenEvent
 from tinyllm_trio.model.blas import single_threaded_env
+from tinyllm_trio.model.prefix_cache import block_hashes
 from tinyllm_trio.model.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ RESPONSE_SLOT_SIZE = 4096  # a step's batch of 32 token events is ~1.5 KB; logpr
 BACKOFF_FIRST = 0.25  # seconds before restarting a worker that died young
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0  # a worker that lived this long resets the back-off
+AFFINITY_SLACK = 4  # requests beyond the least-loaded worker's that prefix affinity may add
+PREFIX_TABLE_BLOCKS = 4096  # block hashes remembered per worker (~64 K prompt tokens)
 
 
 def _allowed_cpus() -> list[int]:
@@ -234,6 +237,11 @@ class WorkerSlot:
     stalled: bool = False  # the last process was killed for not responding
     ready_once: bool = False  # its current process sent Ready
     down: bool = False  # its last start failed; it waits for a retry (see WorkerPool.live)
+    # prefix-aware routing: block hashes of prompts sent here lately (LRU, a hint: the
+    # worker's cache may have evicted them), and its prefix cache's counters in tokens
+    prefix_blocks: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    cache_queries: int = 0
+    cache_hits: int = 0
 
     @property
     def name(self) -> str:
@@ -268,6 +276,7 @@ class WorkerPool:
         ready_timeout: float = 120.0,
         stall_timeout: float = 5.0,
         pin_workers: bool = True,
+        prefix_cache: bool = True,
     ) -> None:
         workers = default_workers() if workers is None else workers
         if workers < 1:
@@ -284,6 +293,7 @@ class WorkerPool:
         self.attention_scale = attention_scale
         self.ready_timeout = ready_timeout
         self.stall_timeout = stall_timeout
+        self.prefix_cache = prefix_cache
         self.prefix = new_prefix()
         cpus = worker_cpus(workers) if pin_workers else [None] * workers
         self.slots = [WorkerSlot(i, cpu=cpu) for i, cpu in enumerate(cpus)]
@@ -333,6 +343,11 @@ class WorkerPool:
             "capacity": self.max_batch * len(self.slots),
             "restarts": self.restarts,
             "outcomes": dict(self.outcomes),
+            "prefix_cache": {
+                "enabled": self.prefix_cache,
+                "queries": sum(s.cache_queries for s in self.slots),
+                "hits": sum(s.cache_hits for s in self.slots),
+            },
             "workers": [
                 {
                     "index": s.index,
@@ -345,6 +360,7 @@ class WorkerPool:
                     "generation": s.generation,
                     "restarts": s.restarts,
                     "last_exit": s.last_exit,
+                    "prefix_cache": {"queries": s.cache_queries, "hits": s.cache_hits},
                 }
                 for s in self.slots
             ],
@@ -370,7 +386,7 @@ class WorkerPool:
         send, receive = trio.open_memory_channel[Event](math.inf)
         request = PendingRequest(self._next_id, prompt, params, send, receive)
         self._next_id += 1
-        slot = None if self._queue else self._least_loaded()
+        slot = None if self._queue else self._pick(request)
         if slot is not None:
             self._assign(request, slot)
         else:
@@ -402,7 +418,39 @@ class WorkerPool:
                 best = slot
         return best
 
+    def _pick(self, request: PendingRequest) -> WorkerSlot | None:
+        """The worker for `request`: the one whose table shares the most leading prompt
+        blocks with it (its cache likely holds them), unless it runs more than
+        AFFINITY_SLACK requests beyond the least-loaded worker, which then wins: one hot
+        prefix must not pile every request onto one worker. None if no worker has room."""
+        least = self._least_loaded()
+        if least is None or not self.prefix_cache or not request.params.cache_prompt:
+            return least
+        best, best_blocks = least, 0
+        hashes = block_hashes(request.prompt)
+        limit = len(least.inflight) + AFFINITY_SLACK
+        for slot in self.slots:
+            table = slot.prefix_blocks
+            blocks = 0
+            while blocks < len(hashes) and hashes[blocks] in table:
+                blocks += 1
+            room = slot.ready and slot.outbox is not None and len(slot.inflight) < self.max_batch
+            if blocks > best_blocks and room and len(slot.inflight) <= limit:
+                best, best_blocks = slot, blocks
+        return best
+
+    def _remember_prefix(self, request: PendingRequest, slot: WorkerSlot) -> None:
+        if not self.prefix_cache or not request.params.cache_prompt:
+            return
+        table = slot.prefix_blocks
+        for h in block_hashes(request.prompt):
+            table[h] = None
+            table.move_to_end(h)
+        while len(table) > PREFIX_TABLE_BLOCKS:
+            table.popitem(last=False)
+
     def _assign(self, request: PendingRequest, slot: WorkerSlot) -> None:
+        self._remember_prefix(request, slot)
         request.worker = slot
         slot.inflight[request.id] = request
         slot.post(Submit(request.id, request.prompt, request.params))
@@ -444,7 +492,7 @@ class WorkerPool:
             if slot is None:
                 return
             request = self._queue.pop(next(iter(self._queue)))
-            self._assign(request, slot)
+            self._assign(request, self._pick(request) or slot)
 
     def _end(self, request: PendingRequest, event: DoneEvent | ErrorEvent) -> None:
         """Deliver a request's final event (once) and count its outcome."""
@@ -561,6 +609,8 @@ class WorkerPool:
         cmd += ["--requests", requests.name, "--responses", responses.name]
         cmd += ["--parent-pid", str(os.getpid()), "--index", str(slot.index)]
         cmd += ["--max-batch", str(self.max_batch)]
+        if not self.prefix_cache:
+            cmd.append("--no-prefix-cache")
         if slot.cpu is not None:
             cmd += ["--cpu", str(slot.cpu)]
         if self.model is not None:
@@ -740,6 +790,7 @@ class WorkerPool:
             slot.ready_once = True
             slot.down = False
             slot.pid = msg.pid
+            slot.prefix_blocks.clear()  # a new process: its cache starts empty
             if all(s.ready for s in self.slots):
                 self._all_ready.set()
             self._pump()
@@ -752,6 +803,9 @@ class WorkerPool:
         if isinstance(msg, TokenEvent):
             request.deliver(msg)
         elif isinstance(msg, DoneEvent | ErrorEvent):
+            if isinstance(msg, DoneEvent) and self.prefix_cache and request.params.cache_prompt:
+                slot.cache_queries += msg.prompt_tokens
+                slot.cache_hits += msg.cached_tokens
             del slot.inflight[request.id]
             self._end(request, msg)
             self._pump()

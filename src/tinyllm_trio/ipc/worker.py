@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint directory (default: packaged)")
     p.add_argument("--attention-scale", choices=["head", "embd"], default=None)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     p.add_argument("--index", type=int, default=0, help="worker number, for messages")
     p.add_argument("--cpu", type=int, default=None, help="pin this process to that core")
     return p
@@ -201,10 +202,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_LOAD_FAILED
 
         def make_batcher() -> ContinuousBatcher:
-            return ContinuousBatcher(loaded.transformer, loaded.tokenizer, args.max_batch)
+            return ContinuousBatcher(
+                loaded.transformer,
+                loaded.tokenizer,
+                args.max_batch,
+                prefix_cache=args.prefix_cache,
+            )
 
         worker = Worker(requests, responses, make_batcher, alive, name)
         info = {"index": args.index, "max_batch": args.max_batch, "model": str(loaded.path)}
+        info["prefix_cache"] = args.prefix_cache
         worker.send(Ready(os.getpid(), info))
         return worker.run()
     except PeerGoneError:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from tinyllm_trio.model.prefix_cache import PrefixCache
 from tinyllm_trio.model.sampling import (
     InvalidParameterError,
     Sampler,
@@ -67,6 +68,7 @@ class DoneEvent:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass
@@ -162,6 +164,8 @@ class _Sequence:
     generated: int = 0
     next_token: int = -1
     cancelled: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
 
     def done(self, reason: str) -> DoneEvent:
         now = time.perf_counter()
@@ -175,14 +179,26 @@ class _Sequence:
                 "prefill_ms": 1000.0 * (self.prefilled - self.admitted) if self.admitted else 0.0,
                 "decode_ms": 1000.0 * (now - self.prefilled) if self.prefilled else 0.0,
             },
+            cached_tokens=self.cached_tokens,
         )
 
 
 class ContinuousBatcher:
-    """Up to `max_batch` sequences sharing one KV cache and one decode call per step."""
+    """Up to `max_batch` sequences sharing one KV cache and one decode call per step.
+
+    With `prefix_cache` (the default) the cache rows no active sequence uses keep the keys
+    and values of finished sequences, and an admitted prompt copies its longest cached prefix
+    instead of computing it (`model/prefix_cache.py`). Identical prompts admitted together
+    are prefilled once and the others fork its row (a request's `n` choices), cache or not.
+    """
 
     def __init__(
-        self, transformer: Transformer, tokenizer: HybridTokenizer, max_batch: int = 32
+        self,
+        transformer: Transformer,
+        tokenizer: HybridTokenizer,
+        max_batch: int = 32,
+        *,
+        prefix_cache: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -190,6 +206,7 @@ class ContinuousBatcher:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self._cache = transformer.new_cache(max_batch)
+        self.prefix = PrefixCache(self._cache) if prefix_cache else None
         self._waiting: deque[_Sequence] = deque()
         self._active: dict[int, _Sequence] = {}
         self._finished_waiting: list[Event] = []
@@ -215,6 +232,7 @@ class ContinuousBatcher:
         if request_id in self._active or any(s.request_id == request_id for s in self._waiting):
             raise ValueError(f"request id {request_id} is already in use")
         ids = encode_prompt(prompt, self.tokenizer, self.transformer.config)
+        params.check_vocab(self.transformer.config.vocab_size)
         sampler = Sampler(params, self.transformer.config.vocab_size, ids, eos_id=EOS)
         # The decoder reads the prompt first, so the completion's first delta carries the
         # spacing a continuation needs (" there", but "," with no space).
@@ -266,21 +284,71 @@ class ContinuousBatcher:
         return events
 
     def _admit(self, seqs: list[_Sequence], events: list[Event]) -> None:
-        """Prefill `seqs` in one pass (`Transformer.prefill_many`: a burst of arrivals costs
-        one pass over all their prompt tokens, not one pass each; `step` caps a pass at
-        PREFILL_TOKENS_PER_PASS tokens so its scratch memory stays small) and take each one's
-        first token. One that finishes at once (max_tokens 1, EOS) frees its slot for the next."""
+        """Prefill `seqs` and take each one's first token. One that finishes at once
+        (max_tokens 1, EOS) frees its slot for the next.
+
+        Prompts with nothing cached go through `Transformer.prefill_many` in one pass (a
+        burst of arrivals costs one pass over all their prompt tokens, not one pass each;
+        `step` caps a pass at PREFILL_TOKENS_PER_PASS tokens so its scratch memory stays
+        small); those with a cached prefix first claim a row holding it and compute only the
+        rest (`extend_many`). A prompt identical to an earlier one of the group is not
+        computed again: it forks that one's row afterwards (a request's `n` choices)."""
         admitted = time.perf_counter()
-        logits = self.transformer.prefill_many(
-            self._cache, [(seq.request_id, seq.prompt_ids) for seq in seqs]
-        )
+        leaders: dict[tuple[int, ...], _Sequence] = {}
+        forks: list[tuple[_Sequence, _Sequence]] = []
+        fresh: list[_Sequence] = []
+        extended: list[_Sequence] = []
+        for seq in seqs:
+            key = tuple(seq.prompt_ids)
+            if key in leaders:
+                forks.append((seq, leaders[key]))
+                continue
+            leaders[key] = seq
+            length = 0
+            if self.prefix is not None and seq.params.cache_prompt:
+                length = self.prefix.lookup(seq.prompt_ids)[1]
+                if not length:
+                    self.prefix.record(len(seq.prompt_ids), 0)
+            (extended if length else fresh).append(seq)
+        logits: dict[int, np.ndarray] = {}
+        try:
+            for seq in extended:
+                assert self.prefix is not None
+                source, length = self.prefix.lookup(seq.prompt_ids)  # afresh: claims evict
+                seq.cached_tokens = self._cache.claim(seq.request_id, source, length)
+                self.prefix.record(len(seq.prompt_ids), seq.cached_tokens)
+                self.prefix.sync()
+            for group, extend in ((fresh, False), (extended, True)):
+                if group:
+                    prompts = [(s.request_id, s.prompt_ids) for s in group]
+                    run = self.transformer.extend_many if extend else self.transformer.prefill_many
+                    rows = run(self._cache, prompts)
+                    logits.update((s.request_id, row) for s, row in zip(group, rows, strict=True))
+            for seq, leader in forks:
+                self._cache.claim(seq.request_id, leader.request_id, len(seq.prompt_ids))
+                logits[seq.request_id] = logits[leader.request_id]
+        except BaseException:
+            for seq in seqs:
+                self._cache.drop(seq.request_id)
+            raise
+        if self.prefix is not None:
+            self.prefix.sync()  # rows taken may have evicted entries
+            for seq in leaders.values():
+                if seq.params.cache_prompt:
+                    self.prefix.started(seq.request_id, seq.prompt_ids)
         prefilled = time.perf_counter()
-        for seq, row in zip(seqs, logits, strict=True):
+        for seq in seqs:
             seq.admitted, seq.prefilled = admitted, prefilled
             self._active[seq.request_id] = seq
+            row = logits[seq.request_id]
             sampler = seq.sampler
             token = int(row.argmax()) if sampler.plain_greedy else sampler.sample(row)
             self._accept(seq, token, row, events)
+
+    def prefix_stats(self) -> dict[str, int] | None:
+        """The prefix cache's counters (queries and hits in prompt tokens, entries parked and
+        the tokens they hold), or None when it is off."""
+        return None if self.prefix is None else self.prefix.stats()
 
     def _decode(self, events: list[Event]) -> None:
         # in cache-row order: decode_step's fast path (no permutation of tokens and logits)
@@ -302,8 +370,9 @@ class ContinuousBatcher:
     def _accept(self, seq: _Sequence, token: int, row: np.ndarray, events: list[Event]) -> None:
         """Record a sampled token, emit its event, and end the sequence if it is finished."""
         seq.generated += 1
+        seq.output_ids.append(token)
         seq.sampler.observe(token)
-        if token == EOS and not seq.params.ignore_eos:
+        if (token == EOS and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
             tail = seq.stop.flush()
             if tail:
                 events.append(TokenEvent(seq.request_id, [], tail))
@@ -333,5 +402,10 @@ class ContinuousBatcher:
 
     def _finish(self, seq: _Sequence, reason: str, events: list[Event]) -> None:
         self._active.pop(seq.request_id, None)
-        self._cache.drop(seq.request_id)
+        if self.prefix is not None and seq.params.cache_prompt:
+            # the keys and values held: the prompt and every token fed back (not the last)
+            held = self._cache.length(seq.request_id)
+            self.prefix.finished(seq.request_id, (seq.prompt_ids + seq.output_ids)[:held])
+        else:
+            self._cache.drop(seq.request_id)
         events.append(seq.done(reason))

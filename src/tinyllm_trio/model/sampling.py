@@ -41,6 +41,10 @@ def _valid_unicode(text: str) -> bool:
     return True
 
 
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI caps it
+MAX_STOP_TOKEN_IDS = 64
+
+
 class InvalidParameterError(ValueError):
     """A request asked for something impossible; `param` names the field (HTTP 400)."""
 
@@ -88,6 +92,12 @@ class SamplingParams:
     # How token ids become text: "plain" (the original's lowercase) or "text" (see
     # StreamDecoder); a detokenization option in the sampling params, as vLLM keeps its own.
     detokenize: str = "plain"
+    # token id -> bias added to the raw logits before sampling (-100 bans the token); given as
+    # a mapping (JSON object keys may be strings of digits), kept as sorted (id, bias) pairs
+    logit_bias: tuple[tuple[int, float], ...] = field(default=())
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens exist
+    stop_token_ids: tuple[int, ...] = field(default=())  # generating one ends with "stop"
+    cache_prompt: bool = True  # False: this request neither reuses nor leaves a cached prefix
 
     def __post_init__(self) -> None:
         _check(_is_int(self.max_tokens), "max_tokens", "max_tokens must be an integer")
@@ -161,6 +171,43 @@ class SamplingParams:
             "detokenize",
             f"detokenize must be one of {', '.join(DETOKENIZE_MODES)}",
         )
+        object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
+        _check(
+            _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            "min_tokens must be an integer in [0, max_tokens]",
+        )
+        ids = self.stop_token_ids
+        _check(
+            isinstance(ids, Sequence)
+            and not isinstance(ids, str)
+            and all(_is_int(i) and i >= 0 for i in ids),
+            "stop_token_ids",
+            "stop_token_ids must be a list of token ids (integers >= 0)",
+        )
+        _check(
+            len(ids) <= MAX_STOP_TOKEN_IDS,
+            "stop_token_ids",
+            f"at most {MAX_STOP_TOKEN_IDS} stop token ids are allowed",
+        )
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+        _check(
+            isinstance(self.cache_prompt, bool), "cache_prompt", "cache_prompt must be a boolean"
+        )
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids named by the parameters must exist in the model's vocabulary."""
+        for param, ids in (
+            ("logit_bias", [i for i, _ in self.logit_bias]),
+            ("stop_token_ids", self.stop_token_ids),
+        ):
+            bad = [i for i in ids if i >= vocab_size]
+            _check(
+                not bad,
+                param,
+                f"{param}: token id {bad[0] if bad else 0} is outside the vocabulary "
+                f"[0, {vocab_size})",
+            )
 
     @property
     def greedy(self) -> bool:
@@ -178,6 +225,8 @@ class SamplingParams:
         """A JSON-able dict (for the IPC submit message)."""
         d = asdict(self)
         d["stop"] = list(self.stop)
+        d["logit_bias"] = {str(i): b for i, b in self.logit_bias}
+        d["stop_token_ids"] = list(self.stop_token_ids)
         return d
 
     @classmethod
@@ -186,6 +235,31 @@ class SamplingParams:
         if "stop" in known and isinstance(known["stop"], list):
             known["stop"] = tuple(known["stop"])
         return cls(**known)
+
+
+def _check_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    """Sorted (token id, bias) pairs from a mapping (or pairs); keys may be digit strings."""
+    message = "logit_bias must map token ids to numbers in [-100, 100]"
+    if isinstance(bias, Mapping):
+        items = list(bias.items())
+    elif isinstance(bias, Sequence) and not isinstance(bias, str):
+        _check(all(isinstance(p, Sequence) and len(p) == 2 for p in bias), "logit_bias", message)
+        items = [tuple(p) for p in bias]
+    else:
+        raise InvalidParameterError("logit_bias", message)
+    _check(
+        len(items) <= MAX_LOGIT_BIAS,
+        "logit_bias",
+        f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens",
+    )
+    out: dict[int, float] = {}
+    for key, value in items:
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            key = int(key)
+        _check(_is_int(key) and key >= 0, "logit_bias", f"logit_bias key {key!r} is not a token id")
+        _check(_is_number(value) and -100 <= value <= 100, "logit_bias", message)
+        out[int(key)] = float(value)
+    return tuple(sorted(out.items()))
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -216,6 +290,16 @@ class Sampler:
         seed = None if params.seed is None else int(params.seed) % 2**64
         self._rng = np.random.default_rng(seed)
         self._banned = eos_id if params.ignore_eos else None
+        self._bias: tuple[np.ndarray, np.ndarray] | None = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias, strict=True)
+            bias = np.asarray(values, dtype=np.float64)
+            bias[bias <= -100.0] = -np.inf  # -100 bans, as OpenAI documents it
+            self._bias = (np.asarray(ids, dtype=np.int64), bias)
+        # banned until min_tokens tokens are out: EOS (unless ignored anyway) and stop ids
+        early = [*params.stop_token_ids, *([] if eos_id is None else [eos_id])]
+        self._early_ban = np.asarray(early, dtype=np.int64) if params.min_tokens else None
+        self._generated = 0
         self._output_counts: np.ndarray | None = None
         self._seen: np.ndarray | None = None
         if params.penalised:
@@ -234,10 +318,17 @@ class Sampler:
             and not self.params.penalised
             and self._banned is None
             and self._ngrams is None
+            and self._bias is None
+            and not self._early
         )
 
+    @property
+    def _early(self) -> bool:
+        return self._early_ban is not None and self._generated < self.params.min_tokens
+
     def observe(self, token_id: int) -> None:
-        """Record a generated token (for the penalties and the n-gram ban)."""
+        """Record a generated token (for the penalties, the n-gram ban and min_tokens)."""
+        self._generated += 1
         if self._output_counts is not None:
             self._output_counts[token_id] += 1.0
             self._seen[token_id] = True
@@ -250,6 +341,10 @@ class Sampler:
         x = logits.astype(np.float64)
         if self._banned is not None:
             x[self._banned] = -np.inf
+        if self._bias is not None:
+            x[self._bias[0]] += self._bias[1]
+        if self._early:
+            x[self._early_ban] = -np.inf
         if self._ngrams is not None:
             banned = self._ngrams.banned()
             if banned and len(banned) < x.size:  # never ban every token

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import mmap
+from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
@@ -279,6 +280,12 @@ class KVCache:
     and values), so one row's keys and values of a layer are contiguous. Active sequences
     occupy rows 0..len-1 (compacted); `_rows[seq_id]` is a sequence's row and `lengths[row]`
     its token count. Positions at or beyond a row's length hold stale data and are never read.
+
+    Rows no active sequence uses may be *parked*: they keep the keys and values of a finished
+    sequence's first tokens under a key (the prefix cache, `model/prefix_cache.py`), in LRU
+    order. Parked rows never cost an active sequence its row: adding one takes row len(self)
+    as always, moving the entry parked there to a free row or, with none free, evicting the
+    least recently used entry.
     Memory: 4.7 MB per slot for the default model (capacity 32 -> 151 MB), committed by the
     kernel as slots are first used.
     """
@@ -300,6 +307,8 @@ class KVCache:
         self.lengths = np.zeros(capacity, dtype=np.int64)
         self._rows: dict[Hashable, int] = {}
         self._ids: list[Hashable] = []  # row -> seq_id, rows 0..len-1
+        self._parked: OrderedDict[Hashable, int] = OrderedDict()  # key -> row, LRU first
+        self._parked_at: dict[int, Hashable] = {}  # row -> key
         # decode run state (rows 0..B-1 used in a step of B sequences)
         self.x = np.zeros((capacity, C), dtype=_F32)  # residual stream
         self.h = np.zeros((capacity, C), dtype=_F32)  # LayerNorm output
@@ -338,6 +347,110 @@ class KVCache:
         self._ids.pop()
         self.lengths[last] = 0
 
+    def park(self, seq_id: Hashable, key: Hashable, keep: int) -> None:
+        """End `seq_id` like `drop`, but keep its first `keep` tokens in a row no active
+        sequence uses, under `key` (most recently used). The number of active rows shrinks
+        by one, so a row is always there for it: no entry is evicted by parking."""
+        row = self._row(seq_id)
+        keep = min(int(keep), int(self.lengths[row]))
+        if key in self._parked or key in self._rows:
+            raise ValueError(f"key {key!r} is already in the KV cache")
+        if keep < 1:
+            self.drop(seq_id)
+            return
+        last = len(self._ids) - 1
+        if row != last:
+            free = self._free_row()
+            if free is not None:
+                self._copy_prefix(row, free, keep)
+                self.drop(seq_id)
+                self._set_parked(key, free, keep)
+                return
+            self._swap_rows(row, last)
+        self._rows.pop(seq_id)
+        self._ids.pop()
+        self._set_parked(key, last, keep)
+
+    def parked_length(self, key: Hashable) -> int | None:
+        """Tokens parked under `key`, or None if it is not (or no longer) parked."""
+        row = self._parked.get(key)
+        return None if row is None else int(self.lengths[row])
+
+    @property
+    def parked_keys(self) -> tuple[Hashable, ...]:
+        """Parked entries, least recently used first."""
+        return tuple(self._parked)
+
+    def evict(self, key: Hashable) -> None:
+        """Forget a parked entry (no-op if absent); its row is free again."""
+        row = self._parked.pop(key, None)
+        if row is not None:
+            del self._parked_at[row]
+            self.lengths[row] = 0
+
+    def claim(self, seq_id: Hashable, source: Hashable | None = None, length: int = 0) -> int:
+        """Add `seq_id` holding the first `length` tokens of `source` (an active sequence or
+        a parked key; it becomes the most recently used); returns the tokens held (0 when
+        there is no such source). Only a prefix the source holds may be asked for."""
+        src: int | None = None
+        if source is not None and length > 0:
+            if source in self._rows:
+                src = self._rows[source]
+            elif source in self._parked:
+                self._parked.move_to_end(source)
+                src = self._parked[source]
+        if src is not None and length > int(self.lengths[src]):
+            raise ValueError(f"{source!r} holds {int(self.lengths[src])} tokens, not {length}")
+        # A source parked where the new row goes is moved away by `_add` (or, the only entry
+        # with no free row, evicted); its tokens stay in place, so nothing is copied back.
+        in_place = src is not None and src == len(self._ids)
+        row = self._add(seq_id)
+        if src is None:
+            return 0
+        if in_place:
+            self.lengths[row] = length
+        else:
+            self._copy_prefix(self._rows.get(source, self._parked.get(source)), row, length)
+        return length
+
+    def _set_parked(self, key: Hashable, row: int, length: int) -> None:
+        self._parked[key] = row
+        self._parked_at[row] = key
+        self.lengths[row] = length
+
+    def _free_row(self) -> int | None:
+        """A row neither active nor parked, if there is one."""
+        for row in range(len(self._ids), self.capacity):
+            if row not in self._parked_at:
+                return row
+        return None
+
+    def _vacate(self, row: int) -> None:
+        """Make the (inactive) `row` free for a new active sequence: its parked entry moves
+        to a free row, or over the least recently used entry, which is evicted."""
+        key = self._parked_at.get(row)
+        if key is None:
+            return
+        dst = self._free_row()
+        if dst is None:
+            victim = next(iter(self._parked))
+            if victim == key:
+                self.evict(key)
+                return
+            dst = self._parked[victim]
+            self.evict(victim)
+        n = int(self.lengths[row])
+        self._copy_prefix(row, dst, n)
+        del self._parked_at[row]
+        self._parked[key] = dst
+        self._parked_at[dst] = key
+        self.lengths[dst] = n
+        self.lengths[row] = 0
+
+    def _copy_prefix(self, src: int, dst: int, n: int) -> None:
+        self.kv[:, dst, :, :, :n] = self.kv[:, src, :, :, :n]
+        self.lengths[dst] = n
+
     def _row(self, seq_id: Hashable) -> int:
         try:
             return self._rows[seq_id]
@@ -352,6 +465,7 @@ class KVCache:
                 f"KV cache is full ({self.capacity} sequences); drop one before adding another"
             )
         row = len(self._ids)
+        self._vacate(row)
         self._ids.append(seq_id)
         self._rows[seq_id] = row
         self.lengths[row] = 0
@@ -466,25 +580,52 @@ class Transformer:
             )
         if not checked:
             return np.empty((0, self.config.vocab_size), dtype=_F32)
-        lengths = [len(ids) for _, ids in checked]
-        ends = np.cumsum(lengths).tolist()
-        bounds = [(end - n, end) for end, n in zip(ends, lengths, strict=True)]
-        rows: list[int] = []
+        added: list[Hashable] = []
         try:
             for seq_id in new_ids:
-                rows.append(cache._add(seq_id))
-            logits = self._run_sequences(
-                np.concatenate([ids for _, ids in checked]),
-                bounds,
-                [cache.k[:, r, :, :t] for r, t in zip(rows, lengths, strict=True)],
-                [cache.v[:, r, :, :t] for r, t in zip(rows, lengths, strict=True)],
-                last_only=True,
-            )
+                cache._add(seq_id)
+                added.append(seq_id)
+            return self._extend(cache, checked)
         except BaseException:
-            for seq_id in new_ids[: len(rows)]:
+            for seq_id in added:
                 cache.drop(seq_id)
             raise
-        for r, t in zip(rows, lengths, strict=True):
+
+    def extend_many(
+        self, cache: KVCache, prompts: Sequence[tuple[Hashable, Sequence[int]]]
+    ) -> np.ndarray:
+        """Like `prefill_many`, for sequences already in `cache` holding the first tokens of
+        their prompt (`KVCache.claim` copied a cached prefix): only the rest is computed, with
+        attention over the held part. Returns each one's last logits. At least the prompt's
+        last token must be left to compute (its logits are the answer). If the pass fails,
+        the sequences are left holding what they held before."""
+        self._check_cache(cache)
+        checked = [(seq_id, self._check_ids(ids)) for seq_id, ids in prompts]
+        for seq_id, ids in checked:
+            if cache.length(seq_id) >= len(ids):
+                raise ValueError(f"sequence {seq_id!r} already holds its whole prompt")
+        if len({seq_id for seq_id, _ in checked}) != len(checked):
+            raise ValueError("extend_many got the same sequence twice")
+        if not checked:
+            return np.empty((0, self.config.vocab_size), dtype=_F32)
+        return self._extend(cache, checked)
+
+    def _extend(self, cache: KVCache, checked: Sequence[tuple[Hashable, np.ndarray]]) -> np.ndarray:
+        rows = [cache._row(seq_id) for seq_id, _ in checked]
+        past = [int(cache.lengths[r]) for r in rows]
+        totals = [len(ids) for _, ids in checked]
+        new = [t - p for t, p in zip(totals, past, strict=True)]
+        ends = np.cumsum(new).tolist()
+        bounds = [(end - n, end) for end, n in zip(ends, new, strict=True)]
+        logits = self._run_sequences(
+            np.concatenate([ids[p:] for (_, ids), p in zip(checked, past, strict=True)]),
+            bounds,
+            [cache.k[:, r, :, :t] for r, t in zip(rows, totals, strict=True)],
+            [cache.v[:, r, :, :t] for r, t in zip(rows, totals, strict=True)],
+            last_only=True,
+            past=past,
+        )
+        for r, t in zip(rows, totals, strict=True):
             cache.lengths[r] = t
         return logits
 
@@ -496,29 +637,37 @@ class Transformer:
         v_out: Sequence[np.ndarray],
         *,
         last_only: bool,
+        past: Sequence[int] | None = None,
     ) -> np.ndarray:
         """Causal pass over sequences given concatenated (`ids`, each at bounds[j] = (start,
         end)); writes sequence j's K, V [n_layer, H, T_j, hs] into k_out[j], v_out[j]. Returns
-        logits for every position, or (last_only) for each sequence's last one."""
+        logits for every position, or (last_only) for each sequence's last one. With `past`,
+        sequence j's first past[j] keys and values are already in k_out[j], v_out[j] (which
+        then span past[j] + T_j positions) and its ids start at position past[j]."""
         cfg, kern = self.config, self._kernels
         N, C, H, hs = len(ids), cfg.n_embd, cfg.n_head, cfg.head_size
-        positions = np.concatenate([np.arange(end - start) for start, end in bounds])
+        if past is None:
+            past = [0] * len(bounds)
+        positions = np.concatenate(
+            [np.arange(p, p + end - start) for (start, end), p in zip(bounds, past, strict=True)]
+        )
         x = self.wte[ids] + self.pe[positions]  # (N, C)
         h, y = np.empty_like(x), np.empty_like(x)
         longest = max(end - start for start, end in bounds)
         att_max = np.empty((H, longest, 1), dtype=_F32)
         ff = np.empty((4, N, 4 * C), dtype=_F32)
-        causal = np.triu(np.full((longest, longest), -np.inf, dtype=_F32), k=1)
+        span = max(end - start + p for (start, end), p in zip(bounds, past, strict=True))
+        causal = np.triu(np.full((span, span), -np.inf, dtype=_F32), k=1)
         for i, layer in enumerate(self.layers):
             kern.layernorm(x, layer.ln1_w, layer.ln1_b, h)
             qkv = (h @ layer.w_qkv).reshape(N, 3, H, hs)
-            for (start, end), k, v in zip(bounds, k_out, v_out, strict=True):
+            for (start, end), p, k, v in zip(bounds, past, k_out, v_out, strict=True):
                 T = end - start
                 q = qkv[start:end, 0].transpose(1, 0, 2)  # (H, T, hs), already scaled
-                k[i] = qkv[start:end, 1].transpose(1, 0, 2)
-                v[i] = qkv[start:end, 2].transpose(1, 0, 2)
-                att = q @ k[i].transpose(0, 2, 1)  # (H, T, T)
-                att += causal[:T, :T]
+                k[i, :, p:] = qkv[start:end, 1].transpose(1, 0, 2)
+                v[i, :, p:] = qkv[start:end, 2].transpose(1, 0, 2)
+                att = q @ k[i].transpose(0, 2, 1)  # (H, T, p + T)
+                att += causal[p : p + T, : p + T]
                 _softmax_(att, att_max[:, :T])
                 y[start:end] = (att @ v[i]).transpose(1, 0, 2).reshape(T, C)
             x += y @ layer.w_proj
