@@ -29,6 +29,8 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
 MAX_TOP_LOGPROBS = 20
 MAX_NO_REPEAT_NGRAM = 32
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI caps it
+MAX_STOP_TOKEN_IDS = 64
 
 
 def _valid_unicode(text: str) -> bool:
@@ -39,10 +41,6 @@ def _valid_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-MAX_LOGIT_BIAS = 300  # entries, as OpenAI caps it
-MAX_STOP_TOKEN_IDS = 64
 
 
 class InvalidParameterError(ValueError):
