@@ -1,13 +1,15 @@
-"""The prefix cache: same greedy output with it on and off, reuse counts, LRU, active rows win."""
+"""The prefix cache: same greedy output with it on and off, reuse counts, LRU, active rows win;
+forks of one prompt (n choices) and prompt logprobs (echo)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from tinyllm_trio.model import batching
 from tinyllm_trio.model.batching import ContinuousBatcher, DoneEvent, Event, TokenEvent
 from tinyllm_trio.model.prefix_cache import BLOCK_TOKENS, block_hashes
-from tinyllm_trio.model.sampling import SamplingParams
+from tinyllm_trio.model.sampling import SamplingParams, log_softmax
 from tinyllm_trio.model.tokenizer import HybridTokenizer, build_vocab
 from tinyllm_trio.model.transformer import ModelConfig, Transformer
 
@@ -120,6 +122,58 @@ def test_identical_prompts_admitted_together_are_prefilled_once(
     again = ContinuousBatcher(model, tokenizer, max_batch=1, prefix_cache=False)
     params = SamplingParams(max_tokens=8, temperature=1.0, seed=11)
     assert _one(again, 1, ids, params)[0] == outs[1]  # a fork is what it would be alone
+
+
+def test_a_groups_forks_are_admitted_together_past_the_token_budget(
+    model, tokenizer, monkeypatch
+) -> None:
+    """The per-pass prompt budget counts a prompt once: n choices of a prompt that fills it
+    are still admitted in one step, and prefilled once."""
+    monkeypatch.setattr(batching, "PREFILL_TOKENS_PER_PASS", 30)
+    passes: list[list[int]] = []
+    real = model.prefill_many
+
+    def spy(cache, prompts, **kw):
+        passes.append([len(ids) for _, ids in prompts])
+        return real(cache, prompts, **kw)
+
+    monkeypatch.setattr(model, "prefill_many", spy)
+    ids = _ids(25, 7, model.config.vocab_size)
+    batcher = ContinuousBatcher(model, tokenizer, max_batch=4, prefix_cache=False)
+    for i in range(4):
+        batcher.submit(i, ids, SamplingParams(max_tokens=4, temperature=1.0, seed=i))
+    batcher.step()
+    assert batcher.active == 4 and passes == [[25]]
+
+
+def test_prompt_logprobs_are_the_prefills_own(model, tokenizer) -> None:
+    """Entry j is log p(prompt[j] | prompt[:j]) from the model's raw distribution (the bias
+    does not touch it), the first is None, and they come before the first token; a prompt
+    the cache holds is still scored in full, with the same greedy output."""
+    V = model.config.vocab_size
+    ids = _ids(30, 3, V)
+    expected = log_softmax(model.forward(ids))
+    batcher = ContinuousBatcher(model, tokenizer, max_batch=2)
+    plain = SamplingParams(max_tokens=5, temperature=0)
+    batcher.submit(0, ids, plain)
+    first = [t for e in _run(batcher)[0] if isinstance(e, TokenEvent) for t in e.token_ids]
+    scored = SamplingParams(max_tokens=5, temperature=0, prompt_logprobs=2, logit_bias={5: 50})
+    for rid in (1, 2):  # 1 is scored with the prompt cached, 2 forks 1 (admitted together)
+        batcher.submit(rid, ids, scored)
+    got = _run(batcher)
+    for rid in (1, 2):
+        head = got[rid][0]
+        assert isinstance(head, TokenEvent) and head.token_ids == [] and head.text == ""
+        entries = head.logprobs
+        assert [e["id"] for e in entries] == ids
+        assert entries[0]["logprob"] is None and entries[0]["top_logprobs"] == []
+        for j in range(1, len(ids)):
+            assert entries[j]["logprob"] == pytest.approx(expected[j - 1, ids[j]], abs=1e-4)
+            assert len(entries[j]["top_logprobs"]) == 2
+    unbiased = SamplingParams(max_tokens=5, temperature=0, prompt_logprobs=0)
+    batcher.submit(3, ids, unbiased)
+    events = _run(batcher)[3]
+    assert [t for e in events if isinstance(e, TokenEvent) for t in e.token_ids] == first
 
 
 def test_eviction_is_least_recently_used(model, tokenizer) -> None:

@@ -39,7 +39,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import trio
 
@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from tinyllm_trio.ipc.pool import PendingRequest, WorkerPool
 
 __all__ = [
+    "MAX_CHOICES",
+    "Choices",
     "Completion",
     "ContextLengthError",
     "Engine",
@@ -72,6 +74,7 @@ __all__ = [
 ]
 
 MODEL_ID = "tinyllm"
+MAX_CHOICES = 8  # `n` per request: each choice holds a KV row (a batch slot) of its own
 
 
 class EngineError(Exception):
@@ -135,6 +138,8 @@ class Completion:
     logprobs: list[dict[str, Any]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     cached_tokens: int = 0  # prompt tokens the worker's prefix cache supplied
+    # with `prompt_logprobs`: one entry per prompt token, the first one's logprob None
+    prompt_logprobs: list[dict[str, Any]] | None = None
 
 
 class Generation:
@@ -235,11 +240,85 @@ class Generation:
         if not self._events.ag_running:  # else the iterating task ends the stream itself
             await self._events.aclose()
 
-    async def __aenter__(self) -> Generation:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """Each of n choices' parameters: with a `seed`, choice i samples with seed + i (vLLM's
+    rule), so the set is reproducible, its samples differ from each other, and choice 0 is
+    exactly what n=1 would give; without one, each draws fresh entropy."""
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+        raise InvalidParameterError("n", f"n must be an integer from 1 to {MAX_CHOICES}")
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+
+
+class Choices(Generation):
+    """The events of a request's n choices (`Engine.generate_choices`), interleaved as they
+    come: each choice's `TokenEvent`s and then its own `DoneEvent` (or `ErrorEvent`); the
+    iteration ends after the n-th final event. `index(event.request_id)` is the event's choice.
+
+    The choices go to one worker together, which prefills the prompt once and gives each
+    choice a copy of its KV row. Like `Generation`: admitted when iteration starts; leaving
+    the `async with`, `aclose()` or `cancel()` cancels every choice still running. There is
+    no token sink (`set_token_sink` returns False): a consumer of n interleaved streams
+    iterates.
+    """
+
+    def __init__(self, pool: WorkerPool, prompt_ids: list[int], params: list[SamplingParams]):
+        self.choice_params = params
+        self.n = len(params)
+        self._requests: list[PendingRequest] = []
+        self._index: dict[int, int] = {}
+        super().__init__(pool, prompt_ids, params[0])
+
+    def index(self, request_id: int) -> int:
+        """The choice (0..n-1) an event of this request belongs to."""
+        return self._index[request_id]
+
+    async def _stream(self) -> AsyncIterator[Event]:
+        if self._cancelled:
+            return
+        group = self._pool.admit_group(self.prompt_ids, self.choice_params)
+        self._requests = group
+        self._index = {r.id: i for i, r in enumerate(group)}
+        by_id = {r.id: r for r in group}
+        generated = dict.fromkeys(by_id, 0)
+        open_ = set(by_id)
+        try:
+            try:
+                async for event in group[0].events:  # the channel every member shares
+                    rid = event.request_id
+                    request = by_id.get(rid)
+                    if request is not None:
+                        request.queued -= 1
+                    if isinstance(event, TokenEvent):
+                        generated[rid] = generated.get(rid, 0) + len(event.token_ids)
+                    yield event
+                    if isinstance(event, DoneEvent | ErrorEvent):
+                        open_.discard(rid)
+                        if not open_:
+                            return
+            except trio.ClosedResourceError:  # cancel() while this task waited for an event
+                for rid in sorted(open_):
+                    yield DoneEvent(rid, "cancelled", self.prompt_tokens, generated[rid])
+                return
+            for rid in sorted(open_):
+                yield ErrorEvent(rid, "the request ended without a final event", "internal")
+        finally:
+            for request in group:
+                self._pool.release(request)
+
+    def cancel(self) -> None:
+        """Cancel every choice now (synchronous, from any task); idempotent."""
+        self._cancelled = True
+        for request in self._requests:
+            self._pool.release(request)
 
 
 def kv_cache_usage(stats: dict[str, Any], max_context: int) -> float:
@@ -333,6 +412,67 @@ class Engine:
         self._pool.check_admission()
         return Generation(self._pool, ids, params)
 
+    def generate_choices(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        n: int = 1,
+        **overrides: Any,
+    ) -> Choices:
+        """Like `generate`, for n choices of one prompt (OpenAI's `n`, 1 to MAX_CHOICES):
+        validated here (InvalidParameterError with param "n" for a bad n), then a `Choices`
+        stream. The prompt is prefilled once; `choice_params` says how seeds are derived."""
+        if params is None:
+            params = SamplingParams(**overrides)
+        elif overrides:
+            params = dataclasses.replace(params, **overrides)
+        per_choice = choice_params(params, n)
+        ids = self.encode_prompt(prompt)
+        params.check_vocab(self.model_config.vocab_size)
+        self._pool.check_admission(n)
+        return Choices(self._pool, ids, per_choice)
+
+    async def complete_choices(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        n: int = 1,
+        **overrides: Any,
+    ) -> list[Completion]:
+        """Run n choices to their end: one `Completion` each, in choice order (each with the
+        prompt's token count; add their `completion_tokens` for a request's usage)."""
+        texts: list[list[str]] = [[] for _ in range(n)]
+        ids: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        prompts: list[list[dict[str, Any]] | None] = [None] * n
+        done: dict[int, Completion] = {}
+        async with self.generate_choices(prompt, params, n, **overrides) as events:
+            want_logprobs = events.params.logprobs is not None
+            async for event in events:
+                i = events.index(event.request_id)
+                if isinstance(event, TokenEvent):
+                    texts[i].append(event.text)
+                    ids[i].extend(event.token_ids)
+                    if event.logprobs and event.token_ids:
+                        logprobs[i].extend(event.logprobs)
+                    elif event.logprobs:  # the prompt's, before the first token
+                        prompts[i] = event.logprobs
+                elif isinstance(event, DoneEvent):
+                    done[i] = Completion(
+                        "".join(texts[i]),
+                        event.finish_reason,
+                        event.prompt_tokens,
+                        event.completion_tokens,
+                        ids[i],
+                        logprobs[i] if want_logprobs else None,
+                        event.timings,
+                        event.cached_tokens,
+                        prompts[i],
+                    )
+                else:
+                    raise error_from_event(event)
+        return [done[i] for i in range(n)]
+
     async def complete(
         self,
         prompt: str | Sequence[int],
@@ -343,13 +483,16 @@ class Engine:
         text: list[str] = []
         token_ids: list[int] = []
         logprobs: list[dict[str, Any]] = []
+        prompt_logprobs = None
         async with self.generate(prompt, params, **overrides) as events:
             async for event in events:
                 if isinstance(event, TokenEvent):
                     text.append(event.text)
                     token_ids.extend(event.token_ids)
-                    if event.logprobs:
+                    if event.logprobs and event.token_ids:
                         logprobs.extend(event.logprobs)
+                    elif event.logprobs:  # the prompt's (`prompt_logprobs`), before any token
+                        prompt_logprobs = event.logprobs
                 elif isinstance(event, DoneEvent):
                     return Completion(
                         "".join(text),
@@ -360,6 +503,7 @@ class Engine:
                         logprobs if events.params.logprobs is not None else None,
                         event.timings,
                         event.cached_tokens,
+                        prompt_logprobs,
                     )
                 else:
                     raise error_from_event(event)

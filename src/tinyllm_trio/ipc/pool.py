@@ -190,6 +190,9 @@ class PendingRequest:
     sink: Callable[[TokenEvent], None] | None = None  # see Generation.set_token_sink
     queued: int = 0  # events in `send` not yet received: a sink must not overtake them
     generated: int = 0  # token ids received so far: with the prompt, what its KV rows hold
+    # a request's n choices (`admit_group`): every member, in choice order, sharing one event
+    # channel; routed together to one worker, which prefills their prompt once
+    group: list[PendingRequest] | None = None
 
     def deliver(self, event: Event) -> None:
         if type(event) is TokenEvent:
@@ -368,13 +371,16 @@ class WorkerPool:
 
     # --- admission -------------------------------------------------------------------------------
 
-    def check_admission(self) -> None:
-        """Raise ShuttingDownError / OverloadedError if `admit` would refuse right now."""
+    def check_admission(self, n: int = 1) -> None:
+        """Raise ShuttingDownError / OverloadedError if `admit` (or `admit_group` of `n`
+        choices, which queue as n requests) would refuse right now."""
         if not self.accepting:
             raise ShuttingDownError("the engine is shutting down and accepts no new requests")
         if not self.live:
             raise WorkerDiedError(self._no_worker_message())
-        if self.waiting >= self.max_queue and (self._queue or self._least_loaded() is None):
+        if self.waiting + n > self.max_queue and (
+            self._queue or self._least_loaded(self._need(n)) is None
+        ):
             raise OverloadedError(
                 f"all {len(self.slots)} workers are busy ({self.running} requests running) and "
                 f"the admission queue is full ({self.waiting}/{self.max_queue}); retry later"
@@ -393,6 +399,39 @@ class WorkerPool:
             self._queue[request.id] = request
         return request
 
+    def admit_group(
+        self, prompt: list[int], params: Sequence[SamplingParams]
+    ) -> list[PendingRequest]:
+        """Route a request's n choices (one `params` each) as one: to a worker with room for
+        all of them (or the queue, until one has), sent in one message, so the worker admits
+        them in one step and prefills the prompt once (the others fork its KV row). Every
+        member delivers its events to the same channel, `.events` of each; release them all.
+        """
+        n = len(params)
+        if n < 1:
+            raise ValueError("a group has at least one choice")
+        self.check_admission(n)
+        send, receive = trio.open_memory_channel[Event](math.inf)
+        group: list[PendingRequest] = []
+        for choice in params:
+            group.append(PendingRequest(self._next_id, prompt, choice, send.clone(), receive))
+            self._next_id += 1
+        send.close()  # each member closes its clone when it ends: then the channel ends
+        for request in group:
+            request.group = group
+        slot = None if self._queue else self._pick(group[0], self._need(n))
+        if slot is not None:
+            self._assign_group(group, slot)
+        else:
+            for request in group:
+                self._queue[request.id] = request
+        return group
+
+    def _need(self, n: int) -> int:
+        """Free batch slots a group of n choices waits for: all n, or a whole worker's batch
+        when n exceeds it (then the rest wait in the worker and reuse the prompt later)."""
+        return min(n, self.max_batch)
+
     def release(self, request: PendingRequest) -> None:
         """The caller stopped listening: withdraw the request or cancel it in its worker.
 
@@ -410,20 +449,25 @@ class WorkerPool:
         if slot is not None and not request.cancel_sent and request.id in slot.inflight:
             request.cancel_sent = slot.post(Cancel(request.id))
 
-    def _least_loaded(self) -> WorkerSlot | None:
+    def _least_loaded(self, need: int = 1) -> WorkerSlot | None:
         best = None
         for slot in self.slots:
-            free = slot.ready and slot.outbox is not None and len(slot.inflight) < self.max_batch
+            free = (
+                slot.ready
+                and slot.outbox is not None
+                and len(slot.inflight) + need <= self.max_batch
+            )
             if free and (best is None or len(slot.inflight) < len(best.inflight)):
                 best = slot
         return best
 
-    def _pick(self, request: PendingRequest) -> WorkerSlot | None:
+    def _pick(self, request: PendingRequest, need: int = 1) -> WorkerSlot | None:
         """The worker for `request`: the one whose table shares the most leading prompt
         blocks with it (its cache likely holds them), unless it runs more than
         AFFINITY_SLACK requests beyond the least-loaded worker, which then wins: one hot
-        prefix must not pile every request onto one worker. None if no worker has room."""
-        least = self._least_loaded()
+        prefix must not pile every request onto one worker. None if no worker has room
+        (`need` free batch slots: a group's)."""
+        least = self._least_loaded(need)
         if least is None or not self.prefix_cache or not request.params.cache_prompt:
             return least
         best, best_blocks = least, 0
@@ -434,7 +478,11 @@ class WorkerPool:
             blocks = 0
             while blocks < len(hashes) and hashes[blocks] in table:
                 blocks += 1
-            room = slot.ready and slot.outbox is not None and len(slot.inflight) < self.max_batch
+            room = (
+                slot.ready
+                and slot.outbox is not None
+                and len(slot.inflight) + need <= self.max_batch
+            )
             if blocks > best_blocks and room and len(slot.inflight) <= limit:
                 best, best_blocks = slot, blocks
         return best
@@ -454,6 +502,22 @@ class WorkerPool:
         request.worker = slot
         slot.inflight[request.id] = request
         slot.post(Submit(request.id, request.prompt, request.params))
+        self._start_stall_clock(slot)
+
+    def _assign_group(self, group: list[PendingRequest], slot: WorkerSlot) -> None:
+        """Send a request's choices to `slot` in one message (see `admit_group`)."""
+        if len(group) == 1:
+            self._assign(group[0], slot)
+            return
+        self._remember_prefix(group[0], slot)
+        for request in group:
+            request.worker = slot
+            slot.inflight[request.id] = request
+        submits = [Submit(r.id, r.prompt, r.params) for r in group]
+        slot.post(Batch(submits, group[0].id))  # type: ignore[arg-type]
+        self._start_stall_clock(slot)
+
+    def _start_stall_clock(self, slot: WorkerSlot) -> None:
         scope = slot.stall_scope
         if scope is not None and scope.deadline == math.inf:  # it was idle: the clock starts
             scope.deadline = trio.current_time() + self.stall_timeout
@@ -488,11 +552,17 @@ class WorkerPool:
     def _pump(self) -> None:
         """Move queued requests to workers with free slots, oldest first."""
         while self._queue:
-            slot = self._least_loaded()
+            head = self._queue[next(iter(self._queue))]
+            members = [head]
+            if head.group is not None:  # the group's choices still queued go together
+                members = [r for r in head.group if r.id in self._queue]
+            need = self._need(len(members))
+            slot = self._least_loaded(need)
             if slot is None:
                 return
-            request = self._queue.pop(next(iter(self._queue)))
-            self._assign(request, self._pick(request) or slot)
+            for request in members:
+                del self._queue[request.id]
+            self._assign_group(members, self._pick(head, need) or slot)
 
     def _end(self, request: PendingRequest, event: DoneEvent | ErrorEvent) -> None:
         """Deliver a request's final event (once) and count its outcome."""
@@ -747,12 +817,16 @@ class WorkerPool:
         log.error(
             "%s: could not send %s: %s: %s", slot.name, type(msg).__name__, type(exc).__name__, exc
         )
-        if isinstance(msg, Submit):
-            request = slot.inflight.pop(msg.request_id, None)
+        submits = msg.messages if isinstance(msg, Batch) else [msg]
+        for submit in submits:
+            if not isinstance(submit, Submit):
+                continue
+            request = slot.inflight.pop(submit.request_id, None)
             if request is not None:
                 why = f"could not send this request to its worker: {type(exc).__name__}: {exc}"
                 self._end(request, ErrorEvent(request.id, why, "internal"))
-                self._pump()
+        if submits:
+            self._pump()
 
     async def _read_loop(self, slot: WorkerSlot, responses: Ring) -> None:
         def deliver(frames: list[Frame]) -> None:

@@ -121,6 +121,17 @@ class Worker:
             return True
         if isinstance(msg, Shutdown):
             return False
+        if isinstance(msg, Batch):  # a request's n choices: submitted in one go, admitted as one
+            for item in msg.messages:
+                self._apply(item)
+            return True
+        self._apply(msg)
+        return True
+
+    def _apply(self, msg: object) -> None:
+        """Apply one decoded request message (not Shutdown, not a Batch)."""
+        from tinyllm_trio.model.batching import ErrorEvent
+
         if isinstance(msg, Cancel):
             if msg.request_id in self.inflight:
                 self.batcher.cancel(msg.request_id)
@@ -132,8 +143,8 @@ class Worker:
             else:
                 self.inflight.add(msg.request_id)
         else:
-            self.send(ErrorEvent(frame.request_id, f"unexpected {type(msg).__name__}", "internal"))
-        return True
+            rid = getattr(msg, "request_id", 0)
+            self.send(ErrorEvent(rid, f"unexpected {type(msg).__name__}", "internal"))
 
     def _step(self) -> None:
         from tinyllm_trio.model.batching import DoneEvent, ErrorEvent

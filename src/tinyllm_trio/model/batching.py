@@ -271,12 +271,17 @@ class ContinuousBatcher:
         while self._waiting and len(self._active) < self.max_batch:
             group = [self._waiting.popleft()]  # always one, however long its prompt
             tokens = len(group[0].prompt_ids)
-            while (
-                self._waiting
-                and len(self._active) + len(group) < self.max_batch
-                and tokens + len(self._waiting[0].prompt_ids) <= PREFILL_TOKENS_PER_PASS
-            ):
-                tokens += len(self._waiting[0].prompt_ids)
+            # a prompt already in the group costs no prefill (it forks that row), so a
+            # request's n choices, submitted together, are admitted together
+            prompts = {tuple(group[0].prompt_ids)}
+            while self._waiting and len(self._active) + len(group) < self.max_batch:
+                ids = self._waiting[0].prompt_ids
+                key = tuple(ids)
+                if key not in prompts:
+                    if tokens + len(ids) > PREFILL_TOKENS_PER_PASS:
+                        break
+                    tokens += len(ids)
+                    prompts.add(key)
                 group.append(self._waiting.popleft())
             self._admit(group, events)
         if self._active:
@@ -292,18 +297,28 @@ class ContinuousBatcher:
         `step` caps a pass at PREFILL_TOKENS_PER_PASS tokens so its scratch memory stays
         small); those with a cached prefix first claim a row holding it and compute only the
         rest (`extend_many`). A prompt identical to an earlier one of the group is not
-        computed again: it forks that one's row afterwards (a request's `n` choices)."""
+        computed again: it forks that one's row afterwards (a request's `n` choices), and
+        counts as a prompt entirely reused (`cached_tokens`, the cache's hits) when it uses
+        the cache. A prompt that wants its own logprobs (`prompt_logprobs`, for `echo`) is
+        prefilled whole, with every position's logits kept (a cached prefix has none)."""
         admitted = time.perf_counter()
-        leaders: dict[tuple[int, ...], _Sequence] = {}
+        leaders: dict[tuple[tuple[int, ...], bool], _Sequence] = {}
         forks: list[tuple[_Sequence, _Sequence]] = []
         fresh: list[_Sequence] = []
         extended: list[_Sequence] = []
+        scored: list[_Sequence] = []
         for seq in seqs:
-            key = tuple(seq.prompt_ids)
+            wants_prompt = seq.params.prompt_logprobs is not None
+            key = (tuple(seq.prompt_ids), wants_prompt)
             if key in leaders:
                 forks.append((seq, leaders[key]))
                 continue
             leaders[key] = seq
+            if wants_prompt:
+                scored.append(seq)
+                if self.prefix is not None and seq.params.cache_prompt:
+                    self.prefix.record(len(seq.prompt_ids), 0)
+                continue
             length = 0
             if self.prefix is not None and seq.params.cache_prompt:
                 length = self.prefix.lookup(seq.prompt_ids)[1]
@@ -311,6 +326,7 @@ class ContinuousBatcher:
                     self.prefix.record(len(seq.prompt_ids), 0)
             (extended if length else fresh).append(seq)
         logits: dict[int, np.ndarray] = {}
+        prompt_logprobs: dict[int, list[dict[str, Any]]] = {}
         try:
             for seq in extended:
                 assert self.prefix is not None
@@ -324,9 +340,24 @@ class ContinuousBatcher:
                     run = self.transformer.extend_many if extend else self.transformer.prefill_many
                     rows = run(self._cache, prompts)
                     logits.update((s.request_id, row) for s, row in zip(group, rows, strict=True))
+            if scored:
+                prompts = [(s.request_id, s.prompt_ids) for s in scored]
+                every = self.transformer.prefill_many(self._cache, prompts, every_position=True)
+                end = 0
+                for seq in scored:
+                    start, end = end, end + len(seq.prompt_ids)
+                    logits[seq.request_id] = every[end - 1]
+                    prompt_logprobs[seq.request_id] = self._prompt_logprobs(
+                        seq, every[start : end - 1]
+                    )
             for seq, leader in forks:
                 self._cache.claim(seq.request_id, leader.request_id, len(seq.prompt_ids))
                 logits[seq.request_id] = logits[leader.request_id]
+                if leader.request_id in prompt_logprobs:
+                    prompt_logprobs[seq.request_id] = prompt_logprobs[leader.request_id]
+                if self.prefix is not None and seq.params.cache_prompt:
+                    seq.cached_tokens = len(seq.prompt_ids)
+                    self.prefix.record(len(seq.prompt_ids), seq.cached_tokens)
         except BaseException:
             for seq in seqs:
                 self._cache.drop(seq.request_id)
@@ -341,9 +372,28 @@ class ContinuousBatcher:
             seq.admitted, seq.prefilled = admitted, prefilled
             self._active[seq.request_id] = seq
             row = logits[seq.request_id]
+            if seq.request_id in prompt_logprobs:  # before the first token, as echo shows it
+                events.append(
+                    TokenEvent(seq.request_id, [], "", None, prompt_logprobs[seq.request_id])
+                )
             sampler = seq.sampler
             token = int(row.argmax()) if sampler.plain_greedy else sampler.sample(row)
             self._accept(seq, token, row, events)
+
+    def _prompt_logprobs(self, seq: _Sequence, rows: np.ndarray) -> list[dict[str, Any]]:
+        """The prompt tokens' logprobs entries from the logits of every position but the last
+        (`rows[j]` predicts token j + 1): the model's own distribution, as for generated
+        tokens (no bias, penalty or temperature). The first token has nothing before it to be
+        predicted from, so its logprob is None (OpenAI's and vLLM's null)."""
+        ids = seq.prompt_ids
+        text = self.tokenizer.token_text
+        k = seq.params.prompt_logprobs or 0
+        out: list[dict[str, Any]] = [
+            {"id": ids[0], "token": text(ids[0]), "logprob": None, "top_logprobs": []}
+        ]
+        logp = log_softmax(rows)
+        out.extend(top_logprobs(logp[j], ids[j + 1], k, text) for j in range(len(ids) - 1))
+        return out
 
     def prefix_stats(self) -> dict[str, int] | None:
         """The prefix cache's counters (queries and hits in prompt tokens, entries parked and

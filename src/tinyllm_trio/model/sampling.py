@@ -96,6 +96,9 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens exist
     stop_token_ids: tuple[int, ...] = field(default=())  # generating one ends with "stop"
     cache_prompt: bool = True  # False: this request neither reuses nor leaves a cached prefix
+    # vLLM's name: also report the prompt tokens' log-probabilities (with this many
+    # alternatives each), computed from the prefill's logits; what `echo` with `logprobs` needs
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check(_is_int(self.max_tokens), "max_tokens", "max_tokens must be an integer")
@@ -191,6 +194,12 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
         _check(
             isinstance(self.cache_prompt, bool), "cache_prompt", "cache_prompt must be a boolean"
+        )
+        _check(
+            self.prompt_logprobs is None
+            or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS),
+            "prompt_logprobs",
+            f"prompt_logprobs must be null or an integer in [0, {MAX_TOP_LOGPROBS}]",
         )
 
     def check_vocab(self, vocab_size: int) -> None:

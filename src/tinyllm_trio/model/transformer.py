@@ -560,10 +560,16 @@ class Transformer:
         return self.prefill_many(cache, [(seq_id, ids)])[0]
 
     def prefill_many(
-        self, cache: KVCache, prompts: Sequence[tuple[Hashable, Sequence[int]]]
+        self,
+        cache: KVCache,
+        prompts: Sequence[tuple[Hashable, Sequence[int]]],
+        *,
+        every_position: bool = False,
     ) -> np.ndarray:
         """Add several sequences to `cache` and run all their prompts in one pass; returns each
-        one's last logits [len(prompts), V], in the order given.
+        one's last logits [len(prompts), V], in the order given, or with `every_position` the
+        logits of every prompt position, concatenated [sum of lengths, V] (what prompt
+        logprobs are computed from: the prefill's own logits, no second pass).
 
         The linear layers (most of the work) run once over every prompt's tokens together,
         which is much faster than one pass per short prompt; attention stays per sequence.
@@ -585,7 +591,7 @@ class Transformer:
             for seq_id in new_ids:
                 cache._add(seq_id)
                 added.append(seq_id)
-            return self._extend(cache, checked)
+            return self._extend(cache, checked, last_only=not every_position)
         except BaseException:
             for seq_id in added:
                 cache.drop(seq_id)
@@ -610,7 +616,13 @@ class Transformer:
             return np.empty((0, self.config.vocab_size), dtype=_F32)
         return self._extend(cache, checked)
 
-    def _extend(self, cache: KVCache, checked: Sequence[tuple[Hashable, np.ndarray]]) -> np.ndarray:
+    def _extend(
+        self,
+        cache: KVCache,
+        checked: Sequence[tuple[Hashable, np.ndarray]],
+        *,
+        last_only: bool = True,
+    ) -> np.ndarray:
         rows = [cache._row(seq_id) for seq_id, _ in checked]
         past = [int(cache.lengths[r]) for r in rows]
         totals = [len(ids) for _, ids in checked]
@@ -622,7 +634,7 @@ class Transformer:
             bounds,
             [cache.k[:, r, :, :t] for r, t in zip(rows, totals, strict=True)],
             [cache.v[:, r, :, :t] for r, t in zip(rows, totals, strict=True)],
-            last_only=True,
+            last_only=last_only,
             past=past,
         )
         for r, t in zip(rows, totals, strict=True):
