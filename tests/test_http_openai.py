@@ -161,8 +161,22 @@ def test_chat_template_joins_message_texts() -> None:
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
-        ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 9}, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": "3"}, "n"),
+        ("/v1/completions", {"prompt": "x", "echo": "yes"}, "echo"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "echo": True},
+            "echo",
+        ),
+        ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"cat": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "min_tokens": 20, "max_tokens": 5}, "min_tokens"),
+        ("/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+        ("/v1/completions", {"prompt": "x", "cache_prompt": "no"}, "cache_prompt"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 65}, "max_tokens"),
         ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
@@ -286,7 +300,7 @@ async def test_openai_sdk_against_the_fake_engine() -> None:
                     usage = chunk.usage
             assert "".join(parts) == " one two" and usage.completion_tokens == 2
             with pytest.raises(openai.BadRequestError) as info:
-                client.completions.create(model="tinyllm", prompt="hi", n=2)
+                client.completions.create(model="tinyllm", prompt="hi", n=9)
             assert info.value.body["param"] == "n"
             with pytest.raises(openai.AuthenticationError):
                 _sdk(port, api_key="wrong").models.list()

@@ -153,6 +153,7 @@ class Collected:
     logprobs: list[dict[str, Any]] | None = field(default=None)
     text_offsets: list[int] = field(default_factory=list)  # where each logprobs token starts
     cached_tokens: int = 0
+    prompt_logprobs: list[dict[str, Any]] | None = None  # `prompt_logprobs`: the prompt's
 
 
 class HTTPGeneration:
@@ -170,6 +171,8 @@ class HTTPGeneration:
         "_prompt",
         "_tokens",
         "exchange",
+        "n",
+        "open_choices",
         "params",
         "prompt_param",
     )
@@ -183,6 +186,7 @@ class HTTPGeneration:
         *,
         prompt_param: str = "prompt",
         arrival: float | None = None,
+        n: int = 1,
     ) -> None:
         self._app = app
         self._metrics = app.metrics
@@ -197,6 +201,8 @@ class HTTPGeneration:
         self._tokens = 0
         self._done: str | None = None
         self._closed = False
+        self.n = n  # choices (OpenAI's `n`): n > 1 runs `engine.generate_choices`
+        self.open_choices = n  # choices without their final event yet
 
     async def __aenter__(self) -> HTTPGeneration:
         self._metrics.generations_active.inc()
@@ -259,7 +265,10 @@ class HTTPGeneration:
                 headers=[(b"Retry-After", b"1")],
             )
         try:
-            it = self._app.engine.generate(self._prompt, self.params)
+            if self.n == 1:
+                it = self._app.engine.generate(self._prompt, self.params)
+            else:
+                it = self._app.engine.generate_choices(self._prompt, self.params, self.n)
             if inspect.isawaitable(it):
                 it = await it
             self._iter = it
@@ -329,6 +338,10 @@ class HTTPGeneration:
 
         return set_sink(sink)
 
+    def index(self, event: TokenEvent | DoneEvent) -> int:
+        """The choice (0..n-1) of an event."""
+        return 0 if self.n == 1 else self._iter.index(event.request_id)
+
     def _observe(self, event: TokenEvent | DoneEvent | ErrorEvent) -> None:
         now = time.perf_counter()
         m = self._metrics
@@ -342,6 +355,9 @@ class HTTPGeneration:
             self._last_token_at = now
             self._tokens += len(event.token_ids)
         elif kind is DoneEvent:
+            self.open_choices -= 1
+            if self.open_choices:  # a choice ended; the request goes on
+                return
             m.e2e.observe(now - self._arrival)
             queue_ms = event.timings.get("queue_ms") if event.timings else None
             if queue_ms is not None:
@@ -423,8 +439,9 @@ async def _stream_events(generation: HTTPGeneration, fmt: StreamFormat) -> None:
         elif kind is DoneEvent:
             for data in fmt.closing(event):
                 await send_chunk(data)
-            await ex.end_stream()
-            return
+            if not generation.open_choices:
+                await ex.end_stream()
+                return
         else:
             await _end_with_error(ex, fmt, error_event(event, generation.prompt_param))
             return
@@ -441,10 +458,11 @@ async def _end_with_error(ex: Exchange, fmt: StreamFormat, err: HTTPError) -> No
     await ex.end_stream()
 
 
-async def collect_response(app: AppState, generation: HTTPGeneration) -> Collected:
-    """Run a generation to its end (non-streaming); errors raise `HTTPError`."""
+async def collect_response(app: AppState, generation: HTTPGeneration) -> list[Collected]:
+    """Run a generation to its end (non-streaming): one `Collected` per choice, in order;
+    errors raise `HTTPError`."""
 
-    async def body() -> Collected:
+    async def body() -> list[Collected]:
         async with generation:
             with app.generation_scope() as scope:
                 return await _collect(generation)
@@ -454,30 +472,41 @@ async def collect_response(app: AppState, generation: HTTPGeneration) -> Collect
     return await watching_disconnect(generation.exchange, body)
 
 
-async def _collect(generation: HTTPGeneration) -> Collected:
-    parts: list[str] = []
-    size = 0
-    logprobs: list[dict[str, Any]] | None = [] if generation.params.logprobs is not None else None
-    offsets: list[int] = []
+async def _collect(generation: HTTPGeneration) -> list[Collected]:
+    n = generation.n
+    parts: list[list[str]] = [[] for _ in range(n)]
+    sizes = [0] * n
+    want_logprobs = generation.params.logprobs is not None
+    logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    offsets: list[list[int]] = [[] for _ in range(n)]
+    prompts: list[list[dict[str, Any]] | None] = [None] * n
+    done: dict[int, Collected] = {}
     event = await generation.first()
     while True:
         kind = type(event)
         if kind is TokenEvent:
-            if logprobs is not None and event.logprobs:
-                logprobs.extend(event.logprobs)
-                offsets.extend([size] * len(event.logprobs))
-            parts.append(event.text)
-            size += len(event.text)
+            i = generation.index(event)
+            if event.logprobs and not event.token_ids:  # the prompt's (echo), before any token
+                prompts[i] = event.logprobs
+            elif want_logprobs and event.logprobs:
+                logprobs[i].extend(event.logprobs)
+                offsets[i].extend([sizes[i]] * len(event.logprobs))
+            parts[i].append(event.text)
+            sizes[i] += len(event.text)
         elif kind is DoneEvent:
-            return Collected(
-                "".join(parts),
+            i = generation.index(event)
+            done[i] = Collected(
+                "".join(parts[i]),
                 event.finish_reason,
                 event.prompt_tokens,
                 event.completion_tokens,
-                logprobs,
-                offsets,
+                logprobs[i] if want_logprobs else None,
+                offsets[i],
                 event.cached_tokens,
+                prompts[i],
             )
+            if not generation.open_choices:
+                return [done[i] for i in range(n)]
         else:
             raise error_event(event, generation.prompt_param)
         event = await generation.next()
