@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -294,3 +296,19 @@ def test_text_detokenize_mode_reaches_the_stream(model, tokenizer) -> None:
     ids = tokenizer.encode("once upon a time")
     full = tokenizer.decode(ids + _tokens(out[1]), mode="text")
     assert full == tokenizer.decode(ids, mode="text") + _text(out[1])
+
+
+def test_stop_token_ids_end_with_stop_and_min_tokens_holds_them_off(model, tokenizer) -> None:
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    batcher = ContinuousBatcher(model, tokenizer, max_batch=2)
+    batcher.submit(1, "the cat", greedy)
+    free = _tokens(_run(batcher)[1])
+    stop_at = free[2]
+    first = free.index(stop_at)
+    batcher.submit(2, "the cat", dataclasses.replace(greedy, stop_token_ids=[stop_at]))
+    events = _run(batcher)[2]
+    assert _done(events).finish_reason == "stop"
+    assert _tokens(events) == free[:first]  # the stop token itself is not emitted
+    held = dataclasses.replace(greedy, stop_token_ids=[free[0]], min_tokens=1)
+    batcher.submit(3, "the cat", held)
+    assert _tokens(_run(batcher)[3])[:1] != [free[0]]  # banned for the first token

@@ -176,3 +176,44 @@ def test_stop_matcher_emits_exactly_the_text_before_the_first_stop(
             return
     assert not stopped
     assert emitted == so_far
+
+
+def test_logit_bias_shifts_and_minus_100_bans() -> None:
+    logits = np.zeros(V, dtype=np.float32)
+    logits[4] = 5.0
+    assert Sampler(SamplingParams(temperature=0, logit_bias={"9": 6}), V).sample(logits) == 9
+    banned = Sampler(SamplingParams(temperature=1.0, seed=1, logit_bias={4: -100}), V)
+    assert all(banned.sample(logits) != 4 for _ in range(200))
+    assert not banned.plain_greedy  # the batch's plain argmax must not skip the bias
+    assert SamplingParams(logit_bias={"3": 1, 2: -1}).logit_bias == ((2, -1.0), (3, 1.0))
+
+
+def test_min_tokens_bans_eos_and_stop_ids_until_reached() -> None:
+    logits = np.zeros(V, dtype=np.float32)
+    logits[3], logits[8] = 10.0, 9.0  # EOS (3) first, stop id 8 second
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[8])
+    sampler = Sampler(params, V, eos_id=3)
+    for _ in range(2):
+        assert sampler.sample(logits) not in (3, 8)
+        sampler.observe(0)
+    assert sampler.sample(logits) == 3  # reached: EOS is allowed again
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"logit_bias": {"1": 100.5}}, "logit_bias"),
+        ({"logit_bias": {"-1": 1}}, "logit_bias"),
+        ({"logit_bias": "x"}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+        ({"stop_token_ids": "3"}, "stop_token_ids"),
+        ({"stop_token_ids": [True]}, "stop_token_ids"),
+        ({"cache_prompt": 1}, "cache_prompt"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ],
+)
+def test_issue_14_fields_are_validated(kwargs: dict, param: str) -> None:
+    with pytest.raises(InvalidParameterError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == param
