@@ -97,3 +97,20 @@ def test_bench_model_reports_each_row_as_it_finishes(tiny_checkpoint):
     assert lines[0] == table_head(1) and lines[2] == table_row(
         "decode, batch 1", decode_done["decode, batch 1"]
     )
+
+
+def test_bench_engine_shared_prefix_compares_the_cache_on_and_off(long_checkpoint, tmp_path):
+    """The flag's plumbing: two engines (cache on, off), a TTFT and a rate for each."""
+    out = tmp_path / "prefix.json"
+    cmd = [sys.executable, "-m", "tinyllm_trio", "bench", "engine", "--model", str(long_checkpoint)]
+    cmd += ["--shared-prefix-words", "30", "--prompt-words", "3", "--max-tokens", "2"]
+    cmd += ["--concurrency", "2", "--requests", "wave", "--runs", "1", "--workers", "1"]
+    cmd += ["--pin-workers", "false", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "TTFT p50 on" in proc.stdout and "30-word shared prefix" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["shared_prefix_words"] == 30 and data["workers"] == 1
+    for side in ("on", "off"):
+        level = data["cache"][side]["2"]
+        assert level["ttft_p50_ms"] > 0 and level["tokens_per_s"] > 0

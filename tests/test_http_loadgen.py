@@ -23,6 +23,7 @@ from tinyllm_trio.http.loadgen import (
     run_benchmark,
     run_cli,
 )
+from tinyllm_trio.workload import shared_prefix
 
 
 def _args(url: str, *extra: str) -> argparse.Namespace:
@@ -55,6 +56,29 @@ async def test_loadgen_against_our_openai_api() -> None:
     assert len(prompt.split()) == 15  # 16 tokens with BOS on TinyLLM's vocabulary
     assert "conc" in format_table(levels)
     json.dumps(report["levels"])  # the --json payload is plain data
+
+
+async def test_shared_prefix_runs_each_level_with_the_cache_and_bypassing_it() -> None:
+    engine = FakeEngine(max_context=512)
+    async with running_server(engine) as (_, port):
+        args = _args(f"http://127.0.0.1:{port}", "--shared-prefix-words", "40", "--warmup", "0")
+        report = await run_benchmark(args)
+    levels = report["_levels"]
+    assert [(lv.concurrency, lv.cache) for lv in levels] == [
+        (1, "on"),
+        (1, "off"),
+        (4, "on"),
+        (4, "off"),
+    ]
+    assert all((lv.requests, lv.failed) == (6, 0) for lv in levels)
+    prompts = [prompt for prompt, _ in engine.calls]
+    assert all(p.startswith(shared_prefix(40) + " ") for p in prompts)
+    assert len({p.split()[40] for p in prompts[:6]}) > 1  # the tails differ
+    flags = [params.cache_prompt for _, params in engine.calls]
+    assert flags == [True] * 6 + [False] * 6 + [True] * 6 + [False] * 6
+    table = format_table(levels)
+    assert "cache" in table.splitlines()[0] and "  off " in table
+    assert report["shared_prefix_words"] == 40
 
 
 async def _llama_completion(ex: Exchange) -> None:

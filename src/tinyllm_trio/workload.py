@@ -5,6 +5,10 @@ same requests through an in-process Engine, so "HTTP keeps N% of the Engine" com
 like: the same prompts (15 words, 16 tokens with BOS on TinyLLM's tokenizer), the same number of
 output tokens with EOS ignored, the same number of requests per concurrency level, each level a
 closed loop of that many concurrent clients.
+
+With `shared_prefix_words` N > 0 every prompt is the same N words (an application's long
+instructions, a chat's history) followed by the usual short prompt as a distinct tail: the
+load the prefix cache is for.
 """
 
 from __future__ import annotations
@@ -24,10 +28,19 @@ _STORY = (
 _WORDS = tuple(_STORY.split())
 
 
-def prompt_text(index: int, words: int = PROMPT_WORDS) -> str:
-    """A short story prompt; rotated by `index` so no two consecutive requests share it."""
+def prompt_text(index: int, words: int = PROMPT_WORDS, shared_prefix_words: int = 0) -> str:
+    """A short story prompt; rotated by `index` so no two consecutive requests share it. With
+    `shared_prefix_words`, that many words (the same for every index) come first."""
     start = index % len(_WORDS)
-    return " ".join((_WORDS * (2 + words // len(_WORDS)))[start : start + words])
+    tail = " ".join((_WORDS * (2 + words // len(_WORDS)))[start : start + words])
+    if not shared_prefix_words:
+        return tail
+    return shared_prefix(shared_prefix_words) + " " + tail
+
+
+def shared_prefix(words: int) -> str:
+    """The first `words` words of the story, repeated as needed: every request's prefix."""
+    return " ".join((_WORDS * (1 + words // len(_WORDS)))[:words])
 
 
 def parse_levels(text: str, flag: str) -> list[int]:
@@ -53,12 +66,20 @@ def corpus_text() -> str:
 
 
 async def run_on_engine(
-    engine: Engine, concurrency: int, requests: int, max_tokens: int, prompt_words: int
+    engine: Engine,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    prompt_words: int,
+    *,
+    shared_prefix_words: int = 0,
+    ttfts: list[float] | None = None,
 ) -> int:
     """`requests` generations of `max_tokens` tokens (greedy, EOS ignored) through an Engine,
     `concurrency` client tasks each taking the next request as its last one ends; returns the
-    tokens generated (RuntimeError if any generation failed). The in-process twin of one
-    `bench http` level."""
+    tokens generated (RuntimeError if any generation failed), and appends each request's time
+    to its first token (seconds, from its `generate` call) to `ttfts` if given. The in-process
+    twin of one `bench http` level."""
     import trio
 
     from tinyllm_trio.model.batching import DoneEvent, TokenEvent
@@ -71,9 +92,13 @@ async def run_on_engine(
     async def client() -> None:
         for index in indices:  # shared: each client takes the next request
             n = 0
-            async with engine.generate(prompt_text(index, prompt_words), params) as events:
+            prompt = prompt_text(index, prompt_words, shared_prefix_words)
+            start = trio.current_time()
+            async with engine.generate(prompt, params) as events:
                 async for event in events:
                     if isinstance(event, TokenEvent):
+                        if not n and ttfts is not None:
+                            ttfts.append(trio.current_time() - start)
                         n += len(event.token_ids)
                     elif not isinstance(event, DoneEvent):
                         raise RuntimeError(f"generation failed: {event}")

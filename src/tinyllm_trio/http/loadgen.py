@@ -11,6 +11,14 @@ for 128 tokens with EOS ignored, so every request does the same work. Reported p
 - TTFT (send to first token event) and ITL (every gap between successive token events, pooled
   over requests, vLLM's definition) at p50/p90/p99, plus the mean end-to-end latency.
 
+With `--shared-prefix-words N` every prompt starts with the same N words (then the usual short
+prompt as a distinct tail), and each level runs twice, alternating: with the server's prefix
+cache, and bypassing it per request (`cache_prompt: false`, which llama-server and this server
+accept), so the table shows TTFT and throughput with the cache on and off side by side. One
+server measures both: the same process, workers and machine state on either side, so the
+difference is the cache's (two servers would share the cores, or drift apart if run in turn).
+A bypassing request neither reuses nor leaves a cached prefix, and is routed by load alone.
+
 Output tokens come from the server's usage report (OpenAI `stream_options.include_usage`,
 llama-server's `tokens_predicted`), or by counting token events when there is none.
 
@@ -83,6 +91,7 @@ class LevelResult:
     e2e_mean_ms: float
     errors: list[str]
     client_cpu_us_per_token: float = math.nan  # the load generator's own CPU, per token
+    cache: str = ""  # --shared-prefix-words: "on" or "off" (the server's prefix cache)
     server_cpu_us_per_token: float = math.nan  # --server-pid: that process's CPU, per token
     workers_cpu_us_per_token: float = math.nan  # --server-pid: its child processes' CPU
 
@@ -116,11 +125,13 @@ class Target:
         self.model = args.model
         self.max_tokens = args.max_tokens
         self.prompt_words = args.prompt_words
+        self.shared_prefix_words = args.shared_prefix_words
+        self.cache_prompt = bool(args.shared_prefix_words)  # flipped per run in that mode
         self.temperature = args.temperature
         self.headers = [("Authorization", f"Bearer {args.api_key}")] if args.api_key else []
 
     def request(self, index: int) -> tuple[str, dict[str, Any]]:
-        prompt = prompt_text(index, self.prompt_words)
+        prompt = prompt_text(index, self.prompt_words, self.shared_prefix_words)
         if self.api == "llama":
             return self.base + "/completion", {
                 "prompt": prompt,
@@ -128,9 +139,11 @@ class Target:
                 "stream": True,
                 "ignore_eos": True,
                 "temperature": self.temperature,
-                "cache_prompt": False,
+                "cache_prompt": self.cache_prompt,
             }
+        extra = {"cache_prompt": self.cache_prompt} if self.shared_prefix_words else {}
         return self.base + "/v1/completions", {
+            **extra,
             "model": self.model,
             "prompt": prompt,
             "max_tokens": self.max_tokens,
@@ -453,8 +466,11 @@ def summarize(
 
 def format_table(levels: list[LevelResult]) -> str:
     server = any(not math.isnan(lv.server_cpu_us_per_token) for lv in levels)
+    cache = any(lv.cache for lv in levels)
     header = (
-        f"{'conc':>5} {'ok':>5} {'fail':>4} {'req/s':>8} {'out tok/s':>10} "
+        f"{'conc':>5}"
+        + (f" {'cache':>5}" if cache else "")
+        + f" {'ok':>5} {'fail':>4} {'req/s':>8} {'out tok/s':>10} "
         f"{'TTFT p50':>9} {'p90':>8} {'p99':>8} {'ITL p50':>8} {'p90':>7} {'p99':>7} "
         f"{'client us/tok':>13}"
     )
@@ -464,7 +480,8 @@ def format_table(levels: list[LevelResult]) -> str:
     for lv in levels:
         t, i = lv.ttft_ms, lv.itl_ms
         line = (
-            f"{lv.concurrency:>5} {lv.requests:>5} {lv.failed:>4} {lv.requests_per_s:>8.2f} "
+            f"{lv.concurrency:>5}{f' {lv.cache:>5}' if cache else ''} {lv.requests:>5} "
+            f"{lv.failed:>4} {lv.requests_per_s:>8.2f} "
             f"{lv.output_tokens_per_s:>10.1f} {t['p50']:>9.1f} {t['p90']:>8.1f} {t['p99']:>8.1f} "
             f"{i['p50']:>8.2f} {i['p90']:>7.2f} {i['p99']:>7.2f} "
             f"{lv.client_cpu_us_per_token:>13.1f}"
@@ -590,6 +607,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8080")
     parser.add_argument(
@@ -617,6 +641,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=PROMPT_WORDS,
         help="prompt length in words (15 = 16 tokens)",
+    )
+    parser.add_argument(
+        "--shared-prefix-words",
+        type=_non_negative_int,
+        default=0,
+        help="start every prompt with the same N words (then the usual prompt as a distinct "
+        "tail) and run each level with the server's prefix cache and bypassing it "
+        "(cache_prompt: false), alternately, to compare TTFT and throughput (default 0: off)",
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--model", default=None, help="model name (default: from /v1/models)")
@@ -679,45 +711,57 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             await _engine_rate(engine, args, max([*levels, 1]), max([*levels, 1]), 4)  # warm-up
+        # --shared-prefix-words: each round runs the level with the cache, then bypassing it
+        modes: tuple[bool | None, ...] = (True, False) if args.shared_prefix_words else (None,)
         for concurrency in levels:
             requests = args.requests or requests_per_level(concurrency)
-            runs: list[tuple[list[RequestResult], float, float]] = []
+            runs: dict[bool | None, list[tuple[list[RequestResult], float, float]]] = {
+                mode: [] for mode in modes
+            }
             brackets: list[tuple[float, float, float]] = []
-            server_cpu = [0.0, 0.0]
+            server_cpu = {mode: [0.0, 0.0] for mode in modes}
             for _ in range(args.rounds):
-                if engine is not None:
-                    before = await _engine_rate(engine, args, concurrency, requests)
-                cpu_before = process_cpu_seconds(args.server_pid) if args.server_pid else None
-                run = await _measure_level(target, concurrency, requests, args.timeout)
-                if cpu_before is not None:
-                    cpu_after = process_cpu_seconds(args.server_pid)
-                    server_cpu = [server_cpu[i] + cpu_after[i] - cpu_before[i] for i in (0, 1)]
-                runs.append(run)
-                if engine is not None:
-                    http = summarize(concurrency, *run).output_tokens_per_s
-                    after = await _engine_rate(engine, args, concurrency, requests)
-                    brackets.append((before, http, after))
-            level = summarize(
-                concurrency,
-                [r for results, _, _ in runs for r in results],
-                sum(duration for _, duration, _ in runs),
-                sum(cpu for _, _, cpu in runs),
-            )
-            if args.server_pid:
-                _add_server_cpu(level, server_cpu)
+                for mode in modes:
+                    target.cache_prompt = mode is not False and bool(args.shared_prefix_words)
+                    bracket = engine is not None and mode is not False
+                    if bracket:
+                        before = await _engine_rate(engine, args, concurrency, requests)
+                    cpu_before = process_cpu_seconds(args.server_pid) if args.server_pid else None
+                    run = await _measure_level(target, concurrency, requests, args.timeout)
+                    if cpu_before is not None:
+                        cpu_after = process_cpu_seconds(args.server_pid)
+                        used = server_cpu[mode]
+                        server_cpu[mode] = [used[i] + cpu_after[i] - cpu_before[i] for i in (0, 1)]
+                    runs[mode].append(run)
+                    if bracket:
+                        http = summarize(concurrency, *run).output_tokens_per_s
+                        after = await _engine_rate(engine, args, concurrency, requests)
+                        brackets.append((before, http, after))
+            for mode in modes:
+                level = summarize(
+                    concurrency,
+                    [r for results, _, _ in runs[mode] for r in results],
+                    sum(duration for _, duration, _ in runs[mode]),
+                    sum(cpu for _, _, cpu in runs[mode]),
+                )
+                level.cache = "" if mode is None else ("on" if mode else "off")
+                if args.server_pid:
+                    _add_server_cpu(level, server_cpu[mode])
+                label = f" cache {level.cache:>3}" if level.cache else ""
+                print(
+                    f"concurrency {concurrency:>3}{label}: {level.output_tokens_per_s:9.1f} tok/s, "
+                    f"TTFT p50 {level.ttft_ms['p50']:.1f} ms, {level.failed} failed",
+                    file=sys.stderr,
+                )
+                results.append(level)
             if brackets:
                 comparisons.append(EngineComparison(concurrency, brackets))
-            print(
-                f"concurrency {concurrency:>3}: {level.output_tokens_per_s:9.1f} tok/s, "
-                f"TTFT p50 {level.ttft_ms['p50']:.1f} ms, {level.failed} failed",
-                file=sys.stderr,
-            )
-            results.append(level)
     report: dict[str, Any] = {
         "url": args.url,
         "api": args.api,
         "model": target.model,
         "prompt_words": args.prompt_words,
+        "shared_prefix_words": args.shared_prefix_words,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "levels": [asdict(lv) for lv in results],
@@ -746,7 +790,14 @@ async def _engine_rate(
     """Output tokens/s of one level's load through the in-process Engine."""
     max_tokens = max_tokens or args.max_tokens
     start = time.perf_counter()
-    tokens = await run_on_engine(engine, concurrency, requests, max_tokens, args.prompt_words)
+    tokens = await run_on_engine(
+        engine,
+        concurrency,
+        requests,
+        max_tokens,
+        args.prompt_words,
+        shared_prefix_words=args.shared_prefix_words,
+    )
     return tokens / (time.perf_counter() - start)
 
 

@@ -34,6 +34,12 @@ share the cores with everything else running. So each rate comes with its CPU co
 this process's, i.e. the IPC and routing included), and "1w/bare cpu" compares those: the
 process boundary's price measured in CPU, which a busy machine does not distort.
 
+With `--shared-prefix-words N` it measures the prefix cache instead: every prompt is the same N
+words then the usual short prompt as a distinct tail; two engines (the first `--workers` count
+each), one with the prefix cache and one without, are started up front, warmed with that
+prefix, and run each level in turn (on, off, on, off, ...); the table gives each side's time to
+first token (p50 of the level's requests, median over runs) and tokens/s, and off/on.
+
 BLAS is single-threaded (as in the workers), so `run_cli` re-runs the benchmark in a child
 process with the thread variables set when they are not already 1. Without a trained default
 checkpoint it uses random weights of the default shapes (same cost), saved to a temporary
@@ -101,6 +107,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=PROMPT_WORDS,
         help="prompt length in words (default 15 = 16 tokens, as bench http)",
     )
+    p.add_argument(
+        "--shared-prefix-words",
+        type=int,
+        default=0,
+        help="compare the prefix cache on and off instead (see above): every prompt starts "
+        "with the same N words (default 0: the worker-scaling benchmark)",
+    )
     p.add_argument("--runs", type=int, default=3, help="runs per measurement (median reported)")
     p.add_argument("--ipc-messages", type=int, default=20000, help="messages per IPC test")
     p.add_argument("--skip-bare", action="store_true", help="only the engine and IPC numbers")
@@ -127,6 +140,9 @@ def run_cli(args: argparse.Namespace) -> int:
     if min(args.runs, args.max_tokens, args.prompt_words, args.max_batch) < 1:
         print("--runs, --max-tokens, --prompt-words and --max-batch must be >= 1", file=sys.stderr)
         return 2
+    if args.shared_prefix_words < 0:
+        print("--shared-prefix-words must be >= 0", file=sys.stderr)
+        return 2
     try:
         load = Load(args.max_tokens, args.prompt_words, _requests(args.requests), args.max_batch)
     except ValueError as e:
@@ -145,6 +161,22 @@ def run_cli(args: argparse.Namespace) -> int:
         except CheckpointError as e:
             print(f"tinyllm-trio bench engine: {e}", file=sys.stderr)
             return 1
+        if args.shared_prefix_words:
+            results = prefix_cache_comparison(
+                path,
+                attention_scale=args.attention_scale,
+                workers=workers[0],
+                concurrency=concurrency,
+                load=load,
+                runs=args.runs,
+                shared_prefix_words=args.shared_prefix_words,
+                pin_workers=args.pin_workers == "true",
+            )
+            results["model"] = label
+            print(format_prefix_table(results))
+            if args.json_path:
+                Path(args.json_path).write_text(json.dumps(results, indent=2) + "\n")
+            return 0
         results = run_benchmarks(
             path,
             attention_scale=args.attention_scale,
@@ -167,6 +199,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
     out = ["--concurrency", args.concurrency, "--workers", args.workers]
     out += ["--max-tokens", str(args.max_tokens), "--runs", str(args.runs)]
     out += ["--prompt-words", str(args.prompt_words), "--max-batch", str(args.max_batch)]
+    out += ["--shared-prefix-words", str(args.shared_prefix_words)]
     if args.requests is not None:
         out += ["--requests", str(args.requests)]
     out += ["--ipc-messages", str(args.ipc_messages)]
@@ -451,6 +484,128 @@ def interleaved_measurements(
         return out
 
     return trio.run(main)
+
+
+def prefix_cache_comparison(
+    path: str,
+    *,
+    attention_scale: str | None,
+    workers: int,
+    concurrency: Sequence[int],
+    load: Load,
+    runs: int,
+    shared_prefix_words: int,
+    pin_workers: bool = True,
+) -> dict:
+    """TTFT and tokens/s of the same shared-prefix load on two engines, prefix cache on and
+    off, run alternately (see the module docstring); medians over `runs`."""
+    import contextlib
+
+    import trio
+
+    from tinyllm_trio.engine import open_engine
+    from tinyllm_trio.model.checkpoint import load_model
+
+    async def run(engine, c: int) -> tuple[float, float]:
+        ttfts: list[float] = []
+        t0 = time.perf_counter()
+        tokens = await run_on_engine(
+            engine,
+            c,
+            load.requests(c),
+            load.max_tokens,
+            load.prompt_words,
+            shared_prefix_words=shared_prefix_words,
+            ttfts=ttfts,
+        )
+        return tokens / (time.perf_counter() - t0), 1000.0 * statistics.median(ttfts)
+
+    async def main() -> dict[bool, dict[int, list[tuple[float, float]]]]:
+        out: dict[bool, dict[int, list[tuple[float, float]]]] = {True: {}, False: {}}
+        async with contextlib.AsyncExitStack() as stack:
+            engines = {}
+            for cache in (True, False):
+                engines[cache] = await stack.enter_async_context(
+                    open_engine(
+                        path,
+                        workers=workers,
+                        max_batch=load.max_batch,
+                        max_queue=max(concurrency),
+                        attention_scale=attention_scale,
+                        pin_workers=pin_workers,
+                        prefix_cache=cache,
+                    )
+                )
+                await run(engines[cache], max(concurrency))  # warm-up: KV pages, the prefix
+            for c in concurrency:
+                for _ in range(runs):
+                    for cache in (True, False):
+                        out[cache].setdefault(c, []).append(await run(engines[cache], c))
+        return out
+
+    measured = trio.run(main)
+    tokenizer = load_model(path, attention_scale=attention_scale).tokenizer
+    prompt = prompt_text(0, load.prompt_words, shared_prefix_words)
+    return {
+        "shared_prefix_words": shared_prefix_words,
+        "prompt_tokens": len(tokenizer.encode(prompt)),
+        "prompt_words": load.prompt_words,
+        "max_tokens": load.max_tokens,
+        "requests": {c: load.requests(c) for c in concurrency},
+        "max_batch": load.max_batch,
+        "workers": workers,
+        "runs": runs,
+        "concurrency": list(concurrency),
+        "cpus": len(os.sched_getaffinity(0)),
+        "cache": {
+            "on" if cache else "off": {
+                c: {
+                    "tokens_per_s": statistics.median(m[0] for m in per_c[c]),
+                    "ttft_p50_ms": statistics.median(m[1] for m in per_c[c]),
+                }
+                for c in concurrency
+            }
+            for cache, per_c in measured.items()
+        },
+    }
+
+
+def format_prefix_table(results: dict) -> str:
+    """The prefix-cache comparison as a table: TTFT p50 and tokens/s, cache on and off."""
+    on, off = results["cache"]["on"], results["cache"]["off"]
+    head = ["concurrency", "requests", "TTFT p50 on", "TTFT p50 off", "off/on"]
+    head += ["tok/s on", "tok/s off"]
+    rows = []
+    for c in results["concurrency"]:
+        a, b = _by_level(on, c), _by_level(off, c)
+        rows.append(
+            [
+                str(c),
+                str(_by_level(results["requests"], c)),
+                f"{a['ttft_p50_ms']:.1f} ms",
+                f"{b['ttft_p50_ms']:.1f} ms",
+                f"{b['ttft_p50_ms'] / a['ttft_p50_ms']:.1f}x",
+                f"{a['tokens_per_s']:.0f}",
+                f"{b['tokens_per_s']:.0f}",
+            ]
+        )
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = [
+        f"model: {results.get('model', '?')}",
+        f"prefix cache on/off: {results['shared_prefix_words']}-word shared prefix + "
+        f"{results['prompt_words']}-word tail ({results['prompt_tokens']} prompt tokens), "
+        f"{results['max_tokens']} tokens per generation, {results['workers']} worker(s), max "
+        f"batch {results['max_batch']}, median of {results['runs']} alternating runs, "
+        f"{results['cpus']} CPUs",
+        "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
+    ]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def _by_level(by_c: dict, c: int):
+    """A per-level value (JSON turns int keys into strings)."""
+    return by_c[c] if c in by_c else by_c[str(c)]
 
 
 def _ratio(num: list[Measurement], den: list[Measurement]) -> float:
