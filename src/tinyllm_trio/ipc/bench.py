@@ -589,18 +589,25 @@ def format_prefix_table(results: dict) -> str:
                 f"{b['tokens_per_s']:.0f}",
             ]
         )
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = [
-        f"model: {results.get('model', '?')}",
+    about = (
         f"prefix cache on/off: {results['shared_prefix_words']}-word shared prefix + "
         f"{results['prompt_words']}-word tail ({results['prompt_tokens']} prompt tokens), "
         f"{results['max_tokens']} tokens per generation, {results['workers']} worker(s), max "
         f"batch {results['max_batch']}, median of {results['runs']} alternating runs, "
-        f"{results['cpus']} CPUs",
+        f"{results['cpus']} CPUs"
+    )
+    return "\n".join(_table(results, about, head, rows))
+
+
+def _table(results: dict, about: str, head: list[str], rows: list[list[str]]) -> list[str]:
+    """The model line, `about`, then `head` and `rows` right-aligned in columns."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = [
+        f"model: {results.get('model', '?')}",
+        about,
         "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
     ]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+    return lines + ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
 
 
 def _by_level(by_c: dict, c: int):
@@ -775,18 +782,15 @@ def format_table(results: dict) -> str:
             if w != 1 and bare:
                 row.append(f"{_run_ratio(results, f'{w}p/bare', c):.2f}")
         rows.append(row)
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = [
-        f"model: {results.get('model', '?')}",
+    about = (
         f"{results['max_tokens']} tokens per generation after {results['prompt_words']}-word "
         f"prompts, requests per level {_counts(results)}, max batch {results['max_batch']} per "
         f"worker, median of {results['runs']} interleaved runs (ratios: median of run "
         f"pairs), "
         f"{results['cpus']} CPUs, BLAS threads 1, workers "
-        f"{'pinned' if results.get('pin_workers', True) else 'not pinned'}",
-        "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
-    ]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+        f"{'pinned' if results.get('pin_workers', True) else 'not pinned'}"
+    )
+    lines = _table(results, about, head, rows)
     ipc = results["ipc"]
     lines.append(
         f"IPC: token message round trip between two processes {ipc['round_trip_us']:.1f} us; "
