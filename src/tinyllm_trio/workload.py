@@ -26,6 +26,16 @@ _STORY = (
     "dog in the big green park every day and the sun was warm"
 )
 _WORDS = tuple(_STORY.split())
+# The shared prefix: instructions an application puts before every prompt, in words that are
+# one token each on TinyLLM's vocabulary (62 words, 63 tokens with BOS), so N words are ~N
+# tokens and a 380-word prefix plus its tail fits the 512-token context with room to generate.
+_INSTRUCTIONS = (
+    "you are a kind friend who tells a story . tell a short and happy story for a little "
+    "child . use simple words and short lines . the story should have a good end and a nice "
+    "friend who can help . every day the sun was warm and the girl liked to play in the green "
+    "park with her mother"
+)
+_PREFIX_WORDS = tuple(_INSTRUCTIONS.split())
 
 
 def prompt_text(index: int, words: int = PROMPT_WORDS, shared_prefix_words: int = 0) -> str:
@@ -39,8 +49,9 @@ def prompt_text(index: int, words: int = PROMPT_WORDS, shared_prefix_words: int 
 
 
 def shared_prefix(words: int) -> str:
-    """The first `words` words of the story, repeated as needed: every request's prefix."""
-    return " ".join((_WORDS * (1 + words // len(_WORDS)))[:words])
+    """The first `words` words of the instructions, repeated as needed: every request's
+    prefix."""
+    return " ".join((_PREFIX_WORDS * (1 + words // len(_PREFIX_WORDS)))[:words])
 
 
 def parse_levels(text: str, flag: str) -> list[int]:
@@ -62,7 +73,7 @@ def requests_per_level(concurrency: int) -> int:
 
 def corpus_text() -> str:
     """Every word the prompts use (for a stand-in vocabulary when no model is packaged)."""
-    return _STORY
+    return _STORY + " " + _INSTRUCTIONS
 
 
 async def run_on_engine(
