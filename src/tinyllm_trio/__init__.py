@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Engine": "tinyllm_trio.engine",
     "Generation": "tinyllm_trio.engine",
+    "Choices": "tinyllm_trio.engine",
     "Completion": "tinyllm_trio.engine",
     "open_engine": "tinyllm_trio.engine",
     "EngineError": "tinyllm_trio.engine",
@@ -33,6 +34,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "Choices",
     "Completion",
     "ContextLengthError",
     "DoneEvent",
@@ -54,6 +56,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from tinyllm_trio.engine import (
+        Choices,
         Completion,
         Engine,
         EngineError,

@@ -4,6 +4,7 @@
         async for event in engine.generate("Once upon a time", max_tokens=50, temperature=0.8):
             ...                      # TokenEvent(s), then DoneEvent (or ErrorEvent)
         completion = await engine.complete("Once upon a time", max_tokens=50)
+        choices = await engine.complete_choices("Once upon a time", n=3, seed=1)  # one prefill
 
 What is guaranteed:
 
