@@ -98,6 +98,7 @@ async def test_n_choices_through_the_sdk_streaming_and_not(tiny_checkpoint: Path
             finished[choice.index] = choice.finish_reason
     assert roles == {0, 1} and finished == {0: "length", 1: "length"}
     assert [streamed[0], streamed[1]] == [c.message.content for c in out["chat"].choices]
+    assert out["chat"].usage.prompt_tokens_details.cached_tokens == prompt_tokens - 1
     assert streamed[0] != streamed[1]
 
 
@@ -177,7 +178,16 @@ async def test_logit_bias_reaches_the_workers_and_cache_reports(tiny_checkpoint:
             bypass = client.completions.create(
                 model="t", prompt=PROMPT, extra_body={"cache_prompt": False}, **greedy
             )
-            return {"biased": biased, "streamed": streamed, "bypass": bypass}
+            chat = list(
+                client.chat.completions.create(
+                    model="t",
+                    messages=[{"role": "user", "content": PROMPT}],
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    **greedy,
+                )
+            )
+            return {"biased": biased, "streamed": streamed, "bypass": bypass, "chat": chat}
 
         out = await trio.to_thread.run_sync(use_sdk)
         async with await HTTPClient.connect("127.0.0.1", port) as client:
@@ -191,8 +201,10 @@ async def test_logit_bias_reaches_the_workers_and_cache_reports(tiny_checkpoint:
     usage = out["streamed"][-1].usage
     assert usage.prompt_tokens_details.cached_tokens == prompt_tokens - 1
     assert out["bypass"].usage.prompt_tokens_details.cached_tokens == 0
-    assert stats["queries"] == 2 * prompt_tokens  # the bypassed request is no query
-    assert stats["hits"] == prompt_tokens - 1
+    chat_usage = out["chat"][-1].usage  # the chat template's prompt is the same text
+    assert chat_usage.prompt_tokens_details.cached_tokens == prompt_tokens - 1
+    assert stats["queries"] == 3 * prompt_tokens  # the bypassed request is no query
+    assert stats["hits"] == 2 * (prompt_tokens - 1)
     found = dict(re.findall(r"^(tinyllm_prefix_cache_\w+_total) (\S+)$", metrics, re.M))
     assert float(found["tinyllm_prefix_cache_queries_total"]) == stats["queries"]
     assert float(found["tinyllm_prefix_cache_hits_total"]) == stats["hits"]
