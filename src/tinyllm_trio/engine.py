@@ -386,11 +386,13 @@ async def open_engine(
 ) -> AsyncIterator[Engine]:
     """Start `workers` worker processes (default: one per CPU) and yield an Engine.
 
-    The tokenizer is loaded here too (validation happens in this process). Raises
-    CheckpointError for a checkpoint that does not load and WorkerStartError if a worker cannot
-    start. A worker that holds requests and sends nothing for `stall_timeout` seconds is killed
-    as hung: its requests end with a `worker_died` error and it is replaced. On exit every
-    worker is stopped and every IPC object unlinked.
+    The config and tokenizer are read here too (validation happens in this process), the
+    weights only in the workers. Raises CheckpointError for a checkpoint whose config,
+    tokenizer or tensor shapes are wrong, and WorkerStartError if a worker cannot start
+    (including a worker that cannot load the weights, say for a NaN in them). A worker that
+    holds requests and sends nothing for `stall_timeout` seconds is killed as hung: its
+    requests end with a `worker_died` error and it is replaced. On exit every worker is
+    stopped and every IPC object unlinked.
 
     `pin_workers` keeps each worker process on a core of its own when there are more cores
     (of those this process may use) than workers, so the scheduler cannot stack a worker on
@@ -403,12 +405,14 @@ async def open_engine(
     a request to the worker that most likely holds its prefix. Outputs do not change.
     """
     from tinyllm_trio.ipc.pool import WorkerPool, unwrap_single_exception
-    from tinyllm_trio.model.checkpoint import load_model
+    from tinyllm_trio.model.checkpoint import read_checkpoint
 
-    loaded = await trio.to_thread.run_sync(
-        functools.partial(load_model, model, attention_scale=attention_scale)
+    # The config and tokenizer only: the workers load the weights, so this process never
+    # builds a Transformer and never imports numba.
+    info = await trio.to_thread.run_sync(
+        functools.partial(read_checkpoint, model, attention_scale=attention_scale)
     )
-    path = None if loaded.path is None else os.fspath(loaded.path)
+    path = os.fspath(info.path)
     pool = WorkerPool(
         path,
         workers=workers,
@@ -420,8 +424,7 @@ async def open_engine(
         pin_workers=pin_workers,
         prefix_cache=prefix_cache,
     )
-    engine = Engine(pool, loaded.tokenizer, loaded.transformer.config, path)
-    del loaded  # the server process needs the tokenizer and config, not the weights
+    engine = Engine(pool, info.tokenizer, info.config, path)
     with unwrap_single_exception():
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run)
