@@ -28,8 +28,8 @@ import trio
 
 from conftest import save_random_checkpoint
 from http_fixtures import dechunk, post, raw_request, read_until, running_server, split_response
+from tinyllm_trio.bench.client import HTTPClient, sse_events
 from tinyllm_trio.engine import Engine, open_engine
-from tinyllm_trio.http.client import HTTPClient, sse_events
 from tinyllm_trio.ipc.ring import shm_entries
 
 

@@ -90,18 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated decode batch sizes (default 1,8,32,64)",
     )
     b.add_argument("--json", dest="json_path", default=None, help="also write results here")
-    b.set_defaults(_run="tinyllm_trio.model.bench:run_cli")
+    b.set_defaults(_run="tinyllm_trio.bench.model:run_cli")
     b = bench.add_parser(
         "engine", help="Engine tokens/s over worker processes vs the bare batcher loop; IPC cost"
     )
-    _declare(b, "tinyllm_trio.ipc.bench:add_arguments")
-    b.set_defaults(_run="tinyllm_trio.ipc.bench:run_cli")
+    _declare(b, "tinyllm_trio.bench.engine:add_arguments")
+    b.set_defaults(_run="tinyllm_trio.bench.engine:run_cli")
     b = bench.add_parser(
         "http",
         help="streaming HTTP load generator (ours, any OpenAI-compatible server, or llama-server)",
     )
-    _declare(b, "tinyllm_trio.http.loadgen:add_arguments")
-    b.set_defaults(_run="tinyllm_trio.http.loadgen:run_cli")
+    _declare(b, "tinyllm_trio.bench.loadgen:add_arguments")
+    b.set_defaults(_run="tinyllm_trio.bench.loadgen:run_cli")
 
     p = sub.add_parser(
         "serve",
