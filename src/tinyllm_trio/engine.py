@@ -43,16 +43,21 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from tinyllm_trio.model.batching import (
-    DoneEvent,
-    ErrorEvent,
-    Event,
-    TokenEvent,
-    encode_prompt,
+from tinyllm_trio.errors import (
+    ContextLengthError,
+    EngineError,
+    InvalidParameterError,
+    OverloadedError,
+    ShuttingDownError,
+    WorkerDiedError,
+    WorkerStartError,
+    exception_for,
 )
-from tinyllm_trio.model.sampling import InvalidParameterError, SamplingParams
+from tinyllm_trio.model.batching import encode_prompt
+from tinyllm_trio.model.sampling import SamplingParams
 from tinyllm_trio.model.tokenizer import HybridTokenizer
-from tinyllm_trio.model.transformer import ContextLengthError, ModelConfig
+from tinyllm_trio.model.transformer import ModelConfig
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, Event, TokenEvent
 
 if TYPE_CHECKING:
     from tinyllm_trio.ipc.pool import PendingRequest, WorkerPool
@@ -72,55 +77,6 @@ __all__ = [
 ]
 
 MODEL_ID = "tinyllm"
-
-
-class EngineError(Exception):
-    """A request (or the engine) failed; `kind` names why, as in `ErrorEvent.kind`."""
-
-    kind = "internal"
-
-    def __init__(self, message: str, *, kind: str | None = None) -> None:
-        super().__init__(message)
-        if kind is not None:
-            self.kind = kind
-
-
-class OverloadedError(EngineError):
-    """Every worker is busy and the admission queue is full: retry after `retry_after` s."""
-
-    kind = "overloaded"
-    retry_after = 1
-
-
-class WorkerDiedError(EngineError):
-    """The worker running this request crashed; the pool has started a replacement."""
-
-    kind = "worker_died"
-
-
-class ShuttingDownError(EngineError):
-    """The engine is draining or stopped and accepts no new requests."""
-
-    kind = "shutting_down"
-
-
-class WorkerStartError(EngineError):
-    """A worker could not start (e.g. the checkpoint does not load); raised by open_engine."""
-
-    kind = "start_failed"
-
-
-_ERRORS_BY_KIND: dict[str, type[EngineError]] = {
-    cls.kind: cls for cls in (OverloadedError, WorkerDiedError, ShuttingDownError)
-}
-
-
-def error_from_event(event: ErrorEvent) -> Exception:
-    """The exception `complete()` raises for an ErrorEvent."""
-    if event.kind == "context_length":
-        return ContextLengthError(event.message)
-    cls = _ERRORS_BY_KIND.get(event.kind, EngineError)
-    return cls(event.message, kind=event.kind)
 
 
 @dataclass
@@ -182,7 +138,9 @@ class Generation:
                     request.id, "cancelled", self.prompt_tokens, self._completion_tokens
                 )
                 return
-            yield ErrorEvent(request.id, "the request ended without a final event", "internal")
+            yield ErrorEvent(
+                request.id, "the request ended without a final event", ErrorKind.INTERNAL
+            )
         finally:
             self._pool.release(request)
 
@@ -362,7 +320,7 @@ class Engine:
                         event.cached_tokens,
                     )
                 else:
-                    raise error_from_event(event)
+                    raise exception_for(event.kind, event.message)
         raise EngineError("the request ended without a final event")  # pragma: no cover
 
     async def drain(self, grace: float = 10.0) -> None:

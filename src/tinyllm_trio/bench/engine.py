@@ -264,8 +264,8 @@ class BareLoop:
     def run(self, c: int, load: Load) -> Measurement:
         """`load.requests(c)` requests, C at once, the next submitted as one finishes; step
         until idle."""
-        from tinyllm_trio.model.batching import DoneEvent, TokenEvent
         from tinyllm_trio.model.sampling import SamplingParams
+        from tinyllm_trio.protocol import DoneEvent, TokenEvent
 
         batcher = self.batcher
         params = SamplingParams(max_tokens=load.max_tokens, temperature=0, ignore_eos=True)
@@ -462,7 +462,7 @@ _STREAM = """
 import sys
 from tinyllm_trio.ipc.messages import encode
 from tinyllm_trio.ipc.ring import Ring
-from tinyllm_trio.model.batching import TokenEvent
+from tinyllm_trio.protocol import TokenEvent
 outbox, n = Ring.attach(sys.argv[1]), int(sys.argv[2])
 frame = encode(TokenEvent(7, [123], " cat"))
 for _ in range(n):
@@ -477,7 +477,7 @@ def ipc_costs(messages: int) -> dict[str, float]:
     from tinyllm_trio.ipc.messages import decode, encode
     from tinyllm_trio.ipc.pool import RESPONSE_SLOT_SIZE, RESPONSE_SLOTS
     from tinyllm_trio.ipc.ring import Ring, new_prefix
-    from tinyllm_trio.model.batching import TokenEvent
+    from tinyllm_trio.protocol import TokenEvent
 
     base = new_prefix()
     there = Ring.create(base + "-b-there", n_slots=RESPONSE_SLOTS, slot_size=RESPONSE_SLOT_SIZE)

@@ -53,8 +53,9 @@ from typing import Any
 import trio
 
 from tinyllm_trio.config import ServerConfig
+from tinyllm_trio.http.app import AppState
 from tinyllm_trio.http.connection import HTTPConnection, HTTPError, json_bytes, reason_phrase
-from tinyllm_trio.http.routes import AppState, Router
+from tinyllm_trio.http.routes import Router
 from tinyllm_trio.http.startup import ready_line
 
 log = logging.getLogger("tinyllm_trio.server")

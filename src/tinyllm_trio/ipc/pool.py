@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from tinyllm_trio.engine import (
+from tinyllm_trio.errors import (
     EngineError,
     OverloadedError,
     ShuttingDownError,
@@ -78,10 +78,10 @@ from tinyllm_trio.ipc.ring import (
     new_prefix,
     sweep_stale,
 )
-from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, Event, TokenEvent
 from tinyllm_trio.model.blas import single_threaded_env
 from tinyllm_trio.model.prefix_cache import block_hashes
 from tinyllm_trio.model.sampling import SamplingParams
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, Event, TokenEvent
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("tinyllm_trio.ipc.worker")  # what workers write to stderr
@@ -523,13 +523,13 @@ class WorkerPool:
         with trio.move_on_after(grace):
             while self.running or self.waiting:
                 await self._activity.park()
-        self._end_all("the server is shutting down", "shutting_down")
+        self._end_all("the server is shutting down", ErrorKind.SHUTTING_DOWN)
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Ordered stop: end all requests, ask every worker to exit, wait up to `timeout`
         seconds, SIGKILL the rest, and return when every ring is unlinked."""
         self.accepting = False
-        self._end_all("the server is shutting down", "shutting_down")
+        self._end_all("the server is shutting down", ErrorKind.SHUTTING_DOWN)
         self._stopping = True
         self._stop_requested.set()
         for slot in self.slots:
@@ -565,7 +565,7 @@ class WorkerPool:
                     task_status.started()
         finally:
             self.accepting = False
-            self._end_all("the engine stopped", "shutting_down")
+            self._end_all("the engine stopped", ErrorKind.SHUTTING_DOWN)
             for ring in list(self._rings):  # safety net; normally already destroyed
                 self._drop_ring(ring)
             self._stopped.set()
@@ -586,7 +586,7 @@ class WorkerPool:
             if not self.live:  # nobody left to serve the queue: fail it now, not after back-off
                 message = self._no_worker_message()
                 for request in self._queue.values():
-                    self._end(request, ErrorEvent(request.id, message, "worker_died"))
+                    self._end(request, ErrorEvent(request.id, message, ErrorKind.WORKER_DIED))
                 self._queue.clear()
             slot.restarts += 1
             self.restarts += 1
@@ -691,7 +691,7 @@ class WorkerPool:
                     how = f"stopped responding for {self.stall_timeout:g} s and was killed"
                 message = f"{slot.name} {how} while running this request"
                 for request in slot.inflight.values():
-                    self._end(request, ErrorEvent(request.id, message, "worker_died"))
+                    self._end(request, ErrorEvent(request.id, message, ErrorKind.WORKER_DIED))
                 slot.inflight.clear()
             self._pump()  # queued requests may fit on the other workers
 
@@ -751,7 +751,7 @@ class WorkerPool:
             request = slot.inflight.pop(msg.request_id, None)
             if request is not None:
                 why = f"could not send this request to its worker: {type(exc).__name__}: {exc}"
-                self._end(request, ErrorEvent(request.id, why, "internal"))
+                self._end(request, ErrorEvent(request.id, why, ErrorKind.INTERNAL))
                 self._pump()
 
     async def _read_loop(self, slot: WorkerSlot, responses: Ring) -> None:
@@ -797,7 +797,7 @@ class WorkerPool:
             return
         request = slot.inflight.get(msg.request_id)
         if request is None:
-            if isinstance(msg, ErrorEvent) and msg.kind == "load_failed":
+            if isinstance(msg, ErrorEvent) and msg.kind == ErrorKind.LOAD_FAILED:
                 slot.load_error = msg.message
             return  # a request that was already ended here (cancelled, shut down)
         if isinstance(msg, TokenEvent):

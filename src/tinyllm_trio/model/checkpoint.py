@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyllm_trio.errors import CheckpointError
 from tinyllm_trio.model.tokenizer import HybridTokenizer
 from tinyllm_trio.model.transformer import ModelConfig, Transformer, expected_shapes
 
@@ -58,10 +59,6 @@ ORIGINAL_WEIGHTS_DIR = "weights"
 ORIGINAL_METADATA_FILE = "metadata.txt"
 ORIGINAL_MAX_CONTEXT = 512
 ORIGINAL_ATTENTION_SCALE = "embd"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message says which file or tensor and why."""
 
 
 @dataclass

@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from tinyllm_trio.errors import ContextLengthError
+
 __all__ = [
     "CacheFullError",
     "ContextLengthError",
@@ -59,10 +61,6 @@ __all__ = [
 ]
 
 _F32 = np.float32
-
-
-class ContextLengthError(ValueError):
-    """A prompt longer than the model's context, or a sequence already at its context limit."""
 
 
 class CacheFullError(RuntimeError):
