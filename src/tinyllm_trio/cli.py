@@ -9,26 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import re
 import sys
 from collections.abc import Sequence
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=os.environ.get("TINYLLM_MODEL") or None,
-        help="checkpoint directory (ours, or the original release's model/ dir); "
-        "default: the packaged model (env TINYLLM_MODEL)",
-    )
-    p.add_argument(
-        "--attention-scale",
-        choices=["head", "embd"],
-        default=None,
-        help="override the checkpoint's attention scale: head = 1/sqrt(head_size), "
-        "embd = 1/sqrt(n_embd)",
-    )
+    _declare(p, "tinyllm_trio.config:add_model_arguments")  # as serve declares them
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from tinyllm_trio.config import EngineConfig
 from tinyllm_trio.errors import (
     ContextLengthError,
     EngineError,
@@ -330,19 +331,22 @@ class Engine:
 
 @asynccontextmanager
 async def open_engine(
-    model: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | None = EngineConfig.model,
     *,
-    workers: int | None = None,
-    max_batch: int = 32,
-    max_queue: int = 256,
-    attention_scale: str | None = None,
-    shutdown_timeout: float = 5.0,
-    ready_timeout: float = 120.0,
-    stall_timeout: float = 5.0,
-    pin_workers: bool = True,
-    prefix_cache: bool = True,
+    workers: int | None = EngineConfig.workers,
+    max_batch: int = EngineConfig.max_batch,
+    max_queue: int = EngineConfig.max_queue,
+    attention_scale: str | None = EngineConfig.attention_scale,
+    shutdown_timeout: float = EngineConfig.shutdown_timeout,
+    ready_timeout: float = EngineConfig.ready_timeout,
+    stall_timeout: float = EngineConfig.stall_timeout,
+    pin_workers: bool = EngineConfig.pin_workers,
+    prefix_cache: bool = EngineConfig.prefix_cache,
 ) -> AsyncIterator[Engine]:
     """Start `workers` worker processes (default: one per CPU) and yield an Engine.
+
+    The defaults are `tinyllm_trio.config.EngineConfig`'s; `open_engine(**asdict(config))`
+    opens the engine an `EngineConfig` describes.
 
     The config and tokenizer are read here too (validation happens in this process), the
     weights only in the workers. Raises CheckpointError for a checkpoint whose config,

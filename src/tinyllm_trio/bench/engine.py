@@ -62,10 +62,10 @@ from tinyllm_trio.bench.workload import (
     requests_per_level,
     run_on_engine,
 )
+from tinyllm_trio.model.batching import MAX_BATCH  # serve's default --max-batch
 from tinyllm_trio.model.blas import blas_pinned, single_threaded_env
 
 CONCURRENCY = (1, 8, 32, 64)
-MAX_BATCH = 32  # serve's default --max-batch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

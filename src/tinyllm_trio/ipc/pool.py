@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from tinyllm_trio.config import EngineConfig
 from tinyllm_trio.errors import (
     EngineError,
     OverloadedError,
@@ -269,24 +270,23 @@ class WorkerPool:
         self,
         model: str | os.PathLike[str] | None = None,
         *,
-        workers: int | None = None,
-        max_batch: int = 32,
-        max_queue: int = 256,
-        attention_scale: str | None = None,
-        ready_timeout: float = 120.0,
-        stall_timeout: float = 5.0,
-        pin_workers: bool = True,
-        prefix_cache: bool = True,
+        workers: int | None = EngineConfig.workers,
+        max_batch: int = EngineConfig.max_batch,
+        max_queue: int = EngineConfig.max_queue,
+        attention_scale: str | None = EngineConfig.attention_scale,
+        ready_timeout: float = EngineConfig.ready_timeout,
+        stall_timeout: float = EngineConfig.stall_timeout,
+        pin_workers: bool = EngineConfig.pin_workers,
+        prefix_cache: bool = EngineConfig.prefix_cache,
     ) -> None:
+        EngineConfig(  # validates every value, with the same messages as everywhere
+            workers=workers,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            attention_scale=attention_scale,
+            stall_timeout=stall_timeout,
+        )
         workers = default_workers() if workers is None else workers
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
-        if max_queue < 0:
-            raise ValueError("max_queue must be 0 or more")
-        if not stall_timeout > 0:
-            raise ValueError("stall_timeout must be > 0 seconds (math.inf: never)")
         self.model = None if model is None else os.fspath(model)
         self.max_batch = max_batch
         self.max_queue = max_queue

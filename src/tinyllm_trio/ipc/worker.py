@@ -148,13 +148,15 @@ class Worker:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tinyllm_trio.model.batching import MAX_BATCH  # numpy: after the BLAS settings above
+
     p = argparse.ArgumentParser(prog="python -m tinyllm_trio.ipc.worker")
     p.add_argument("--requests", required=True, help="request ring name (created by the server)")
     p.add_argument("--responses", required=True, help="response ring name")
     p.add_argument("--parent-pid", type=int, required=True, help="exit when this process dies")
     p.add_argument("--model", default=None, help="checkpoint directory (default: packaged)")
     p.add_argument("--attention-scale", choices=["head", "embd"], default=None)
-    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH)
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     p.add_argument("--index", type=int, default=0, help="worker number, for messages")
     p.add_argument("--cpu", type=int, default=None, help="pin this process to that core")

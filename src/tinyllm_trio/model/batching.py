@@ -40,6 +40,7 @@ from tinyllm_trio.model.transformer import ModelConfig, Transformer
 from tinyllm_trio.protocol import DoneEvent, ErrorEvent, Event, TokenEvent
 
 __all__ = [  # the events live in tinyllm_trio.protocol; named here for older imports
+    "MAX_BATCH",
     "ContinuousBatcher",
     "DoneEvent",
     "ErrorEvent",
@@ -52,6 +53,10 @@ __all__ = [  # the events live in tinyllm_trio.protocol; named here for older im
 # Prompt tokens prefilled together in one pass: enough to batch a burst of short prompts (the
 # win), few enough that the pass's scratch arrays stay ~36 MB (~18 KB per token).
 PREFILL_TOKENS_PER_PASS = 2048
+
+# Sequences one decode step advances by default (`serve --max-batch`, `EngineConfig`): where a
+# step's cost per token flattens on one core (`tinyllm-trio bench model` reads batch 32 and 64).
+MAX_BATCH = 32
 
 
 def encode_prompt(
@@ -167,7 +172,7 @@ class ContinuousBatcher:
         self,
         transformer: Transformer,
         tokenizer: HybridTokenizer,
-        max_batch: int = 32,
+        max_batch: int = MAX_BATCH,
         *,
         prefix_cache: bool = True,
     ) -> None:
