@@ -151,8 +151,8 @@ class Generation:
 
         For a consumer whose per-token work is synchronous and never waits: the HTTP server
         formats each token and writes it to a non-blocking socket right where the engine
-        delivers it, which saves a task switch and a queue round trip per token (a quarter to
-        a third of the server's CPU per streamed token, see the README). `sink` runs in the
+        delivers it, which saves a task switch and a queue round trip per token (the README
+        has what it saves in server CPU per streamed token). `sink` runs in the
         engine's delivery task, so it must not block; if it raises, that event and every later
         one are queued as usual.
         The final event (done or error) is always queued, after every token the sink took, so

@@ -120,13 +120,10 @@ def worker_cpus(workers: int, allowed: Sequence[int] | None = None) -> list[int 
     this process may use, so ``taskset`` and cpusets are honoured) and the server keeps the
     low ones. Why: a worker that goes idle between requests is woken by the server, and the
     scheduler may place it on the server's core (wake-affine) and keep both there, so every
-    decode step shares a core with the server's IPC work. Measured on the 2-core dev VM with
-    `tinyllm-trio bench engine --concurrency 1 --workers 1`, in a phase where this happened:
-    1w/bare 0.61-0.66 unpinned against 0.83-0.94 pinned (an ad-hoc trace of the worker loop
-    put its time between steps at ~175 us against ~35 us); in other phases the two read
-    alike. With as many workers as cores (serve's default) nothing is pinned: the server then
-    has to share some worker's core anyway, and at 32 and 64 streams pinning both workers
-    measured no better (2w/1w 1.35-1.36 pinned, 1.39-1.42 not, at 32).
+    decode step shares a core with the server's IPC work (`tinyllm-trio bench engine
+    --pin-workers true|false` shows the difference; the README has the numbers). With as many
+    workers as cores (serve's default) nothing is pinned: the server then has to share some
+    worker's core anyway, and pinning both workers measured no better.
     """
     cpus = sorted(_allowed_cpus() if allowed is None else allowed)
     if workers >= len(cpus):
