@@ -146,6 +146,13 @@ class Fleet:
             if (self.prefix / name).exists()
         )
 
+    def passed_on(self) -> int:
+        """Requests nginx sent on to another server after the first refused the connection
+        (or reset it): its access log lists every server tried, "upstream=A, B"."""
+        log = self.prefix / "access.log"
+        tried = re.findall(r"upstream=(.*?) upstream_status=", log.read_text())
+        return sum(", " in servers for servers in tried)
+
     async def wait_all_healthy(self) -> None:
         for instance in self.instances:
             await instance.wait_healthy()
@@ -340,6 +347,7 @@ async def test_rolling_sigterm_restart_under_load_fails_no_request(fleet: Fleet)
         stop.set()
     failed = [o.detail for o in outcomes if not o.ok]
     print(f"\nrolling restart: {len(outcomes)} requests, {len(failed)} failed")
+    print(f"nginx passed {fleet.passed_on()} request(s) on to another instance")
     assert failed == [], f"{failed[:5]}\n{fleet.nginx_log()[-3000:]}"
     assert len(outcomes) >= 3 * CLIENTS
 
