@@ -34,7 +34,7 @@ import pytest
 import trio
 
 from conftest import save_random_checkpoint
-from tinyllm_trio.http.client import HTTPClient, sse_events
+from tinyllm_trio.bench.client import HTTPClient, sse_events
 from tinyllm_trio.ipc.ring import shm_entries
 
 CONF = Path(__file__).parent.parent / "deploy" / "nginx" / "nginx.conf"
