@@ -15,8 +15,8 @@ import trio
 
 from conftest import save_random_checkpoint
 from http_fixtures import post, running_server
+from tinyllm_trio.bench.client import HTTPClient
 from tinyllm_trio.engine import Engine, open_engine
-from tinyllm_trio.http.client import HTTPClient
 from tinyllm_trio.model.checkpoint import load_model
 from tinyllm_trio.model.sampling import log_softmax
 

@@ -28,20 +28,18 @@ import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from tinyllm_trio.engine import (
-    EngineError,
-    OverloadedError,
-    ShuttingDownError,
-    WorkerDiedError,
-)
+from tinyllm_trio.errors import InvalidParameterError, kind_of
 from tinyllm_trio.http.connection import ClientGone, Exchange, HTTPError
-from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, TokenEvent
-from tinyllm_trio.model.sampling import InvalidParameterError, SamplingParams
-from tinyllm_trio.model.transformer import ContextLengthError
+from tinyllm_trio.http.errors import engine_error, error_event, http_error
+from tinyllm_trio.model.sampling import SamplingParams
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, TokenEvent
+
+if TYPE_CHECKING:
+    from tinyllm_trio.http.app import AppState
 
 # Request fields every generation endpoint passes to SamplingParams as given (absent or null:
 # the default); `temperature` and `max_tokens` have endpoint-specific defaults.
@@ -61,61 +59,6 @@ SAMPLING_FIELDS = (
     "stop_token_ids",
     "cache_prompt",
 )
-SHUTDOWN_MESSAGE = "the server is shutting down; this generation was cancelled"
-
-
-class AppState(Protocol):
-    """What a generation needs from the server (see `routes.AppState`)."""
-
-    engine: Any
-    config: Any
-    metrics: Any
-    grace_over: bool
-
-    def generation_scope(self) -> Any: ...
-
-
-def engine_error(exc: BaseException, prompt_param: str = "prompt") -> HTTPError:
-    """The HTTP answer for an exception `engine.generate` raised."""
-    if isinstance(exc, InvalidParameterError):
-        return HTTPError(400, str(exc), param=exc.param, code="invalid_parameter")
-    if isinstance(exc, ContextLengthError):
-        return HTTPError(400, str(exc), param=prompt_param, code="context_length_exceeded")
-    if isinstance(exc, OverloadedError):
-        retry_after = getattr(exc, "retry_after", None) or 1
-        return HTTPError(
-            429,
-            str(exc) or "the server is overloaded; retry later",
-            code="overloaded",
-            headers=[(b"Retry-After", str(max(1, round(retry_after))).encode("ascii"))],
-        )
-    if isinstance(exc, ShuttingDownError):
-        return HTTPError(503, str(exc) or SHUTDOWN_MESSAGE, code="shutting_down")
-    if isinstance(exc, WorkerDiedError):
-        return HTTPError(
-            503, str(exc) or "the worker died", code="worker_died", headers=[(b"Retry-After", b"1")]
-        )
-    if isinstance(exc, EngineError):
-        return HTTPError(500, str(exc), code=getattr(exc, "kind", None) or "engine_error")
-    if isinstance(exc, ValueError):  # bad token ids, empty prompt
-        return HTTPError(400, str(exc), param=prompt_param)
-    return HTTPError(500, f"internal error: {type(exc).__name__}", code="internal_error")
-
-
-def error_event(event: ErrorEvent, prompt_param: str = "prompt") -> HTTPError:
-    """The HTTP answer for an engine `ErrorEvent` (before or after the head)."""
-    kind = event.kind
-    if kind == "invalid_request":
-        return HTTPError(400, event.message, param=prompt_param)
-    if kind == "context_length":
-        return HTTPError(400, event.message, param=prompt_param, code="context_length_exceeded")
-    if kind == "worker_died":
-        return HTTPError(503, event.message, code="worker_died", headers=[(b"Retry-After", b"1")])
-    if kind == "shutting_down":
-        return HTTPError(503, event.message, code="shutting_down")
-    if kind == "overloaded":
-        return HTTPError(429, event.message, code="overloaded", headers=[(b"Retry-After", b"1")])
-    return HTTPError(500, event.message, code=kind or "internal_error")
 
 
 def sampling_params(prompt_param: str = "prompt", **values: Any) -> SamplingParams:
@@ -258,12 +201,7 @@ class HTTPGeneration:
         # only once the grace period ran out is new work refused.
         if self._app.grace_over:
             self._done = "rejected"
-            raise HTTPError(
-                503,
-                "the server is shutting down",
-                code="shutting_down",
-                headers=[(b"Retry-After", b"1")],
-            )
+            raise http_error(ErrorKind.SHUTTING_DOWN, "the server is shutting down")
         try:
             if self.n == 1:
                 it = self._app.engine.generate(self._prompt, self.params)
@@ -310,8 +248,7 @@ class HTTPGeneration:
         except StopAsyncIteration:
             event = ErrorEvent(-1, "the engine ended the request without a final event")
         except Exception as exc:
-            err = engine_error(exc, self.prompt_param)
-            event = ErrorEvent(-1, err.message, "worker_died" if err.status == 503 else "internal")
+            event = ErrorEvent(-1, engine_error(exc, self.prompt_param).message, kind_of(exc))
         self._observe(event)
         return event
 
@@ -401,9 +338,7 @@ async def stream_response(app: AppState, generation: HTTPGeneration, fmt: Stream
             with app.generation_scope() as scope:
                 await _stream_events(generation, fmt)
             if scope.cancelled_caught:
-                await _end_with_error(
-                    ex, fmt, HTTPError(503, SHUTDOWN_MESSAGE, code="shutting_down")
-                )
+                await _end_with_error(ex, fmt, http_error(ErrorKind.SHUTTING_DOWN))
 
     await watching_disconnect(ex, body)
 
@@ -467,7 +402,7 @@ async def collect_response(app: AppState, generation: HTTPGeneration) -> list[Co
             with app.generation_scope() as scope:
                 return await _collect(generation)
             assert scope.cancelled_caught
-            raise HTTPError(503, SHUTDOWN_MESSAGE, code="shutting_down")
+            raise http_error(ErrorKind.SHUTTING_DOWN)
 
     return await watching_disconnect(generation.exchange, body)
 
