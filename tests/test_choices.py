@@ -79,3 +79,16 @@ async def test_cancelling_the_choices_frees_every_row(long_checkpoint: Path) -> 
         # the rows are free: a full batch of new requests is admitted at once
         done = await engine.complete_choices(PROMPT, SamplingParams(max_tokens=2), n=4)
         assert len(done) == 4
+
+
+async def test_more_choices_than_the_batch_wait_and_reuse_the_prompt(tiny_checkpoint) -> None:
+    async with open_engine(tiny_checkpoint, workers=1, max_batch=2, pin_workers=False) as engine:
+        params = SamplingParams(max_tokens=3, temperature=1.0, seed=9, ignore_eos=True)
+        got = await engine.complete_choices(PROMPT, params, n=4)
+        p = len(engine.encode_prompt(PROMPT))
+        stats = engine.stats()["prefix_cache"]
+    assert [c.completion_tokens for c in got] == [3] * 4
+    # two admitted together (one prefill, one fork); when both end, the other two together:
+    # one takes all but the last token from the cache, the other forks it
+    assert (stats["queries"], stats["hits"]) == (4 * p, p + (p - 1) + p)
+    assert sorted(c.cached_tokens for c in got) == [0, p - 1, p, p]
