@@ -416,11 +416,12 @@ async def _collect(generation: HTTPGeneration) -> list[Collected]:
     offsets: list[list[int]] = [[] for _ in range(n)]
     prompts: list[list[dict[str, Any]] | None] = [None] * n
     done: dict[int, Collected] = {}
+    index = generation.index if n > 1 else None  # n = 1: no lookup per token
     event = await generation.first()
     while True:
         kind = type(event)
         if kind is TokenEvent:
-            i = generation.index(event)
+            i = 0 if index is None else index(event)
             if event.logprobs and not event.token_ids:  # the prompt's (echo), before any token
                 prompts[i] = event.logprobs
             elif want_logprobs and event.logprobs:
@@ -429,7 +430,7 @@ async def _collect(generation: HTTPGeneration) -> list[Collected]:
             parts[i].append(event.text)
             sizes[i] += len(event.text)
         elif kind is DoneEvent:
-            i = generation.index(event)
+            i = 0 if index is None else index(event)
             done[i] = Collected(
                 "".join(parts[i]),
                 event.finish_reason,
