@@ -114,6 +114,19 @@ class FakeEngine:
                 self.cancelled += 1
 
 
+class KVUsageEngine(FakeEngine):
+    """A FakeEngine whose stats report KV-cache usage, as a pool of two workers would."""
+
+    def stats(self) -> dict:
+        return {
+            **super().stats(),
+            "kv_cache_usage": 0.25,
+            "max_batch": 2,
+            "max_context": 64,
+            "workers": [{"index": 0, "kv_tokens": 32}, {"index": 1, "kv_tokens": 0}],
+        }
+
+
 def fast_config(**overrides: Any) -> ServerConfig:
     values: dict[str, Any] = {
         "host": "127.0.0.1",

@@ -24,7 +24,7 @@ from tinyllm_trio.model.tokenizer import (
 )
 
 SEED_VOCAB = (
-    Path(__file__).resolve().parents[2] / "shared" / "seed" / "tinystories_tokenizer_vocab.json"
+    Path(__file__).resolve().parents[3] / "shared" / "seed" / "tinystories_tokenizer_vocab.json"
 )
 
 CORPUS = """Once upon a time, there was a little girl named Lily. She liked to play in the park!
