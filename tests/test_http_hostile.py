@@ -7,7 +7,15 @@ import json
 import pytest
 import trio
 
-from http_fixtures import FakeEngine, get, post, raw_request, running_server, split_response
+from http_fixtures import (
+    FakeEngine,
+    get,
+    post,
+    raw_request,
+    read_until,
+    running_server,
+    split_response,
+)
 
 GENERATION = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": 3}),
@@ -112,19 +120,172 @@ async def test_head_is_answered_like_get_without_a_body() -> None:
         assert status == 405 and headers["allow"] == "POST"
 
 
+async def _busy_connections(port: int, n: int, host: str = "127.0.0.1") -> list:
+    """`n` connections each in the middle of sending a head: busy, so never evicted."""
+    streams = []
+    for _ in range(n):
+        stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=host)
+        await stream.send_all(b"GET /ping HTTP/1.1\r\nHost: t\r\n")
+        streams.append(stream)
+    return streams
+
+
+async def _wait_for_connections(server, n: int) -> None:
+    with trio.fail_after(5):
+        while server.connection_count < n:
+            await trio.sleep(0.01)
+
+
 async def test_the_connection_cap_is_exact() -> None:
-    cap, extra = 3, 3  # extra <= cap: beyond that many refusals at once, a close
-    async with running_server(FakeEngine(), max_connections=cap, keep_alive_timeout=30.0) as (
+    cap, extra = 3, 3
+    async with running_server(FakeEngine(), max_connections=cap, header_timeout=30.0) as (
         server,
         port,
     ):
-        streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(cap + extra)]
+        held = await _busy_connections(port, cap + extra)
+        await _wait_for_connections(server, cap)
         refused = 0
-        for stream in streams:
-            with trio.move_on_after(2.0):
+        for stream in held:
+            with trio.move_on_after(3.0):
                 data = await stream.receive_some(65536)
                 refused += data.startswith(b"HTTP/1.1 503")
         assert refused == extra
         assert server.connection_count == cap
-        for stream in streams:
+        for stream in held:
             await stream.aclose()
+
+
+# ---- finding 5: one client must not exhaust the connection cap --------------------------------
+
+
+async def test_a_connection_that_never_speaks_is_closed_after_the_header_timeout() -> None:
+    async with running_server(FakeEngine(), header_timeout=0.3, keep_alive_timeout=30.0) as (
+        server,
+        port,
+    ):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            start = trio.current_time()
+            with trio.fail_after(3):
+                assert await stream.receive_some(100) == b""  # closed, silently
+            assert trio.current_time() - start > 0.25
+        with trio.fail_after(2):
+            while server.connection_count:
+                await trio.sleep(0.01)
+
+
+async def test_the_first_head_must_arrive_within_the_header_timeout_of_the_accept() -> None:
+    """Trickling a byte at a time does not re-arm the clock for a first request."""
+    async with running_server(FakeEngine(), header_timeout=1.0) as (_, port):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        start = trio.current_time()
+        async with stream:
+            await trio.sleep(0.9)
+            await stream.send_all(b"G")
+            raw = await read_all(stream, timeout=3)
+        assert trio.current_time() - start < 1.6  # not 0.9 + 1.0: the clock was not re-armed
+        status, _, _ = split_response(raw)
+        assert status == 408
+
+
+async def read_all(stream: trio.SocketStream, *, timeout: float) -> bytes:
+    raw = b""
+    with trio.fail_after(timeout):
+        while chunk := await stream.receive_some(65536):
+            raw += chunk
+    return raw
+
+
+async def test_silent_sockets_cannot_lock_out_a_client_or_health() -> None:
+    """Many more silent sockets than the cap: each new one evicts the oldest idle one, so a
+    real client and /health are served at once (before: 503 until the sockets timed out)."""
+    engine = FakeEngine()
+    cap = 8
+    async with running_server(
+        engine, max_connections=cap, header_timeout=30.0, keep_alive_timeout=30.0
+    ) as (server, port):
+        silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(5 * cap)]
+        await _wait_for_connections(server, cap)
+        with trio.fail_after(5):
+            raw = await raw_request(port, post("/v1/completions", b'{"prompt": "hi"}'))
+            assert split_response(raw)[0] == 200, raw
+            raw = await raw_request(port, get("/health"))
+            assert split_response(raw)[0] == 200, raw
+        assert server.connection_count <= cap
+        assert server.app.metrics.connections_evicted._value.get() >= 4 * cap
+        for stream in silent:
+            await stream.aclose()
+
+
+async def test_an_idle_keep_alive_connection_makes_room_and_its_client_sees_a_close() -> None:
+    async with running_server(FakeEngine(), max_connections=1, keep_alive_timeout=30.0) as (
+        _,
+        port,
+    ):
+        idle = await trio.open_tcp_stream("127.0.0.1", port)
+        async with idle:
+            await idle.send_all(get("/ping", close=False))
+            await read_until(idle, b'{"status": "ok"}')
+            raw = await raw_request(port, get("/v1/models"))
+            assert split_response(raw)[0] == 200
+            with trio.fail_after(2):
+                assert await idle.receive_some(100) == b""
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/health", "/ping"])
+async def test_probes_are_answered_over_the_cap_and_everything_else_is_503(path) -> None:
+    async with running_server(FakeEngine(), max_connections=2, header_timeout=30.0) as (
+        server,
+        port,
+    ):
+        held = await _busy_connections(port, 2)
+        await _wait_for_connections(server, 2)
+        with trio.fail_after(5):
+            status, headers, body = split_response(await raw_request(port, get(path)))
+            assert status == 200 and json.loads(body) == {"status": "ok"}
+            assert headers["connection"] == "close"
+            raw = await raw_request(port, post("/v1/completions", b'{"prompt": "hi"}'))
+            status, headers, _ = split_response(raw)
+            assert status == 503 and headers["retry-after"] == "1"
+            # one that sends nothing is answered too, and never left hanging
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                assert (await read_all(stream, timeout=4)).startswith(b"HTTP/1.1 503")
+        for stream in held:
+            await stream.aclose()
+
+
+async def test_max_connections_per_ip_limits_one_address_only() -> None:
+    async with running_server(
+        FakeEngine(), max_connections=100, max_connections_per_ip=2, header_timeout=30.0
+    ) as (server, port):
+        held = await _busy_connections(port, 2, host="127.0.0.2")
+        await _wait_for_connections(server, 2)
+        with trio.fail_after(5):
+            other = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+            async with other:
+                await other.send_all(get("/v1/models"))
+                status, headers, _ = split_response(await read_all(other, timeout=4))
+                assert status == 503 and headers["retry-after"] == "1"
+            # another address is served as usual
+            raw = await raw_request(port, get("/v1/models"))
+            assert split_response(raw)[0] == 200
+        for stream in held:
+            await stream.aclose()
+
+
+def test_max_connections_per_ip_is_a_flag_and_an_env_var() -> None:
+    import argparse
+
+    from tinyllm_trio.config import ServerConfig, add_server_arguments
+
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    args = parser.parse_args(["--max-connections-per-ip", "4"])
+    assert ServerConfig.from_args(args, env={}).max_connections_per_ip == 4
+    empty = parser.parse_args([])
+    env = {"TINYLLM_MAX_CONNECTIONS_PER_IP": "7"}
+    assert ServerConfig.from_args(empty, env=env).max_connections_per_ip == 7
+    assert ServerConfig().max_connections_per_ip == 0
+    with pytest.raises(ValueError, match="max_connections_per_ip"):
+        ServerConfig(max_connections_per_ip=-1)
