@@ -204,15 +204,18 @@ async def test_silent_sockets_cannot_lock_out_a_client_or_health() -> None:
     async with running_server(
         engine, max_connections=cap, header_timeout=30.0, keep_alive_timeout=30.0
     ) as (server, port):
-        silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(5 * cap)]
+        silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(cap)]
         await _wait_for_connections(server, cap)
+        await trio.sleep(1.1)  # idle long enough to be taken for silent (not a new client)
+        silent += [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4 * cap)]
+        await trio.sleep(1.1)
         with trio.fail_after(5):
             raw = await raw_request(port, post("/v1/completions", b'{"prompt": "hi"}'))
             assert split_response(raw)[0] == 200, raw
             raw = await raw_request(port, get("/health"))
             assert split_response(raw)[0] == 200, raw
         assert server.connection_count <= cap
-        assert server.app.metrics.connections_evicted._value.get() >= 4 * cap
+        assert server.app.metrics.connections_evicted._value.get() >= 1
         for stream in silent:
             await stream.aclose()
 
@@ -226,6 +229,7 @@ async def test_an_idle_keep_alive_connection_makes_room_and_its_client_sees_a_cl
         async with idle:
             await idle.send_all(get("/ping", close=False))
             await read_until(idle, b'{"status": "ok"}')
+            await trio.sleep(1.1)
             raw = await raw_request(port, get("/v1/models"))
             assert split_response(raw)[0] == 200
             with trio.fail_after(2):

@@ -320,6 +320,10 @@ class HTTPConnection:
         if self._idle_scope is not None and self.requests_served > 0:
             self._idle_scope.cancel()
 
+    @property
+    def fileno(self) -> int:
+        return self._fd
+
     def evict(self) -> None:
         """Close this idle connection now, without the half-close drain (the server needs its
         slot); one that is not idle, or not yet waiting, closes when it next waits."""

@@ -38,7 +38,8 @@ fds are the resource a flood of sockets exhausts first):
   refusals below): `tinyllm-trio serve` first raises its soft RLIMIT_NOFILE to the hard limit,
   as servers commonly do, and logs both.
 - At the cap (or at `max_connections_per_ip` for one address), a new connection evicts the
-  oldest idle one (waiting for its first request or, on keep-alive, its next), so silent
+  oldest idle one (waiting, for a second or more, for its first request or, on keep-alive,
+  its next, with no bytes unread), so silent
   sockets cannot lock everyone out; a connection that never speaks is closed after
   `header_timeout` anyway.
 - With nothing idle to evict, the new connection's request head is read for a moment:
@@ -63,6 +64,7 @@ import json
 import logging
 import os
 import resource
+import select
 import signal
 import socket
 import sys
@@ -92,6 +94,9 @@ _MAX_REFUSING = 64  # refusals in progress at once; beyond it a connection is ju
 # fds kept for everything but client connections, above those open when listening starts: a
 # worker's restart (rings, pipes, a process), log files, the listeners, and the refusals.
 _FD_HEADROOM = 64
+# A connection is evicted only once it has been idle this long: a client sends its request
+# within a round trip of connecting, so in a burst of new clients none is taken for a silent one.
+_EVICT_AFTER_IDLE_SECONDS = 1.0
 _LISTEN_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn, as trio's default does
 # What a connection over the cap may still ask for: the probes an orchestrator restarts on.
 _PROBES = frozenset({"/health", "/v1/health", "/ping"})
@@ -355,11 +360,22 @@ class HTTPServer:
 
     def _evict_idle(self, ip: str | None) -> bool:
         """Close the connection (from `ip`, or any) idle the longest; False if none is idle."""
+        settled = trio.current_time() - _EVICT_AFTER_IDLE_SECONDS
         idle = [
             conn
             for conn, peer in self._connections.items()
-            if conn.idle_since is not None and (ip is None or peer == ip)
+            if conn.idle_since is not None
+            and conn.idle_since <= settled
+            and (ip is None or peer == ip)
         ]
+        if idle:
+            # One whose request is in the kernel's buffer, not yet read, is not idle: readable.
+            # One poll(2) for all of them.
+            poller = select.poll()
+            for conn in idle:
+                poller.register(conn.fileno, select.POLLIN)
+            readable = {fd for fd, _ in poller.poll(0)}
+            idle = [conn for conn in idle if conn.fileno not in readable]
         if not idle:
             return False
         victim = min(idle, key=lambda conn: conn.idle_since or 0.0)
@@ -545,6 +561,11 @@ def run_cli(args: argparse.Namespace) -> int:
 async def _serve_until_signalled(config: ServerConfig) -> int:
     from tinyllm_trio.engine import open_engine  # lazily: `--help` stays fast
 
+    before, after = raise_fd_limit()
+    if after != before:
+        log.info("raised the soft RLIMIT_NOFILE from %d to %d (the hard limit)", before, after)
+    else:
+        log.info("RLIMIT_NOFILE soft limit %d", after)
     server = HTTPServer(None, config)
     status = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
