@@ -293,3 +293,137 @@ def test_max_connections_per_ip_is_a_flag_and_an_env_var() -> None:
     assert ServerConfig().max_connections_per_ip == 0
     with pytest.raises(ValueError, match="max_connections_per_ip"):
         ServerConfig(max_connections_per_ip=-1)
+
+
+# ---- finding 6: prompts are bounded before they are tokenized, and off the event loop ---------
+
+MEGABYTE = "lily and tom " * 80_000  # about 1 MB, 240k words
+
+
+def _with_prompt(path: str, text: str) -> dict:
+    return {
+        "/v1/completions": {"prompt": text, "max_tokens": 2},
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": text}], "max_tokens": 2},
+        "/process": {"message": text, "max_tokens": 2},
+        "/tokenize": {"prompt": text},
+    }[path]
+
+
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/v1/completions", "prompt"),
+        ("/v1/chat/completions", "messages"),
+        ("/process", "message"),
+        ("/tokenize", "prompt"),
+    ],
+)
+async def test_a_megabyte_prompt_is_a_400_before_any_tokenizing(path, param) -> None:
+    engine = FakeEngine(max_context=512)
+    body = json.dumps(_with_prompt(path, MEGABYTE)).encode()
+    async with running_server(engine, max_body_size=2 << 20) as (_, port):
+        raw = await raw_request(port, post(path, body))
+    status, _, payload = split_response(raw)
+    error = json.loads(payload)["error"]
+    assert status == 400 and error["param"] == param and error["code"] == "prompt_too_long"
+    assert "16384" in error["message"]  # 32 characters per token of the 512-token context
+    assert engine.encode_threads == [] and engine.calls == []
+
+
+async def test_a_long_prompt_is_encoded_in_a_thread_and_only_as_far_as_the_context() -> None:
+    engine = FakeEngine(max_context=512)
+    text = "lily and tom " * 1000  # 13,000 characters: under the cap, over the context
+    async with running_server(engine) as (_, port):
+        raw = await raw_request(
+            port, post("/v1/completions", json.dumps({"prompt": text}).encode())
+        )
+        status, _, payload = split_response(raw)
+        assert status == 400
+        error = json.loads(payload)["error"]
+        assert error["code"] == "context_length_exceeded" and "more than 511" in error["message"]
+        assert engine.encode_threads == [False]  # not on the event loop's thread
+        raw = await raw_request(port, post("/tokenize", json.dumps({"prompt": text}).encode()))
+        status, _, payload = split_response(raw)
+        assert status == 200 and json.loads(payload)["count"] == 3001  # all of it, BOS first
+        short = json.dumps({"prompt": "lily and tom", "max_tokens": 2}).encode()
+        raw = await raw_request(port, post("/v1/completions", short))
+        assert split_response(raw)[0] == 200
+        assert engine.calls[-1][0] == "lily and tom"  # short text: the engine encodes it inline
+
+
+async def test_small_requests_are_served_while_huge_prompts_are_refused() -> None:
+    engine = FakeEngine(max_context=512)
+    huge = post("/v1/completions", json.dumps({"prompt": MEGABYTE}).encode())
+    near = post("/v1/completions", json.dumps({"prompt": MEGABYTE[:16000]}).encode())
+    small = post("/v1/completions", b'{"prompt": "lily", "max_tokens": 2}')
+    statuses: list[int] = []
+    latencies: list[float] = []
+
+    async def one(request: bytes, timed: bool) -> None:
+        start = trio.current_time()
+        statuses.append(split_response(await raw_request(port, request))[0])
+        if timed:
+            latencies.append(trio.current_time() - start)
+
+    async with (
+        running_server(engine, max_body_size=2 << 20) as (_, port),
+        trio.open_nursery() as nursery,
+    ):
+        for _ in range(4):
+            nursery.start_soon(one, huge, False)
+            nursery.start_soon(one, near, False)
+        for _ in range(20):
+            nursery.start_soon(one, small, True)
+    assert sorted(statuses) == [200] * 20 + [400] * 8
+    assert max(latencies) < 2.0
+
+
+# ---- finding 8: <|endoftext|> in user text is text unless the client asks for special parsing --
+
+EOT = "lily<|endoftext|>tom"
+
+
+async def test_chat_does_not_parse_special_text_by_default_and_can_be_asked_to() -> None:
+    from tinyllm_trio.model.tokenizer import EOS
+
+    engine = FakeEngine()
+    messages = [{"role": "user", "content": EOT}]
+    async with running_server(engine) as (_, port):
+        for extra in ({}, {"parse_special": True}):
+            body = json.dumps({"messages": messages, "max_tokens": 1, **extra}).encode()
+            raw = await raw_request(port, post("/v1/chat/completions", body))
+            assert split_response(raw)[0] == 200
+        raw = await raw_request(
+            port, post("/v1/chat/completions", b'{"messages": [], "parse_special": 1}')
+        )
+        status, _, payload = split_response(raw)
+    default, parsed = (engine.encode_prompt(p) for p, _ in engine.calls)
+    assert EOS not in default and EOS in parsed
+    assert status == 400 and json.loads(payload)["error"]["param"] in ("messages", "parse_special")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/process"])
+async def test_completions_and_process_parse_special_text_by_default(path) -> None:
+    from tinyllm_trio.model.tokenizer import EOS
+
+    engine = FakeEngine()
+    async with running_server(engine) as (_, port):
+        for extra in ({}, {"parse_special": False}):
+            body = {**_with_prompt(path, EOT), "max_tokens": 1, **extra}
+            raw = await raw_request(port, post(path, json.dumps(body).encode()))
+            assert split_response(raw)[0] == 200
+    default, plain = (engine.encode_prompt(p) for p, _ in engine.calls)
+    assert EOS in default and EOS not in plain
+
+
+async def test_tokenize_counts_as_generation_would() -> None:
+    from tinyllm_trio.model.tokenizer import EOS
+
+    async def tokens(port: int, body: dict) -> list[int]:
+        raw = await raw_request(port, post("/tokenize", json.dumps(body).encode()))
+        return json.loads(split_response(raw)[2])["tokens"]
+
+    async with running_server(FakeEngine()) as (_, port):
+        assert EOS in await tokens(port, {"prompt": EOT})
+        assert EOS not in await tokens(port, {"prompt": EOT, "parse_special": False})
+        assert EOS not in await tokens(port, {"messages": [{"role": "user", "content": EOT}]})
