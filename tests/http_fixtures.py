@@ -78,6 +78,7 @@ class FakeEngine:
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None):
         params = params or SamplingParams()
         ids = encode_prompt(prompt, self.tokenizer, self.model_config)  # as the Engine does
+        params.check_vocab(self.model_config.vocab_size)
         self.calls.append((prompt, params))
         if self.overloaded:
             raise OverloadedError("the queue is full")
