@@ -431,3 +431,54 @@ async def test_serve_under_a_low_fd_limit_raises_it_keeps_a_reserve_and_never_ha
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+SPARE_FD = textwrap.dedent(
+    """
+    import os, resource, sys, trio
+    import tinyllm_trio.http.server as server_mod
+    from tinyllm_trio.config import ServerConfig
+
+    server_mod.connection_budget = lambda cap: cap  # no reserve: run into EMFILE itself
+
+    async def main():
+        server = server_mod.HTTPServer(None, ServerConfig(port=0, header_timeout=30.0))
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.run)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+            print(port, flush=True)
+            await trio.to_thread.run_sync(sys.stdin.readline)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    """
+)
+
+
+async def test_out_of_fds_at_accept_a_new_connection_is_closed_not_left_hanging() -> None:
+    """The last line of defence, with no reserve to keep the server off the limit: accept()
+    fails with EMFILE, the spare fd is let go to accept and close the waiting connection."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SPARE_FD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = int(await trio.to_thread.run_sync(proc.stdout.readline))
+        results: list[bytes | None] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(_answered_or_closed, port, results)
+                await trio.sleep(0)
+        assert results.count(None) <= 10  # only the few the 8 spare fds admitted still wait
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=20) == 0, proc.stderr.read()
+        assert "closed a new connection at once" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
