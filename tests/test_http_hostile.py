@@ -278,6 +278,27 @@ async def test_max_connections_per_ip_limits_one_address_only() -> None:
             await stream.aclose()
 
 
+async def test_at_the_per_ip_cap_that_address_evicts_its_own_idle_connection() -> None:
+    async with running_server(
+        FakeEngine(), max_connections=100, max_connections_per_ip=1, keep_alive_timeout=30.0
+    ) as (_, port):
+        mine = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+        theirs = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.3")
+        async with mine, theirs:
+            for stream in (mine, theirs):
+                await stream.send_all(get("/ping", close=False))
+                await read_until(stream, b'{"status": "ok"}')
+            await trio.sleep(1.1)
+            again = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+            async with again:
+                await again.send_all(get("/v1/models"))
+                assert split_response(await read_all(again, timeout=4))[0] == 200
+            with trio.fail_after(2):
+                assert await mine.receive_some(100) == b""  # evicted: same address
+            await theirs.send_all(get("/ping"))  # another address's connection is untouched
+            assert split_response(await read_all(theirs, timeout=4))[0] == 200
+
+
 def test_max_connections_per_ip_is_a_flag_and_an_env_var() -> None:
     import argparse
 
