@@ -75,7 +75,7 @@ def test_scaling_ceiling_script_prints_each_round_and_the_median(tiny_checkpoint
 
 
 def test_bench_model_reports_each_row_as_it_finishes(tiny_checkpoint):
-    from tinyllm_trio.model.bench import format_table, run_benchmarks, table_head, table_row
+    from tinyllm_trio.bench.model import format_table, run_benchmarks, table_head, table_row
     from tinyllm_trio.model.checkpoint import load_model
 
     transformer = load_model(tiny_checkpoint).transformer

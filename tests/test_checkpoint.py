@@ -16,6 +16,7 @@ from tinyllm_trio.model.checkpoint import (
     CheckpointError,
     default_model_path,
     load_model,
+    read_checkpoint,
     save_checkpoint,
     save_original,
 )
@@ -35,6 +36,11 @@ def tok() -> HybridTokenizer:
 def model(tok) -> Transformer:
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_embd=32, n_head=4, n_layer=2, max_context=48)
     return Transformer.random(cfg, seed=5, std=0.2)
+
+
+# The structural faults are found alike by the full load and by the light read the server
+# process does (config, tokenizer and the tensors' names and shapes from the headers).
+both_readers = pytest.mark.parametrize("read", [load_model, read_checkpoint])
 
 
 def _same_weights(a: Transformer, b: Transformer) -> bool:
@@ -140,25 +146,28 @@ def _ours(tmp_path, model, tok) -> Path:
     return tmp_path
 
 
-def test_missing_tensor(tmp_path, model, tok):
+@both_readers
+def test_missing_tensor(read, tmp_path, model, tok):
     path = _ours(tmp_path, model, tok)
     w = load_file(path / "model.safetensors")
     del w["blocks.1.ffwd.net.2.weight"]
     save_file(w, path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): blocks.1.ffwd.net.2.weight"):
-        load_model(path)
+        read(path)
 
 
-def test_extra_tensor(tmp_path, model, tok):
+@both_readers
+def test_extra_tensor(read, tmp_path, model, tok):
     path = _ours(tmp_path, model, tok)
     w = load_file(path / "model.safetensors")
     w["blocks.2.ln1.weight"] = np.ones(32, np.float32)
     save_file(w, path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"unexpected 1 tensor\(s\): blocks.2.ln1.weight"):
-        load_model(path)
+        read(path)
 
 
-def test_wrong_shape(tmp_path, model, tok):
+@both_readers
+def test_wrong_shape(read, tmp_path, model, tok):
     path = _ours(tmp_path, model, tok)
     w = load_file(path / "model.safetensors")
     w["blocks.0.sa.proj.weight"] = np.zeros((32, 31), np.float32)
@@ -167,7 +176,7 @@ def test_wrong_shape(tmp_path, model, tok):
         CheckpointError,
         match=r"blocks.0.sa.proj.weight has shape \[32, 31\], expected \[32, 32\]",
     ):
-        load_model(path)
+        read(path)
 
 
 def test_non_finite_weights(tmp_path, model, tok):
@@ -177,9 +186,25 @@ def test_non_finite_weights(tmp_path, model, tok):
     save_file(w, path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"ln_f.bias holds NaN"):
         load_model(path)
+    # The light read never sees the values: the workers' load reports this one.
+    assert read_checkpoint(path).config == model.config
 
 
-def test_vocabulary_mismatch(tmp_path, model):
+@pytest.mark.parametrize("fmt", ["ours", "original"])
+def test_read_checkpoint_gives_what_load_model_gives_without_the_weights(tmp_path, model, tok, fmt):
+    if fmt == "ours":
+        save_checkpoint(tmp_path, model, tok, dtype="float32")
+    else:
+        save_original(tmp_path, model, tok)
+    info, loaded = read_checkpoint(tmp_path), load_model(tmp_path)
+    assert info.path == loaded.path == tmp_path
+    assert info.config == loaded.transformer.config
+    assert info.tokenizer.encode(TEXT) == loaded.tokenizer.encode(TEXT)
+    assert read_checkpoint(tmp_path, attention_scale="head").config.attention_scale == "head"
+
+
+@both_readers
+def test_vocabulary_mismatch(read, tmp_path, model):
     other = build_vocab([TEXT], n_words=40, n_chars=10)
     with pytest.raises(CheckpointError, match="vocabulary mismatch"):
         save_checkpoint(tmp_path, model, other)
@@ -190,41 +215,44 @@ def test_vocabulary_mismatch(tmp_path, model):
         CheckpointError,
         match=rf"tokenizer has {other.vocab_size} tokens .* vocab_size is {good.vocab_size}",
     ):
-        load_model(tmp_path)
+        read(tmp_path)
 
 
-def test_bad_config(tmp_path, model, tok):
+@both_readers
+def test_bad_config(read, tmp_path, model, tok):
     path = _ours(tmp_path, model, tok)
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**cfg, "format": "other"}))
     with pytest.raises(CheckpointError, match="'format' must be"):
-        load_model(path)
+        read(path)
     (path / "config.json").write_text(json.dumps({**cfg, "n_head": 5}))
     with pytest.raises(CheckpointError, match="divisible"):
-        load_model(path)
+        read(path)
     del cfg["max_context"]
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"missing keys \['max_context'\]"):
-        load_model(path)
+        read(path)
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot read JSON"):
-        load_model(path)
+        read(path)
 
 
-def test_missing_and_corrupt_files(tmp_path, model, tok):
+@both_readers
+def test_missing_and_corrupt_files(read, tmp_path, model, tok):
     path = _ours(tmp_path, model, tok)
     (path / "model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="cannot read safetensors"):
-        load_model(path)
+        read(path)
     (path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"model.safetensors: missing"):
-        load_model(path)
+        read(path)
     (path / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match=r"tokenizer.json: missing"):
-        load_model(path)
+        read(path)
 
 
-def test_truncated_original_bin(tmp_path, model, tok):
+@both_readers
+def test_truncated_original_bin(read, tmp_path, model, tok):
     save_original(tmp_path, model, tok)
     f = tmp_path / "weights" / "blocks_0_ffwd_net_0_weight.bin"
     f.write_bytes(f.read_bytes()[:-4])
@@ -232,33 +260,35 @@ def test_truncated_original_bin(tmp_path, model, tok):
         CheckpointError,
         match=r"blocks.0.ffwd.net.0.weight needs 16384 bytes \(4096 float32\), the file has 16380",
     ):
-        load_model(tmp_path)
+        read(tmp_path)
 
 
-def test_original_missing_tensor_and_bad_metadata(tmp_path, model, tok):
+@both_readers
+def test_original_missing_tensor_and_bad_metadata(read, tmp_path, model, tok):
     save_original(tmp_path, model, tok)
     meta = tmp_path / "weights" / "metadata.txt"
     lines = meta.read_text().splitlines()
     meta.write_text("\n".join(x for x in lines if not x.startswith("blocks.1.ln2.bias")) + "\n")
     with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): blocks.1.ln2.bias"):
-        load_model(tmp_path)
+        read(tmp_path)
     meta.write_text("\n".join([*lines, "ln_f.weight 32 float16 32"]) + "\n")
     with pytest.raises(CheckpointError, match="dtype 'float16', expected float32"):
-        load_model(tmp_path)
+        read(tmp_path)
     meta.write_text("\n".join([*lines, "oops"]) + "\n")
     with pytest.raises(CheckpointError, match=r"metadata.txt:\d+: malformed line 'oops'"):
-        load_model(tmp_path)
+        read(tmp_path)
     meta.write_text("\n".join(lines) + "\n")
     (tmp_path / "weights" / "lm_head_weight.bin").unlink()
     with pytest.raises(CheckpointError, match=r"lm_head_weight.bin: cannot read tensor lm_head"):
-        load_model(tmp_path)
+        read(tmp_path)
 
 
-def test_not_a_checkpoint(tmp_path):
+@both_readers
+def test_not_a_checkpoint(read, tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint"):
-        load_model(tmp_path)
+        read(tmp_path)
     with pytest.raises(CheckpointError, match="not a directory"):
-        load_model(tmp_path / "nowhere")
+        read(tmp_path / "nowhere")
 
 
 def test_missing_default_model(tmp_path, monkeypatch):

@@ -355,7 +355,7 @@ async def test_body_errors_surface_unwrapped_and_engines_do_not_collide(
 
 def test_engine_benchmark_runs_and_reports(tiny_checkpoint: Path) -> None:
     """`tinyllm-trio bench engine` end to end on a tiny model (keeps the benchmark working)."""
-    from tinyllm_trio.ipc.bench import Load, format_table, run_benchmarks
+    from tinyllm_trio.bench.engine import Load, format_table, run_benchmarks
 
     results = run_benchmarks(
         str(tiny_checkpoint),
@@ -380,7 +380,7 @@ def test_engine_benchmark_runs_and_reports(tiny_checkpoint: Path) -> None:
 def test_engine_benchmark_closed_loop_runs_every_request(tiny_checkpoint: Path) -> None:
     """With more requests than clients, each client takes the next one as it finishes (the
     load bench http sends), and every request's tokens are counted (asserted inside)."""
-    from tinyllm_trio.ipc.bench import Load, interleaved_measurements
+    from tinyllm_trio.bench.engine import Load, interleaved_measurements
 
     load = Load(max_tokens=5, prompt_words=2, per_level=7)
     assert load.requests(3) == 7 and Load(per_level="auto").requests(32) == 128
@@ -393,7 +393,7 @@ def test_engine_benchmark_closed_loop_runs_every_request(tiny_checkpoint: Path) 
 def test_bare_processes_split_a_level_and_count_every_token(tiny_checkpoint: Path) -> None:
     """The 2p/bare ceiling: each child runs its share at once; a child whose share is empty
     (one stream over two processes) is left out instead of counted as zero."""
-    from tinyllm_trio.ipc.bench import BareProcesses, Load
+    from tinyllm_trio.bench.engine import BareProcesses, Load
 
     procs = BareProcesses(2, str(tiny_checkpoint), None, max_batch=4)
     try:
@@ -407,7 +407,7 @@ def test_bare_processes_split_a_level_and_count_every_token(tiny_checkpoint: Pat
 
 
 def test_engine_benchmark_request_counts_parse() -> None:
-    from tinyllm_trio.ipc.bench import Load, _requests, build_parser
+    from tinyllm_trio.bench.engine import Load, _requests, build_parser
 
     assert build_parser().parse_args([]).requests == "auto"  # a closed loop by default
     assert _requests("auto") == "auto" and _requests("wave") is None and _requests("7") == 7

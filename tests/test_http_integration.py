@@ -28,8 +28,8 @@ import trio
 
 from conftest import save_random_checkpoint
 from http_fixtures import dechunk, post, raw_request, read_until, running_server, split_response
+from tinyllm_trio.bench.client import HTTPClient, sse_events
 from tinyllm_trio.engine import Engine, open_engine
-from tinyllm_trio.http.client import HTTPClient, sse_events
 from tinyllm_trio.ipc.ring import shm_entries
 
 
@@ -269,14 +269,17 @@ async def _signal_under_load(
 LONG = {"prompt": "once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
 
 
-def _worker_affinities(server: ServerProcess) -> list[set[int]]:
-    pid = server.proc.pid
-    children = [  # every thread's children: the pool may spawn from any of them
+def _children(pid: int) -> list[str]:
+    """Every thread's children: the pool may spawn a worker from any of them."""
+    return [
         child
         for task in Path(f"/proc/{pid}/task").iterdir()
         for child in (task / "children").read_text().split()
     ]
-    return [os.sched_getaffinity(int(child)) for child in children]
+
+
+def _worker_affinities(server: ServerProcess) -> list[set[int]]:
+    return [os.sched_getaffinity(int(child)) for child in _children(server.proc.pid)]
 
 
 async def test_sigint_under_load_drains_and_exits_zero(slow_checkpoint, tmp_path) -> None:
@@ -323,3 +326,26 @@ async def test_second_sigint_stops_at_once(slow_checkpoint, tmp_path) -> None:
     assert len(results) == 4 and all(status is None for status, _ in results)  # cut off
     assert elapsed < 8
     assert shm_entries(server.proc.pid) == []
+
+
+def _mapped_files(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+async def test_the_server_process_maps_no_numba_its_workers_do(tiny_checkpoint, tmp_path) -> None:
+    """Only the workers run the model: the server reads the checkpoint's config and tokenizer
+    and never imports numba/llvmlite (~110 MB of shared pages and 0.4 s per process)."""
+    async with serve_process(tiny_checkpoint, tmp_path) as server:
+        await server.wait_ready()
+        body = b'{"message": "the", "max_tokens": 2}'
+        served = await raw_request(
+            server.port,
+            b"POST /process HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+        )
+        assert served.startswith(b"HTTP/1.1 200"), served
+        server_maps = _mapped_files(server.proc.pid)
+        worker_maps = [_mapped_files(int(child)) for child in _children(server.proc.pid)]
+    assert "libc" in server_maps  # the check reads real mappings
+    assert "numba" not in server_maps and "llvmlite" not in server_maps
+    assert len(worker_maps) == 1 and "llvmlite" in worker_maps[0]

@@ -24,8 +24,8 @@ from http_fixtures import (
     running_server,
     split_response,
 )
+from tinyllm_trio.bench.client import sse_events
 from tinyllm_trio.engine import open_engine
-from tinyllm_trio.http.client import sse_events
 from tinyllm_trio.http.connection import ClientGone, HTTPConnection
 
 

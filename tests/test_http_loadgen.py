@@ -13,8 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from http_fixtures import FakeEngine, fast_config, running_server
-from tinyllm_trio.http.connection import Exchange, HTTPConnection
-from tinyllm_trio.http.loadgen import (
+from tinyllm_trio.bench.loadgen import (
     add_arguments,
     format_comparison,
     format_table,
@@ -23,6 +22,7 @@ from tinyllm_trio.http.loadgen import (
     run_benchmark,
     run_cli,
 )
+from tinyllm_trio.http.connection import Exchange, HTTPConnection
 
 
 def _args(url: str, *extra: str) -> argparse.Namespace:
@@ -127,7 +127,7 @@ async def test_compare_engine_brackets_each_level_with_engine_runs(long_checkpoi
 def test_take_chunks_reassembles_any_split_of_a_chunked_body(chunks, cuts, after) -> None:
     """However the bytes arrive, the chunks come out whole and in order, the end is seen once
     the last chunk and trailer section are in, and what follows the body is left alone."""
-    from tinyllm_trio.http.client import take_chunks
+    from tinyllm_trio.bench.client import take_chunks
 
     body = b"".join(b"%x;ext=1\r\n%b\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
     wire = body + after

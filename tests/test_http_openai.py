@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from http_fixtures import FakeEngine, post, raw_request, running_server, split_response
-from tinyllm_trio.http.client import HTTPClient, sse_events
+from tinyllm_trio.bench.client import HTTPClient, sse_events
 from tinyllm_trio.http.openai_api import chat_prompt
 
 

@@ -25,7 +25,7 @@ from http_fixtures import (
     running_server,
     split_response,
 )
-from tinyllm_trio.http.client import HTTPClient, sse_events
+from tinyllm_trio.bench.client import HTTPClient, sse_events
 from tinyllm_trio.http.server import configure_logging, serve
 
 

@@ -52,7 +52,9 @@ async def test_no_webui_answers_404() -> None:
 def test_cors_origins_flag_parses_and_refuses_paths() -> None:
     config = ServerConfig(cors_origins=("HTTP://App.Example:3000/", " https://b.example"))
     assert config.cors_origins == ("http://app.example:3000", "https://b.example")
-    assert ServerConfig.from_env({"TINYLLM_CORS_ORIGINS": "*"}).cors_origins == ("*",)
+    assert ServerConfig.from_args(
+        argparse.Namespace(), {"TINYLLM_CORS_ORIGINS": "*"}
+    ).cors_origins == ("*",)
     with pytest.raises(ValueError, match="not an origin"):
         ServerConfig(cors_origins=("https://a.example/path",))
 

@@ -10,25 +10,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from tinyllm_trio.version import __version__ as __version__
 
 _EXPORTS = {
     "Engine": "tinyllm_trio.engine",
     "Generation": "tinyllm_trio.engine",
     "Completion": "tinyllm_trio.engine",
     "open_engine": "tinyllm_trio.engine",
-    "EngineError": "tinyllm_trio.engine",
-    "OverloadedError": "tinyllm_trio.engine",
-    "WorkerDiedError": "tinyllm_trio.engine",
-    "ShuttingDownError": "tinyllm_trio.engine",
-    "WorkerStartError": "tinyllm_trio.engine",
+    "EngineError": "tinyllm_trio.errors",
+    "OverloadedError": "tinyllm_trio.errors",
+    "WorkerDiedError": "tinyllm_trio.errors",
+    "ShuttingDownError": "tinyllm_trio.errors",
+    "WorkerStartError": "tinyllm_trio.errors",
+    "InvalidParameterError": "tinyllm_trio.errors",
+    "ContextLengthError": "tinyllm_trio.errors",
     "SamplingParams": "tinyllm_trio.model.sampling",
-    "InvalidParameterError": "tinyllm_trio.model.sampling",
-    "ContextLengthError": "tinyllm_trio.model.transformer",
     "HybridTokenizer": "tinyllm_trio.model.tokenizer",
-    "TokenEvent": "tinyllm_trio.model.batching",
-    "DoneEvent": "tinyllm_trio.model.batching",
-    "ErrorEvent": "tinyllm_trio.model.batching",
+    "TokenEvent": "tinyllm_trio.protocol",
+    "DoneEvent": "tinyllm_trio.protocol",
+    "ErrorEvent": "tinyllm_trio.protocol",
+    "FinishReason": "tinyllm_trio.protocol",
+    "ErrorKind": "tinyllm_trio.protocol",
     "serve": "tinyllm_trio.http.server",
 }
 
@@ -39,6 +41,8 @@ __all__ = [
     "Engine",
     "EngineError",
     "ErrorEvent",
+    "ErrorKind",
+    "FinishReason",
     "Generation",
     "HybridTokenizer",
     "InvalidParameterError",
@@ -53,22 +57,20 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from tinyllm_trio.engine import (
-        Completion,
-        Engine,
+    from tinyllm_trio.engine import Completion, Engine, Generation, open_engine
+    from tinyllm_trio.errors import (
+        ContextLengthError,
         EngineError,
-        Generation,
+        InvalidParameterError,
         OverloadedError,
         ShuttingDownError,
         WorkerDiedError,
         WorkerStartError,
-        open_engine,
     )
     from tinyllm_trio.http.server import serve
-    from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, TokenEvent
-    from tinyllm_trio.model.sampling import InvalidParameterError, SamplingParams
+    from tinyllm_trio.model.sampling import SamplingParams
     from tinyllm_trio.model.tokenizer import HybridTokenizer
-    from tinyllm_trio.model.transformer import ContextLengthError
+    from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, FinishReason, TokenEvent
 
 
 def __getattr__(name: str) -> Any:

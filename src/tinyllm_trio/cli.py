@@ -9,26 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import re
 import sys
 from collections.abc import Sequence
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=os.environ.get("TINYLLM_MODEL") or None,
-        help="checkpoint directory (ours, or the original release's model/ dir); "
-        "default: the packaged model (env TINYLLM_MODEL)",
-    )
-    p.add_argument(
-        "--attention-scale",
-        choices=["head", "embd"],
-        default=None,
-        help="override the checkpoint's attention scale: head = 1/sqrt(head_size), "
-        "embd = 1/sqrt(n_embd)",
-    )
+    _declare(p, "tinyllm_trio.config:add_model_arguments")  # as serve declares them
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -90,18 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated decode batch sizes (default 1,8,32,64)",
     )
     b.add_argument("--json", dest="json_path", default=None, help="also write results here")
-    b.set_defaults(_run="tinyllm_trio.model.bench:run_cli")
+    b.set_defaults(_run="tinyllm_trio.bench.model:run_cli")
     b = bench.add_parser(
         "engine", help="Engine tokens/s over worker processes vs the bare batcher loop; IPC cost"
     )
-    _declare(b, "tinyllm_trio.ipc.bench:add_arguments")
-    b.set_defaults(_run="tinyllm_trio.ipc.bench:run_cli")
+    _declare(b, "tinyllm_trio.bench.engine:add_arguments")
+    b.set_defaults(_run="tinyllm_trio.bench.engine:run_cli")
     b = bench.add_parser(
         "http",
         help="streaming HTTP load generator (ours, any OpenAI-compatible server, or llama-server)",
     )
-    _declare(b, "tinyllm_trio.http.loadgen:add_arguments")
-    b.set_defaults(_run="tinyllm_trio.http.loadgen:run_cli")
+    _declare(b, "tinyllm_trio.bench.loadgen:add_arguments")
+    b.set_defaults(_run="tinyllm_trio.bench.loadgen:run_cli")
 
     p = sub.add_parser(
         "serve",

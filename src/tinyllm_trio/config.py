@@ -1,9 +1,12 @@
-"""Server configuration: one `ServerConfig`, built from flags and environment, passed down.
+"""Configuration: `EngineConfig` (the engine's defaults, once) and `ServerConfig` (every knob
+of `tinyllm-trio serve`, whose engine part is an `EngineConfig`), built from flags and
+environment and passed down.
 
 Every knob of `tinyllm-trio serve` is declared once, in `_OPTIONS` below, with its flag, its
 environment variable, its type and its default. `add_server_arguments` turns that table into
 argparse flags (each `--help` line names the environment variable), and `ServerConfig.from_args`
-/ `ServerConfig.from_env` turn parsed flags or a bare environment back into the dataclass.
+turns parsed flags and the environment back into the dataclass. `add_model_arguments` declares
+the two model flags from the same table for the commands that load a model themselves.
 
 Precedence: a flag given on the command line wins, then the environment variable, then the
 default. Limits live here with documented defaults, the way hypercorn keeps
@@ -15,10 +18,48 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from tinyllm_trio.model.batching import MAX_BATCH
+
 MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's knobs and their defaults, for `open_engine`, the worker pool and `serve`.
+
+    `model` None is the packaged checkpoint; `workers` None is one worker per CPU core. Times
+    are seconds.
+    """
+
+    model: str | None = None
+    attention_scale: str | None = None
+    workers: int | None = None
+    max_batch: int = MAX_BATCH
+    max_queue: int = 256
+    pin_workers: bool = True
+    prefix_cache: bool = True
+    stall_timeout: float = 5.0
+    ready_timeout: float = 120.0
+    shutdown_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if not self.stall_timeout > 0:
+            raise ValueError(
+                f"stall_timeout must be > 0 (math.inf: never), got {self.stall_timeout}"
+            )
+        if self.attention_scale not in (None, "head", "embd"):
+            raise ValueError(
+                f"attention_scale must be 'head' or 'embd', got {self.attention_scale!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -32,14 +73,16 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    # engine
-    model: str | None = None
-    attention_scale: str | None = None
-    workers: int | None = None
-    max_batch: int = 32
-    max_queue: int = 256
-    pin_workers: bool = True
-    prefix_cache: bool = True
+    # the engine (see `engine`)
+    model: str | None = EngineConfig.model
+    attention_scale: str | None = EngineConfig.attention_scale
+    workers: int | None = EngineConfig.workers
+    max_batch: int = EngineConfig.max_batch
+    max_queue: int = EngineConfig.max_queue
+    pin_workers: bool = EngineConfig.pin_workers
+    prefix_cache: bool = EngineConfig.prefix_cache
+    worker_stall_timeout: float = EngineConfig.stall_timeout
+    # what the server makes of the model's output
     model_name: str | None = None
     detokenize: str = "text"
     no_repeat_ngram_size: int = 3
@@ -53,7 +96,6 @@ class ServerConfig:
     keep_alive_timeout: float = 15.0
     send_timeout: float = 30.0
     sse_ping_interval: float = 15.0
-    worker_stall_timeout: float = 5.0
     shutdown_grace: float = 10.0
     drain_delay: float = 0.0
     # security and logging
@@ -70,7 +112,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        for name in ("max_batch", "max_queue", "max_body_size", "max_header_size"):
+        for name in ("max_queue", "max_body_size", "max_header_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_connections < 1:
@@ -79,8 +121,6 @@ class ServerConfig:
             raise ValueError(
                 f"max_connections_per_ip must be >= 0 (0 = off), got {self.max_connections_per_ip}"
             )
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
         for name in (
             "header_timeout",
             "body_timeout",
@@ -116,6 +156,21 @@ class ServerConfig:
         except argparse.ArgumentTypeError as exc:
             raise ValueError(f"cors_origins: {exc}") from None
         object.__setattr__(self, "cors_origins", origins)
+        self.engine  # noqa: B018 (validates the engine's part too)
+
+    @property
+    def engine(self) -> EngineConfig:
+        """The engine this server starts (`open_engine(config=server_config.engine)`)."""
+        return EngineConfig(
+            model=self.model,
+            attention_scale=self.attention_scale,
+            workers=self.workers,
+            max_batch=self.max_batch,
+            max_queue=self.max_queue,
+            pin_workers=self.pin_workers,
+            prefix_cache=self.prefix_cache,
+            stall_timeout=self.worker_stall_timeout,
+        )
 
     def access_logged(self, path: str) -> bool:
         """Whether a request for `path` gets an access-log line (probes are skipped)."""
@@ -135,11 +190,6 @@ class ServerConfig:
             elif opt.env in env:
                 values[opt.dest] = opt.parse_env(env[opt.env])
         return cls(**values)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
-        """Defaults overridden by the environment, then by keyword arguments (for embedding)."""
-        return replace(cls.from_args(argparse.Namespace(), env), **overrides)
 
 
 def _to_bool(text: str) -> bool:
@@ -423,6 +473,23 @@ _OPTIONS: tuple[_Option, ...] = (
 )
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model` and `--attention-scale` as `serve` declares them, for the commands that load a
+    model in their own process (generate, eval, bench model); the environment variable is the
+    default, read now."""
+    for opt in _OPTIONS:
+        if opt.dest in ("model", "attention_scale"):
+            given = os.environ.get(opt.env)
+            parser.add_argument(
+                opt.flag,
+                dest=opt.dest,
+                type=opt.type,
+                choices=opt.choices,
+                default=None if given is None else opt.parse_env(given),
+                help=f"{opt.help} [env {opt.env}]",
+            )
+
+
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare every `serve` flag; defaults stay None so `from_args` can tell 'not given'."""
     parser.epilog = (
@@ -468,4 +535,4 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
             )
 
 
-__all__ = ["ServerConfig", "add_server_arguments"]
+__all__ = ["EngineConfig", "ServerConfig", "add_model_arguments", "add_server_arguments"]

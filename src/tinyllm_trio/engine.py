@@ -43,16 +43,22 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from tinyllm_trio.model.batching import (
-    DoneEvent,
-    ErrorEvent,
-    Event,
-    TokenEvent,
-    encode_prompt,
+from tinyllm_trio.config import EngineConfig
+from tinyllm_trio.errors import (
+    ContextLengthError,
+    EngineError,
+    InvalidParameterError,
+    OverloadedError,
+    ShuttingDownError,
+    WorkerDiedError,
+    WorkerStartError,
+    exception_for,
 )
-from tinyllm_trio.model.sampling import InvalidParameterError, SamplingParams
+from tinyllm_trio.model.batching import encode_prompt
+from tinyllm_trio.model.sampling import SamplingParams
 from tinyllm_trio.model.tokenizer import HybridTokenizer
-from tinyllm_trio.model.transformer import ContextLengthError, ModelConfig
+from tinyllm_trio.model.transformer import ModelConfig
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, Event, TokenEvent
 
 if TYPE_CHECKING:
     from tinyllm_trio.ipc.pool import PendingRequest, WorkerPool
@@ -72,55 +78,6 @@ __all__ = [
 ]
 
 MODEL_ID = "tinyllm"
-
-
-class EngineError(Exception):
-    """A request (or the engine) failed; `kind` names why, as in `ErrorEvent.kind`."""
-
-    kind = "internal"
-
-    def __init__(self, message: str, *, kind: str | None = None) -> None:
-        super().__init__(message)
-        if kind is not None:
-            self.kind = kind
-
-
-class OverloadedError(EngineError):
-    """Every worker is busy and the admission queue is full: retry after `retry_after` s."""
-
-    kind = "overloaded"
-    retry_after = 1
-
-
-class WorkerDiedError(EngineError):
-    """The worker running this request crashed; the pool has started a replacement."""
-
-    kind = "worker_died"
-
-
-class ShuttingDownError(EngineError):
-    """The engine is draining or stopped and accepts no new requests."""
-
-    kind = "shutting_down"
-
-
-class WorkerStartError(EngineError):
-    """A worker could not start (e.g. the checkpoint does not load); raised by open_engine."""
-
-    kind = "start_failed"
-
-
-_ERRORS_BY_KIND: dict[str, type[EngineError]] = {
-    cls.kind: cls for cls in (OverloadedError, WorkerDiedError, ShuttingDownError)
-}
-
-
-def error_from_event(event: ErrorEvent) -> Exception:
-    """The exception `complete()` raises for an ErrorEvent."""
-    if event.kind == "context_length":
-        return ContextLengthError(event.message)
-    cls = _ERRORS_BY_KIND.get(event.kind, EngineError)
-    return cls(event.message, kind=event.kind)
 
 
 @dataclass
@@ -182,7 +139,9 @@ class Generation:
                     request.id, "cancelled", self.prompt_tokens, self._completion_tokens
                 )
                 return
-            yield ErrorEvent(request.id, "the request ended without a final event", "internal")
+            yield ErrorEvent(
+                request.id, "the request ended without a final event", ErrorKind.INTERNAL
+            )
         finally:
             self._pool.release(request)
 
@@ -192,8 +151,8 @@ class Generation:
 
         For a consumer whose per-token work is synchronous and never waits: the HTTP server
         formats each token and writes it to a non-blocking socket right where the engine
-        delivers it, which saves a task switch and a queue round trip per token (a quarter to
-        a third of the server's CPU per streamed token, see the README). `sink` runs in the
+        delivers it, which saves a task switch and a queue round trip per token (the README
+        has what it saves in server CPU per streamed token). `sink` runs in the
         engine's delivery task, so it must not block; if it raises, that event and every later
         one are queued as usual.
         The final event (done or error) is always queued, after every token the sink took, so
@@ -368,7 +327,7 @@ class Engine:
                         event.cached_tokens,
                     )
                 else:
-                    raise error_from_event(event)
+                    raise exception_for(event.kind, event.message)
         raise EngineError("the request ended without a final event")  # pragma: no cover
 
     async def drain(self, grace: float = 10.0) -> None:
@@ -378,25 +337,30 @@ class Engine:
 
 @asynccontextmanager
 async def open_engine(
-    model: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | None = EngineConfig.model,
     *,
-    workers: int | None = None,
-    max_batch: int = 32,
-    max_queue: int = 256,
-    attention_scale: str | None = None,
-    shutdown_timeout: float = 5.0,
-    ready_timeout: float = 120.0,
-    stall_timeout: float = 5.0,
-    pin_workers: bool = True,
-    prefix_cache: bool = True,
+    workers: int | None = EngineConfig.workers,
+    max_batch: int = EngineConfig.max_batch,
+    max_queue: int = EngineConfig.max_queue,
+    attention_scale: str | None = EngineConfig.attention_scale,
+    shutdown_timeout: float = EngineConfig.shutdown_timeout,
+    ready_timeout: float = EngineConfig.ready_timeout,
+    stall_timeout: float = EngineConfig.stall_timeout,
+    pin_workers: bool = EngineConfig.pin_workers,
+    prefix_cache: bool = EngineConfig.prefix_cache,
 ) -> AsyncIterator[Engine]:
     """Start `workers` worker processes (default: one per CPU) and yield an Engine.
 
-    The tokenizer is loaded here too (validation happens in this process). Raises
-    CheckpointError for a checkpoint that does not load and WorkerStartError if a worker cannot
-    start. A worker that holds requests and sends nothing for `stall_timeout` seconds is killed
-    as hung: its requests end with a `worker_died` error and it is replaced. On exit every
-    worker is stopped and every IPC object unlinked.
+    The defaults are `tinyllm_trio.config.EngineConfig`'s; `open_engine(**asdict(config))`
+    opens the engine an `EngineConfig` describes.
+
+    The config and tokenizer are read here too (validation happens in this process), the
+    weights only in the workers. Raises CheckpointError for a checkpoint whose config,
+    tokenizer or tensor shapes are wrong, and WorkerStartError if a worker cannot start
+    (including a worker that cannot load the weights, say for a NaN in them). A worker that
+    holds requests and sends nothing for `stall_timeout` seconds is killed as hung: its
+    requests end with a `worker_died` error and it is replaced. On exit every worker is
+    stopped and every IPC object unlinked.
 
     `pin_workers` keeps each worker process on a core of its own when there are more cores
     (of those this process may use) than workers, so the scheduler cannot stack a worker on
@@ -409,12 +373,14 @@ async def open_engine(
     a request to the worker that most likely holds its prefix. Outputs do not change.
     """
     from tinyllm_trio.ipc.pool import WorkerPool, unwrap_single_exception
-    from tinyllm_trio.model.checkpoint import load_model
+    from tinyllm_trio.model.checkpoint import read_checkpoint
 
-    loaded = await trio.to_thread.run_sync(
-        functools.partial(load_model, model, attention_scale=attention_scale)
+    # The config and tokenizer only: the workers load the weights, so this process never
+    # builds a Transformer and never imports numba.
+    info = await trio.to_thread.run_sync(
+        functools.partial(read_checkpoint, model, attention_scale=attention_scale)
     )
-    path = None if loaded.path is None else os.fspath(loaded.path)
+    path = os.fspath(info.path)
     pool = WorkerPool(
         path,
         workers=workers,
@@ -426,8 +392,7 @@ async def open_engine(
         pin_workers=pin_workers,
         prefix_cache=prefix_cache,
     )
-    engine = Engine(pool, loaded.tokenizer, loaded.transformer.config, path)
-    del loaded  # the server process needs the tokenizer and config, not the weights
+    engine = Engine(pool, info.tokenizer, info.config, path)
     with unwrap_single_exception():
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run)

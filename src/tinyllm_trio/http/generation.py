@@ -37,20 +37,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from tinyllm_trio.engine import (
-    EngineError,
-    OverloadedError,
-    ShuttingDownError,
-    WorkerDiedError,
-)
+from tinyllm_trio.errors import InvalidParameterError, kind_of
 from tinyllm_trio.http.connection import ClientGone, Exchange, HTTPError
-from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, TokenEvent
-from tinyllm_trio.model.sampling import InvalidParameterError, SamplingParams
-from tinyllm_trio.model.transformer import ContextLengthError
+from tinyllm_trio.http.errors import engine_error, error_event, http_error
+from tinyllm_trio.model.sampling import SamplingParams
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, TokenEvent
+
+if TYPE_CHECKING:
+    from tinyllm_trio.http.app import AppState
 
 # Request fields every generation endpoint passes to SamplingParams as given (absent or null:
 # the default); `temperature` and `max_tokens` have endpoint-specific defaults.
@@ -70,31 +68,15 @@ SAMPLING_FIELDS = (
     "stop_token_ids",
     "cache_prompt",
 )
-SHUTDOWN_MESSAGE = "the server is shutting down; this generation was cancelled"
+
 #: Characters a prompt field may have, per token of the model's context. English text runs at
 #: 4-6 characters a token on the packaged vocabulary, so 32 leaves room for long words and
-#: generous whitespace, while text that could never fit is refused before any tokenizing (a
-#: 1 MB prompt was 1.34M tokens and 330 ms of the event loop, and then refused anyway).
+#: generous whitespace, while text that could never fit is refused before any tokenizing.
 PROMPT_CHARS_PER_TOKEN = 32
-#: Prompts up to this many characters are tokenized on the event loop (12 us for 90
-#: characters, 0.4 ms for 2 KB, measured with timeit on the packaged tokenizer), longer ones in
-#: a thread (handing one over cost 84 us a call, so short prompts stay inline).
+#: Prompts up to this many characters are tokenized on the event loop, longer ones in a thread:
+#: handing a call to a thread costs several times what a short prompt's encoding does (the
+#: README's Limits section has the timeit figures).
 INLINE_ENCODE_CHARS = 2048
-
-
-class AppState(Protocol):
-    """What a generation needs from the server (see `routes.AppState`)."""
-
-    engine: Any
-    config: Any
-    metrics: Any
-    grace_over: bool
-    encode_limiter: trio.CapacityLimiter
-
-    @property
-    def max_context(self) -> int: ...
-
-    def generation_scope(self) -> Any: ...
 
 
 def check_prompt_size(app: AppState, text: str, param: str) -> None:
@@ -128,49 +110,6 @@ def parse_special_flag(body: dict[str, Any], default: bool) -> bool:
     if not isinstance(value, bool):
         raise HTTPError(400, "'parse_special' must be a boolean", param="parse_special")
     return value
-
-
-def engine_error(exc: BaseException, prompt_param: str = "prompt") -> HTTPError:
-    """The HTTP answer for an exception `engine.generate` raised."""
-    if isinstance(exc, InvalidParameterError):
-        return HTTPError(400, str(exc), param=exc.param, code="invalid_parameter")
-    if isinstance(exc, ContextLengthError):
-        return HTTPError(400, str(exc), param=prompt_param, code="context_length_exceeded")
-    if isinstance(exc, OverloadedError):
-        retry_after = getattr(exc, "retry_after", None) or 1
-        return HTTPError(
-            429,
-            str(exc) or "the server is overloaded; retry later",
-            code="overloaded",
-            headers=[(b"Retry-After", str(max(1, round(retry_after))).encode("ascii"))],
-        )
-    if isinstance(exc, ShuttingDownError):
-        return HTTPError(503, str(exc) or SHUTDOWN_MESSAGE, code="shutting_down")
-    if isinstance(exc, WorkerDiedError):
-        return HTTPError(
-            503, str(exc) or "the worker died", code="worker_died", headers=[(b"Retry-After", b"1")]
-        )
-    if isinstance(exc, EngineError):
-        return HTTPError(500, str(exc), code=getattr(exc, "kind", None) or "engine_error")
-    if isinstance(exc, ValueError):  # bad token ids, empty prompt
-        return HTTPError(400, str(exc), param=prompt_param)
-    return HTTPError(500, f"internal error: {type(exc).__name__}", code="internal_error")
-
-
-def error_event(event: ErrorEvent, prompt_param: str = "prompt") -> HTTPError:
-    """The HTTP answer for an engine `ErrorEvent` (before or after the head)."""
-    kind = event.kind
-    if kind == "invalid_request":
-        return HTTPError(400, event.message, param=prompt_param)
-    if kind == "context_length":
-        return HTTPError(400, event.message, param=prompt_param, code="context_length_exceeded")
-    if kind == "worker_died":
-        return HTTPError(503, event.message, code="worker_died", headers=[(b"Retry-After", b"1")])
-    if kind == "shutting_down":
-        return HTTPError(503, event.message, code="shutting_down")
-    if kind == "overloaded":
-        return HTTPError(429, event.message, code="overloaded", headers=[(b"Retry-After", b"1")])
-    return HTTPError(500, event.message, code=kind or "internal_error")
 
 
 def sampling_params(prompt_param: str = "prompt", **values: Any) -> SamplingParams:
@@ -310,12 +249,7 @@ class HTTPGeneration:
         # only once the grace period ran out is new work refused.
         if self._app.grace_over:
             self._done = "rejected"
-            raise HTTPError(
-                503,
-                "the server is shutting down",
-                code="shutting_down",
-                headers=[(b"Retry-After", b"1")],
-            )
+            raise http_error(ErrorKind.SHUTTING_DOWN, "the server is shutting down")
         try:
             prompt = await self._prepared_prompt()
             it = self._app.engine.generate(prompt, self.params)
@@ -373,8 +307,7 @@ class HTTPGeneration:
         except StopAsyncIteration:
             event = ErrorEvent(-1, "the engine ended the request without a final event")
         except Exception as exc:
-            err = engine_error(exc, self.prompt_param)
-            event = ErrorEvent(-1, err.message, "worker_died" if err.status == 503 else "internal")
+            event = ErrorEvent(-1, engine_error(exc, self.prompt_param).message, kind_of(exc))
         self._observe(event)
         return event
 
@@ -457,9 +390,7 @@ async def stream_response(app: AppState, generation: HTTPGeneration, fmt: Stream
             with app.generation_scope() as scope:
                 await _stream_events(generation, fmt)
             if scope.cancelled_caught:
-                await _end_with_error(
-                    ex, fmt, HTTPError(503, SHUTDOWN_MESSAGE, code="shutting_down")
-                )
+                await _end_with_error(ex, fmt, http_error(ErrorKind.SHUTTING_DOWN))
 
     await watching_disconnect(ex, body)
 
@@ -521,7 +452,7 @@ async def collect_response(app: AppState, generation: HTTPGeneration) -> Collect
             with app.generation_scope() as scope:
                 return await _collect(generation)
             assert scope.cancelled_caught
-            raise HTTPError(503, SHUTDOWN_MESSAGE, code="shutting_down")
+            raise http_error(ErrorKind.SHUTTING_DOWN)
 
     return await watching_disconnect(generation.exchange, body)
 

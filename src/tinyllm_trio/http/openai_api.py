@@ -55,10 +55,10 @@ from tinyllm_trio.http.generation import (
     sampling_params,
     stream_response,
 )
-from tinyllm_trio.model.batching import DoneEvent, TokenEvent
+from tinyllm_trio.protocol import DoneEvent, TokenEvent
 
 if TYPE_CHECKING:
-    from tinyllm_trio.http.routes import AppState
+    from tinyllm_trio.http.app import AppState
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 _EXTRA_FIELDS = ("temperature", *SAMPLING_FIELDS)

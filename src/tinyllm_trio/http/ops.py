@@ -27,7 +27,7 @@ from tinyllm_trio.http.metrics import CONTENT_TYPE
 from tinyllm_trio.http.openai_api import chat_prompt
 
 if TYPE_CHECKING:
-    from tinyllm_trio.http.routes import AppState
+    from tinyllm_trio.http.app import AppState
 
 _PING_BODY = b'{"status": "ok"}'
 

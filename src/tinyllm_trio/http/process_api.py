@@ -49,10 +49,10 @@ from tinyllm_trio.http.generation import (
     sampling_params,
     stream_response,
 )
-from tinyllm_trio.model.batching import DoneEvent, TokenEvent
+from tinyllm_trio.protocol import DoneEvent, TokenEvent
 
 if TYPE_CHECKING:
-    from tinyllm_trio.http.routes import AppState
+    from tinyllm_trio.http.app import AppState
 
 DEFAULT_MAX_TOKENS = 50
 _NOT_LAST = b', "is_last": false}'

@@ -71,15 +71,16 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from typing import Any
 
 import trio
 
 from tinyllm_trio.config import ServerConfig
+from tinyllm_trio.http.app import AppState
 from tinyllm_trio.http.connection import Exchange, HTTPConnection, HTTPError
-from tinyllm_trio.http.routes import AppState, Router
+from tinyllm_trio.http.routes import Router
 from tinyllm_trio.http.startup import ready_line
 
 log = logging.getLogger("tinyllm_trio.server")
@@ -605,16 +606,7 @@ async def _serve_until_signalled(config: ServerConfig) -> int:
                 port,
             )
             try:
-                async with open_engine(
-                    config.model,
-                    workers=config.workers,
-                    max_batch=config.max_batch,
-                    max_queue=config.max_queue,
-                    attention_scale=config.attention_scale,
-                    stall_timeout=config.worker_stall_timeout,
-                    pin_workers=config.pin_workers,
-                    prefix_cache=config.prefix_cache,
-                ) as engine:
+                async with open_engine(**asdict(config.engine)) as engine:
                     server.attach_engine(engine)
                     log.info("%s", ready_line(config, engine, server.app.model_name, port))
                     await server.stopped.wait()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tinyllm_trio import __version__
 from tinyllm_trio.config import ServerConfig
+from tinyllm_trio.version import __version__
 
 
 def ready_line(config: ServerConfig, engine: Any, model_name: str, port: int) -> str:

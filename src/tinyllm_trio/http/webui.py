@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from tinyllm_trio.http.connection import Exchange
 
 if TYPE_CHECKING:
-    from tinyllm_trio.http.routes import AppState
+    from tinyllm_trio.http.app import AppState
 
 # Everything the page needs is inline or same-origin; the policy keeps it that way.
 _HEADERS = [

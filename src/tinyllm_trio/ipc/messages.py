@@ -2,7 +2,7 @@
 
 Server -> worker: `Submit` (prompt ids or text, sampling parameters), `Cancel`, `Shutdown`.
 Worker -> server: `Ready` once the model is loaded, then the batcher's own events
-(`TokenEvent`, `DoneEvent`, `ErrorEvent` from `tinyllm_trio.model.batching`), so the Engine
+(`TokenEvent`, `DoneEvent`, `ErrorEvent` from `tinyllm_trio.protocol`), so the Engine
 hands its callers exactly what the worker's batcher produced. The events of one decode step
 travel together as one `Batch` (one ring message, split over slots if need be): the server's
 reader then wakes once per step instead of once per token, which is most of the IPC cost.
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, TokenEvent
 from tinyllm_trio.model.sampling import SamplingParams
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, TokenEvent
 
 
 class MsgType(IntEnum):

@@ -53,7 +53,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from tinyllm_trio.engine import (
+from tinyllm_trio.config import EngineConfig
+from tinyllm_trio.errors import (
     EngineError,
     OverloadedError,
     ShuttingDownError,
@@ -78,10 +79,10 @@ from tinyllm_trio.ipc.ring import (
     new_prefix,
     sweep_stale,
 )
-from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, Event, TokenEvent
 from tinyllm_trio.model.blas import single_threaded_env
 from tinyllm_trio.model.prefix_cache import block_hashes
 from tinyllm_trio.model.sampling import SamplingParams
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, Event, TokenEvent
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("tinyllm_trio.ipc.worker")  # what workers write to stderr
@@ -119,13 +120,10 @@ def worker_cpus(workers: int, allowed: Sequence[int] | None = None) -> list[int 
     this process may use, so ``taskset`` and cpusets are honoured) and the server keeps the
     low ones. Why: a worker that goes idle between requests is woken by the server, and the
     scheduler may place it on the server's core (wake-affine) and keep both there, so every
-    decode step shares a core with the server's IPC work. Measured on the 2-core dev VM with
-    `tinyllm-trio bench engine --concurrency 1 --workers 1`, in a phase where this happened:
-    1w/bare 0.61-0.66 unpinned against 0.83-0.94 pinned (an ad-hoc trace of the worker loop
-    put its time between steps at ~175 us against ~35 us); in other phases the two read
-    alike. With as many workers as cores (serve's default) nothing is pinned: the server then
-    has to share some worker's core anyway, and at 32 and 64 streams pinning both workers
-    measured no better (2w/1w 1.35-1.36 pinned, 1.39-1.42 not, at 32).
+    decode step shares a core with the server's IPC work (`tinyllm-trio bench engine
+    --pin-workers true|false` shows the difference; the README has the numbers). With as many
+    workers as cores (serve's default) nothing is pinned: the server then has to share some
+    worker's core anyway, and pinning both workers measured no better.
     """
     cpus = sorted(_allowed_cpus() if allowed is None else allowed)
     if workers >= len(cpus):
@@ -269,24 +267,23 @@ class WorkerPool:
         self,
         model: str | os.PathLike[str] | None = None,
         *,
-        workers: int | None = None,
-        max_batch: int = 32,
-        max_queue: int = 256,
-        attention_scale: str | None = None,
-        ready_timeout: float = 120.0,
-        stall_timeout: float = 5.0,
-        pin_workers: bool = True,
-        prefix_cache: bool = True,
+        workers: int | None = EngineConfig.workers,
+        max_batch: int = EngineConfig.max_batch,
+        max_queue: int = EngineConfig.max_queue,
+        attention_scale: str | None = EngineConfig.attention_scale,
+        ready_timeout: float = EngineConfig.ready_timeout,
+        stall_timeout: float = EngineConfig.stall_timeout,
+        pin_workers: bool = EngineConfig.pin_workers,
+        prefix_cache: bool = EngineConfig.prefix_cache,
     ) -> None:
+        EngineConfig(  # validates every value, with the same messages as everywhere
+            workers=workers,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            attention_scale=attention_scale,
+            stall_timeout=stall_timeout,
+        )
         workers = default_workers() if workers is None else workers
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
-        if max_queue < 0:
-            raise ValueError("max_queue must be 0 or more")
-        if not stall_timeout > 0:
-            raise ValueError("stall_timeout must be > 0 seconds (math.inf: never)")
         self.model = None if model is None else os.fspath(model)
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -523,13 +520,13 @@ class WorkerPool:
         with trio.move_on_after(grace):
             while self.running or self.waiting:
                 await self._activity.park()
-        self._end_all("the server is shutting down", "shutting_down")
+        self._end_all("the server is shutting down", ErrorKind.SHUTTING_DOWN)
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Ordered stop: end all requests, ask every worker to exit, wait up to `timeout`
         seconds, SIGKILL the rest, and return when every ring is unlinked."""
         self.accepting = False
-        self._end_all("the server is shutting down", "shutting_down")
+        self._end_all("the server is shutting down", ErrorKind.SHUTTING_DOWN)
         self._stopping = True
         self._stop_requested.set()
         for slot in self.slots:
@@ -565,7 +562,7 @@ class WorkerPool:
                     task_status.started()
         finally:
             self.accepting = False
-            self._end_all("the engine stopped", "shutting_down")
+            self._end_all("the engine stopped", ErrorKind.SHUTTING_DOWN)
             for ring in list(self._rings):  # safety net; normally already destroyed
                 self._drop_ring(ring)
             self._stopped.set()
@@ -586,7 +583,7 @@ class WorkerPool:
             if not self.live:  # nobody left to serve the queue: fail it now, not after back-off
                 message = self._no_worker_message()
                 for request in self._queue.values():
-                    self._end(request, ErrorEvent(request.id, message, "worker_died"))
+                    self._end(request, ErrorEvent(request.id, message, ErrorKind.WORKER_DIED))
                 self._queue.clear()
             slot.restarts += 1
             self.restarts += 1
@@ -691,7 +688,7 @@ class WorkerPool:
                     how = f"stopped responding for {self.stall_timeout:g} s and was killed"
                 message = f"{slot.name} {how} while running this request"
                 for request in slot.inflight.values():
-                    self._end(request, ErrorEvent(request.id, message, "worker_died"))
+                    self._end(request, ErrorEvent(request.id, message, ErrorKind.WORKER_DIED))
                 slot.inflight.clear()
             self._pump()  # queued requests may fit on the other workers
 
@@ -751,7 +748,7 @@ class WorkerPool:
             request = slot.inflight.pop(msg.request_id, None)
             if request is not None:
                 why = f"could not send this request to its worker: {type(exc).__name__}: {exc}"
-                self._end(request, ErrorEvent(request.id, why, "internal"))
+                self._end(request, ErrorEvent(request.id, why, ErrorKind.INTERNAL))
                 self._pump()
 
     async def _read_loop(self, slot: WorkerSlot, responses: Ring) -> None:
@@ -797,7 +794,7 @@ class WorkerPool:
             return
         request = slot.inflight.get(msg.request_id)
         if request is None:
-            if isinstance(msg, ErrorEvent) and msg.kind == "load_failed":
+            if isinstance(msg, ErrorEvent) and msg.kind == ErrorKind.LOAD_FAILED:
                 slot.load_error = msg.message
             return  # a request that was already ended here (cancelled, shut down)
         if isinstance(msg, TokenEvent):

@@ -40,6 +40,7 @@ import sys  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 
+from tinyllm_trio.errors import kind_of  # noqa: E402
 from tinyllm_trio.ipc.messages import (  # noqa: E402
     Batch,
     Cancel,
@@ -51,19 +52,9 @@ from tinyllm_trio.ipc.messages import (  # noqa: E402
     encode,
 )
 from tinyllm_trio.ipc.ring import Frame, PeerGoneError, Ring  # noqa: E402
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind  # noqa: E402
 
 EXIT_LOAD_FAILED = 3
-
-
-def _error_kind(exc: BaseException) -> str:
-    from tinyllm_trio.model.sampling import InvalidParameterError
-    from tinyllm_trio.model.transformer import ContextLengthError
-
-    if isinstance(exc, ContextLengthError):
-        return "context_length"
-    if isinstance(exc, InvalidParameterError | ValueError | MessageError):
-        return "invalid_request"
-    return "internal"
 
 
 class Worker:
@@ -112,12 +103,13 @@ class Worker:
 
     def _handle(self, frame: Frame) -> bool:
         """Apply one request message; False means shut down."""
-        from tinyllm_trio.model.batching import ErrorEvent
 
         try:
             msg = decode(frame.msg_type, frame.request_id, frame.payload)
         except MessageError as e:
-            self.send(ErrorEvent(frame.request_id, f"bad request message: {e}", "invalid_request"))
+            self.send(
+                ErrorEvent(frame.request_id, f"bad request message: {e}", ErrorKind.INVALID_REQUEST)
+            )
             return True
         if isinstance(msg, Shutdown):
             return False
@@ -128,15 +120,16 @@ class Worker:
             try:
                 self.batcher.submit(msg.request_id, msg.prompt, msg.params)
             except Exception as e:
-                self.send(ErrorEvent(msg.request_id, str(e), _error_kind(e)))
+                self.send(ErrorEvent(msg.request_id, str(e), kind_of(e)))
             else:
                 self.inflight.add(msg.request_id)
         else:
-            self.send(ErrorEvent(frame.request_id, f"unexpected {type(msg).__name__}", "internal"))
+            self.send(
+                ErrorEvent(frame.request_id, f"unexpected {type(msg).__name__}", ErrorKind.INTERNAL)
+            )
         return True
 
     def _step(self) -> None:
-        from tinyllm_trio.model.batching import DoneEvent, ErrorEvent
 
         try:
             events = self.batcher.step()
@@ -145,7 +138,7 @@ class Worker:
             # cache may be half-updated), and keep serving.
             traceback.print_exc(file=sys.stderr)
             message = f"internal error in {self.name}: {type(e).__name__}: {e}"
-            events = [ErrorEvent(rid, message, "internal") for rid in sorted(self.inflight)]
+            events = [ErrorEvent(rid, message, ErrorKind.INTERNAL) for rid in sorted(self.inflight)]
             self.batcher = self._make_batcher()
         if events:  # one message per step: the server wakes once, not once per token
             self.send(events[0] if len(events) == 1 else Batch(events))
@@ -155,13 +148,15 @@ class Worker:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tinyllm_trio.model.batching import MAX_BATCH  # numpy: after the BLAS settings above
+
     p = argparse.ArgumentParser(prog="python -m tinyllm_trio.ipc.worker")
     p.add_argument("--requests", required=True, help="request ring name (created by the server)")
     p.add_argument("--responses", required=True, help="response ring name")
     p.add_argument("--parent-pid", type=int, required=True, help="exit when this process dies")
     p.add_argument("--model", default=None, help="checkpoint directory (default: packaged)")
     p.add_argument("--attention-scale", choices=["head", "embd"], default=None)
-    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH)
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     p.add_argument("--index", type=int, default=0, help="worker number, for messages")
     p.add_argument("--cpu", type=int, default=None, help="pin this process to that core")
@@ -190,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     requests = Ring.attach(args.requests)
     responses = Ring.attach(args.responses)
     try:
-        from tinyllm_trio.model.batching import ContinuousBatcher, ErrorEvent
+        from tinyllm_trio.model.batching import ContinuousBatcher
         from tinyllm_trio.model.checkpoint import load_model
 
         try:
@@ -198,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:
             msg = f"{name} could not load the model: {type(e).__name__}: {e}"
             print(f"tinyllm: {msg}", file=sys.stderr)
-            responses.put(*encode(ErrorEvent(0, msg, "load_failed")), alive=alive, timeout=5)
+            responses.put(
+                *encode(ErrorEvent(0, msg, ErrorKind.LOAD_FAILED)), alive=alive, timeout=5
+            )
             return EXIT_LOAD_FAILED
 
         def make_batcher() -> ContinuousBatcher:

@@ -24,63 +24,39 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
+from tinyllm_trio.errors import ContextLengthError, InvalidParameterError
 from tinyllm_trio.model.prefix_cache import PrefixCache
 from tinyllm_trio.model.sampling import (
-    InvalidParameterError,
     Sampler,
     SamplingParams,
     log_softmax,
     top_logprobs,
 )
 from tinyllm_trio.model.tokenizer import EOS, HybridTokenizer, StreamDecoder, TooManyTokensError
-from tinyllm_trio.model.transformer import ContextLengthError, ModelConfig, Transformer
+from tinyllm_trio.model.transformer import ModelConfig, Transformer
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, Event, TokenEvent
+
+__all__ = [  # the events live in tinyllm_trio.protocol; named here for older imports
+    "MAX_BATCH",
+    "ContinuousBatcher",
+    "DoneEvent",
+    "ErrorEvent",
+    "Event",
+    "StopMatcher",
+    "TokenEvent",
+    "encode_prompt",
+]
 
 # Prompt tokens prefilled together in one pass: enough to batch a burst of short prompts (the
 # win), few enough that the pass's scratch arrays stay ~36 MB (~18 KB per token).
 PREFILL_TOKENS_PER_PASS = 2048
 
-
-@dataclass
-class TokenEvent:
-    """One generated token and the text it adds (possibly empty while a stop string may match).
-
-    `finish_reason` is set on a sequence's last token event, so a streaming client can mark its
-    final chunk without waiting for the `DoneEvent` that follows.
-    """
-
-    request_id: int
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None = None
-    logprobs: list[dict[str, Any]] | None = None
-
-
-@dataclass
-class DoneEvent:
-    """A sequence ended: `stop` (EOS or a stop string), `length`, or `cancelled`."""
-
-    request_id: int
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    timings: dict[str, float] = field(default_factory=dict)
-    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
-
-
-@dataclass
-class ErrorEvent:
-    """A request failed; `kind` is invalid_request, context_length, worker_died or internal."""
-
-    request_id: int
-    message: str
-    kind: str = "internal"
-
-
-Event = TokenEvent | DoneEvent | ErrorEvent
+# Sequences one decode step advances by default (`serve --max-batch`, `EngineConfig`): where a
+# step's cost per token flattens on one core (`tinyllm-trio bench model` reads batch 32 and 64).
+MAX_BATCH = 32
 
 
 def encode_prompt(
@@ -209,7 +185,7 @@ class ContinuousBatcher:
         self,
         transformer: Transformer,
         tokenizer: HybridTokenizer,
-        max_batch: int = 32,
+        max_batch: int = MAX_BATCH,
         *,
         prefix_cache: bool = True,
     ) -> None:

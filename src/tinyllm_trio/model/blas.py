@@ -10,10 +10,9 @@ thread count in-process, but it is not a dependency, and it cannot change the ke
   thread pool would fight its neighbours for the cores.
 - The kernel set, on AMD Zen 4 only. OpenBLAS (0.3.x, as numpy's wheels ship it) sees AVX-512
   there and runs its Intel SkylakeX kernels; for this model's decode shapes (a few to 64 rows
-  times 192 to 3266 columns) its Zen kernels, which use AVX2, are faster on Zen 4: 4-6% more
-  decode tokens/s at batch 8 to 64, measured on an AMD EPYC (family 19h) with
-  `tinyllm-trio bench model` (see the README). Elsewhere OpenBLAS's own choice stands, and an
-  ``OPENBLAS_CORETYPE`` already in the environment always wins.
+  times 192 to 3266 columns) its Zen kernels, which use AVX2, are faster on Zen 4 (the README
+  has the `tinyllm-trio bench model` numbers and how to compare). Elsewhere OpenBLAS's own
+  choice stands, and an ``OPENBLAS_CORETYPE`` already in the environment always wins.
 """
 
 from __future__ import annotations

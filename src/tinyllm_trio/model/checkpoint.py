@@ -18,6 +18,11 @@ server, which used 1/sqrt(head_size)).
 Every load is validated before a Transformer is built: missing, extra or mis-shaped tensors,
 truncated .bin files, non-finite values and a tokenizer whose vocabulary does not match the
 embedding raise CheckpointError naming the file or tensor and what was expected.
+
+`read_checkpoint` is the light half of `load_model`, for a process that serves the model but
+never runs it (the HTTP server: its workers load the weights): it reads the config and the
+tokenizer and checks the tensors' names and shapes from the file headers, without reading the
+weights or building a Transformer, so numba and the weights never enter that process.
 """
 
 from __future__ import annotations
@@ -30,14 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyllm_trio.errors import CheckpointError
 from tinyllm_trio.model.tokenizer import HybridTokenizer
 from tinyllm_trio.model.transformer import ModelConfig, Transformer, expected_shapes
 
 __all__ = [
     "CheckpointError",
+    "CheckpointInfo",
     "LoadedModel",
     "default_model_path",
     "load_model",
+    "read_checkpoint",
     "save_checkpoint",
     "save_original",
 ]
@@ -53,15 +61,20 @@ ORIGINAL_MAX_CONTEXT = 512
 ORIGINAL_ATTENTION_SCALE = "embd"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message says which file or tensor and why."""
-
-
 @dataclass
 class LoadedModel:
     transformer: Transformer
     tokenizer: HybridTokenizer
     path: Path | None
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint says about its model, without its weights (`read_checkpoint`)."""
+
+    config: ModelConfig
+    tokenizer: HybridTokenizer
+    path: Path
 
 
 def default_model_path() -> Path:
@@ -76,6 +89,37 @@ def load_model(
 
     `attention_scale` ("head" or "embd") overrides what the checkpoint says.
     """
+    path, original = _locate(path, attention_scale)
+    load = _load_original if original else _load_ours
+    transformer, tokenizer = load(path, attention_scale)
+    return LoadedModel(transformer, tokenizer, path)
+
+
+def read_checkpoint(
+    path: str | Path | None = None, *, attention_scale: str | None = None
+) -> CheckpointInfo:
+    """The config and tokenizer of the checkpoint at `path`, its tensors' names and shapes
+    checked from the file headers; the weights are not read (their values are checked where
+    they are loaded). Raises CheckpointError as `load_model` does for the same faults."""
+    path, original = _locate(path, attention_scale)
+    if original:
+        tokenizer = _read_tokenizer(path / ORIGINAL_VOCAB_FILE)
+        weights_dir = path / ORIGINAL_WEIGHTS_DIR
+        shapes = {name: dims for name, (dims, _) in _original_entries(weights_dir).items()}
+        config = _infer_config(shapes, weights_dir, attention_scale or ORIGINAL_ATTENTION_SCALE)
+        where = weights_dir
+    else:
+        config, tokenizer = _read_config_and_tokenizer(path, attention_scale)
+        where = path / WEIGHTS_FILE
+        shapes = _safetensors_shapes(where)
+    _check_shapes(shapes, config, where)
+    _check_vocab(tokenizer, config)
+    return CheckpointInfo(config, tokenizer, path)
+
+
+def _locate(path: str | Path | None, attention_scale: str | None) -> tuple[Path, bool]:
+    """The checkpoint directory `path` names (None: the packaged default), and whether it is
+    the original release's format."""
     if attention_scale not in (None, "head", "embd"):
         raise CheckpointError(f"attention_scale must be 'head' or 'embd', got {attention_scale!r}")
     if path is None:
@@ -89,20 +133,18 @@ def load_model(
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a checkpoint directory)")
     if (path / CONFIG_FILE).exists():
-        transformer, tokenizer = _load_ours(path, attention_scale)
-    elif (path / ORIGINAL_WEIGHTS_DIR / ORIGINAL_METADATA_FILE).exists() or (
+        return path, False
+    if (path / ORIGINAL_WEIGHTS_DIR / ORIGINAL_METADATA_FILE).exists() or (
         path / ORIGINAL_VOCAB_FILE
     ).exists():
-        transformer, tokenizer = _load_original(path, attention_scale)
-    elif (path / "model" / ORIGINAL_VOCAB_FILE).exists():  # the release's top-level directory
-        return load_model(path / "model", attention_scale=attention_scale)
-    else:
-        raise CheckpointError(
-            f"{path}: not a checkpoint: expected {CONFIG_FILE} + {WEIGHTS_FILE} + "
-            f"{TOKENIZER_FILE} (ours) or {ORIGINAL_VOCAB_FILE} + "
-            f"{ORIGINAL_WEIGHTS_DIR}/{ORIGINAL_METADATA_FILE} (the original release)"
-        )
-    return LoadedModel(transformer, tokenizer, path)
+        return path, True
+    if (path / "model" / ORIGINAL_VOCAB_FILE).exists():  # the release's top-level directory
+        return _locate(path / "model", attention_scale)
+    raise CheckpointError(
+        f"{path}: not a checkpoint: expected {CONFIG_FILE} + {WEIGHTS_FILE} + "
+        f"{TOKENIZER_FILE} (ours) or {ORIGINAL_VOCAB_FILE} + "
+        f"{ORIGINAL_WEIGHTS_DIR}/{ORIGINAL_METADATA_FILE} (the original release)"
+    )
 
 
 # ---- our format ----------------------------------------------------------------------------
@@ -136,14 +178,20 @@ def save_checkpoint(
 
 
 def _load_ours(path: Path, attention_scale: str | None) -> tuple[Transformer, HybridTokenizer]:
-    config = _read_config(path / CONFIG_FILE)
-    if attention_scale is not None:
-        config = dataclasses.replace(config, attention_scale=attention_scale)
-    tokenizer = _read_tokenizer(path / TOKENIZER_FILE)
+    config, tokenizer = _read_config_and_tokenizer(path, attention_scale)
     weights = _read_safetensors(path / WEIGHTS_FILE)
     _validate(weights, config, path / WEIGHTS_FILE)
     _check_vocab(tokenizer, config)
     return Transformer(config, weights), tokenizer
+
+
+def _read_config_and_tokenizer(
+    path: Path, attention_scale: str | None
+) -> tuple[ModelConfig, HybridTokenizer]:
+    config = _read_config(path / CONFIG_FILE)
+    if attention_scale is not None:
+        config = dataclasses.replace(config, attention_scale=attention_scale)
+    return config, _read_tokenizer(path / TOKENIZER_FILE)
 
 
 def _read_config(file: Path) -> ModelConfig:
@@ -191,6 +239,19 @@ def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors header alone (no tensor data is read)."""
+    from safetensors import safe_open
+
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (the weights)")
+    try:
+        with safe_open(file, framework="numpy") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for a corrupt file
+        raise CheckpointError(f"{file}: cannot read safetensors: {e}") from None
+
+
 # ---- the original release ------------------------------------------------------------------
 
 
@@ -224,19 +285,34 @@ def _load_original(path: Path, attention_scale: str | None) -> tuple[Transformer
     tokenizer = _read_tokenizer(path / ORIGINAL_VOCAB_FILE)
     weights_dir = path / ORIGINAL_WEIGHTS_DIR
     weights = _read_original_weights(weights_dir)
-    config = _infer_config(weights, weights_dir, attention_scale or ORIGINAL_ATTENTION_SCALE)
+    shapes = {name: w.shape for name, w in weights.items()}
+    config = _infer_config(shapes, weights_dir, attention_scale or ORIGINAL_ATTENTION_SCALE)
     _validate(weights, config, weights_dir)
     _check_vocab(tokenizer, config)
     return Transformer(config, weights), tokenizer
 
 
 def _read_original_weights(weights_dir: Path) -> dict[str, np.ndarray]:
+    weights = {}
+    for name, (dims, size) in _original_entries(weights_dir).items():
+        file = weights_dir / _bin_name(name)
+        try:
+            raw = file.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name}: {e}") from None
+        _check_bin_size(file, name, size, len(raw))
+        weights[name] = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(dims)
+    return weights
+
+
+def _original_entries(weights_dir: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """metadata.txt as {name: (shape, size)}, each tensor's .bin file checked for its size."""
     meta = weights_dir / ORIGINAL_METADATA_FILE
     try:
         text = meta.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta}: cannot read: {e}") from None
-    weights = {}
+    entries: dict[str, tuple[tuple[int, ...], int]] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -252,37 +328,39 @@ def _read_original_weights(weights_dir: Path) -> dict[str, np.ndarray]:
             raise CheckpointError(
                 f"{meta}:{lineno}: {name}: size {size} does not match shape {list(dims)}"
             )
-        if name in weights:
+        if name in entries:
             raise CheckpointError(f"{meta}:{lineno}: tensor {name} listed twice")
         file = weights_dir / _bin_name(name)
         try:
-            raw = file.read_bytes()
+            _check_bin_size(file, name, size, file.stat().st_size)
         except OSError as e:
             raise CheckpointError(f"{file}: cannot read tensor {name}: {e}") from None
-        if len(raw) != 4 * size:
-            raise CheckpointError(
-                f"{file}: tensor {name} needs {4 * size} bytes ({size} float32), "
-                f"the file has {len(raw)}"
-            )
-        weights[name] = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(dims)
-    return weights
+        entries[name] = (dims, size)
+    return entries
 
 
-def _infer_config(weights: dict[str, np.ndarray], where: Path, scale: str) -> ModelConfig:
-    """Dimensions from the tensors themselves (the format stores no config)."""
-    emb = weights.get("token_embedding.weight")
-    if emb is None or emb.ndim != 2:
+def _check_bin_size(file: Path, name: str, size: int, got: int) -> None:
+    if got != 4 * size:
+        raise CheckpointError(
+            f"{file}: tensor {name} needs {4 * size} bytes ({size} float32), the file has {got}"
+        )
+
+
+def _infer_config(shapes: dict[str, tuple[int, ...]], where: Path, scale: str) -> ModelConfig:
+    """Dimensions from the tensors' shapes (the format stores no config)."""
+    emb = shapes.get("token_embedding.weight")
+    if emb is None or len(emb) != 2:
         raise CheckpointError(f"{where}: token_embedding.weight is missing or not 2-D")
     n_layer = 1 + max(
-        (int(m[1]) for n in weights if (m := re.match(r"blocks\.(\d+)\.", n))), default=-1
+        (int(m[1]) for n in shapes if (m := re.match(r"blocks\.(\d+)\.", n))), default=-1
     )
     n_head = 1 + max(
-        (int(m[1]) for n in weights if (m := re.match(r"blocks\.0\.sa\.heads\.(\d+)\.", n))),
+        (int(m[1]) for n in shapes if (m := re.match(r"blocks\.0\.sa\.heads\.(\d+)\.", n))),
         default=-1,
     )
     if n_layer < 1 or n_head < 1:
         raise CheckpointError(f"{where}: no transformer blocks / attention heads found")
-    vocab_size, n_embd = emb.shape
+    vocab_size, n_embd = emb
     try:
         return ModelConfig(
             vocab_size=vocab_size,
@@ -300,9 +378,16 @@ def _infer_config(weights: dict[str, np.ndarray], where: Path, scale: str) -> Mo
 
 
 def _validate(weights: dict[str, np.ndarray], config: ModelConfig, where: Path) -> None:
+    _check_shapes({name: w.shape for name, w in weights.items()}, config, where)
+    for name in expected_shapes(config):
+        if not np.isfinite(weights[name]).all():
+            raise CheckpointError(f"{where}: tensor {name} holds NaN or infinite values")
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]], config: ModelConfig, where: Path) -> None:
     expected = expected_shapes(config)
-    missing = [n for n in expected if n not in weights]
-    extra = sorted(n for n in weights if n not in expected)
+    missing = [n for n in expected if n not in shapes]
+    extra = sorted(n for n in shapes if n not in expected)
     if missing or extra:
         parts = []
         if missing:
@@ -311,13 +396,11 @@ def _validate(weights: dict[str, np.ndarray], config: ModelConfig, where: Path) 
             parts.append(f"unexpected {len(extra)} tensor(s): {_some(extra)}")
         raise CheckpointError(f"{where}: {'; '.join(parts)} (for {config})")
     for name, shape in expected.items():
-        got = tuple(weights[name].shape)
+        got = tuple(shapes[name])
         if got != shape:
             raise CheckpointError(
                 f"{where}: tensor {name} has shape {list(got)}, expected {list(shape)}"
             )
-        if not np.isfinite(weights[name]).all():
-            raise CheckpointError(f"{where}: tensor {name} holds NaN or infinite values")
 
 
 def _check_vocab(tokenizer: HybridTokenizer, config: ModelConfig) -> None:

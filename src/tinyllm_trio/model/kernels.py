@@ -4,15 +4,14 @@ Why a kernel: a batch-32 decode step reads every sequence's keys and values, ~2.
 at 48 tokens of context, from memory (the weights and the rest of the cache have pushed them
 out since the last step). numpy's stacked matmuls read them as one BLAS call per (sequence,
 head) block, one block after the other, so each block's first cache misses are waited for
-alone: ~8 GB/s on the dev VM against ~25-40 GB/s that a streaming read gets. `attend_one_token`
-walks a sequence's heads together, position by position, so six blocks stream from memory at
-once, and it fuses what was five numpy passes (store the new key and value, scores, exact
-softmax, product with V, normalisation) into that one walk. Measured in-process on the dev VM
-(2-core AMD EPYC): decode +13% at batch 8, +20% at 32, +26% at 64 and +30% at batch 1.
+alone, far below what a streaming read gets. `attend_one_token` walks a sequence's heads
+together, position by position, so six blocks stream from memory at once, and it fuses what
+was five numpy passes (store the new key and value, scores, exact softmax, product with V,
+normalisation) into that one walk. The README quotes what it gained, with the command.
 
 `layernorm` is here for a different reason: numpy needs ~9 passes for a LayerNorm over rows
-of 192, and at batch 1 their per-call overhead made LayerNorm ~15% of a step; one compiled call
-does all rows (+31% decode at batch 1, +3% at 32).
+of 192, and at small batches their per-call overhead is a visible share of a step; one
+compiled call does all rows.
 
 The loops are plain Python over float32 arrays; numba compiles them once per machine (cached
 on disk next to this file, or in numba's user cache directory when that is read-only) when this
@@ -51,7 +50,7 @@ def layernorm(x, w, b, out):  # pragma: no cover - compiled
     """LayerNorm of each row of x [N, C] into out [N, C] (eps LN_EPS, biased variance).
 
     One call for all rows instead of ~9 numpy passes over short rows, whose per-call overhead
-    was most of a batch-1 decode step's LayerNorm time (13 LayerNorms a step)."""
+    dominates at small batches (13 LayerNorms a step)."""
     n, c = x.shape
     for r in range(n):  # row statistics in float64, as exact as numpy's pairwise sums or more
         total = 0.0

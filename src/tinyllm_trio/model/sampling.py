@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from tinyllm_trio.errors import InvalidParameterError
 from tinyllm_trio.model.tokenizer import DETOKENIZE_MODES
 
 MAX_STOP_SEQUENCES = 4
@@ -41,14 +42,6 @@ def _valid_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-class InvalidParameterError(ValueError):
-    """A request asked for something impossible; `param` names the field (HTTP 400)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def _check(condition: bool, param: str, message: str) -> None:

@@ -29,8 +29,8 @@ How the decode step stays cheap (llama2.c's "run state" idea, in numpy):
   attention for the new token of every sequence is one compiled pass (`model/kernels.py`,
   numba): it stores the token's key and value, reads each sequence's cached keys and values
   only up to its own length (no padding, no mask) with all heads streaming from memory at once,
-  and applies an exact softmax. numpy's stacked matmuls did the same work ~2x slower, waiting
-  on one (sequence, head) block of the cache at a time;
+  and applies an exact softmax (numpy's stacked matmuls waited on one (sequence, head) block
+  of the cache at a time);
 - LayerNorm is one compiled call over all rows (numpy took ~9 passes over short rows); the
   exact-erf GELU is in-place numpy passes on preallocated buffers, with the pass count kept low
   (see `gelu_`: numpy's SIMD exp beats a compiled loop at batch 8+); a batch-32 step is
@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from tinyllm_trio.errors import ContextLengthError
+
 __all__ = [
     "CacheFullError",
     "ContextLengthError",
@@ -59,10 +61,6 @@ __all__ = [
 ]
 
 _F32 = np.float32
-
-
-class ContextLengthError(ValueError):
-    """A prompt longer than the model's context, or a sequence already at its context limit."""
 
 
 class CacheFullError(RuntimeError):
@@ -168,8 +166,8 @@ def gelu_(x: np.ndarray, t: np.ndarray, u: np.ndarray, acc: np.ndarray) -> np.nd
 
     Every step is one in-place numpy pass over the FFN hidden layer (B x 4C per layer, the
     largest elementwise work of a decode step), so the pass count and each pass's cost matter:
-    19 passes; 1/t is a np.divide (np.reciprocal has no SIMD float32 loop here, ~1.7x slower)
-    and relu(x) is (x + |x|) / 2, exact in float32, instead of np.maximum(x, 0), which is ~4x
+    19 passes; 1/t is a np.divide (np.reciprocal has no SIMD float32 loop in numpy's builds)
+    and relu(x) is (x + |x|) / 2, exact in float32, instead of np.maximum(x, 0), which is
     slower than an add."""
     b1, b2, b3, b4 = _AS_B
     np.abs(x, out=u)  # |x|
@@ -220,8 +218,7 @@ def _hugepage_copies(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Read-only float32 copies of `arrays`, all in one mapping with transparent huge pages
     asked for. Every decode step reads every weight (13 MB for the default model), which in
     4 KiB pages is ~3,300 pages, more than the TLB holds, so each step walks page tables
-    again (nested ones in a VM); in 2 MiB pages it is 7. Measured in-process A/B on the dev
-    VM: +9% decode tokens/s at batch 1, +4% at 8, +3% at 32."""
+    again (nested ones in a VM); in 2 MiB pages it is 7."""
     align = 16  # floats: each array starts on a 64-byte boundary
     offsets, total = {}, 0
     for name, a in arrays.items():
@@ -501,7 +498,7 @@ class Transformer:
             if (got := np.shape(weights[name])) != shape:
                 raise ValueError(f"weight {name}: expected shape {shape}, got {got}")
         # Imported here, not at the top: the server process imports this module for ModelConfig
-        # and the errors; only processes that run the model load numba (~0.4 s, ~40 MB).
+        # and the errors; only processes that run the model load numba (seconds, tens of MB).
         from tinyllm_trio.model import kernels
 
         self._kernels = kernels

@@ -54,8 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinyllm_trio.model.blas import blas_pinned, single_threaded_env
-from tinyllm_trio.workload import (
+from tinyllm_trio.bench.workload import (
     PROMPT_WORDS,
     corpus_text,
     parse_levels,
@@ -63,9 +62,10 @@ from tinyllm_trio.workload import (
     requests_per_level,
     run_on_engine,
 )
+from tinyllm_trio.model.batching import MAX_BATCH  # serve's default --max-batch
+from tinyllm_trio.model.blas import blas_pinned, single_threaded_env
 
 CONCURRENCY = (1, 8, 32, 64)
-MAX_BATCH = 32  # serve's default --max-batch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_cli(args: argparse.Namespace) -> int:
     if not blas_pinned():
-        cmd = [sys.executable, "-m", "tinyllm_trio.ipc.bench", *_argv(args)]
+        cmd = [sys.executable, "-m", "tinyllm_trio.bench.engine", *_argv(args)]
         return subprocess.call(cmd, env=single_threaded_env())
     if min(args.runs, args.max_tokens, args.prompt_words, args.max_batch) < 1:
         print("--runs, --max-tokens, --prompt-words and --max-batch must be >= 1", file=sys.stderr)
@@ -189,19 +189,10 @@ def _checkpoint(model: str | None, attention_scale: str | None, tmp: Path) -> tu
     if model is not None or (default_model_path() / "config.json").exists():
         loaded = load_model(model, attention_scale=attention_scale)
         return str(loaded.path), f"{loaded.path} ({_shape(loaded.transformer.config)})"
-    from tinyllm_trio.model.tokenizer import HybridTokenizer, build_vocab
+    from tinyllm_trio.model.tokenizer import build_vocab
     from tinyllm_trio.model.transformer import ModelConfig, Transformer
 
-    here = Path(__file__).resolve()
-    seed_vocabs = [
-        root / "shared" / "seed" / "tinystories_tokenizer_vocab.json"
-        for root in (here.parents[3], here.parents[4])  # the checkout, or beside it
-    ]
-    seed_vocab = next((p for p in seed_vocabs if p.exists()), None)
-    if seed_vocab is not None:  # the real vocabulary: the LM head has its real size
-        tokenizer = HybridTokenizer.from_file(seed_vocab)
-    else:
-        tokenizer = build_vocab([corpus_text()], n_words=3200, n_chars=60)
+    tokenizer = build_vocab([corpus_text()], n_words=3200, n_chars=60)  # TinyLLM's shape
     config = ModelConfig(vocab_size=tokenizer.vocab_size)
     save_checkpoint(tmp, Transformer.random(config, seed=0), tokenizer)
     return str(tmp), f"random weights, default shapes ({_shape(config)}; no trained model found)"
@@ -273,8 +264,8 @@ class BareLoop:
     def run(self, c: int, load: Load) -> Measurement:
         """`load.requests(c)` requests, C at once, the next submitted as one finishes; step
         until idle."""
-        from tinyllm_trio.model.batching import DoneEvent, TokenEvent
         from tinyllm_trio.model.sampling import SamplingParams
+        from tinyllm_trio.protocol import DoneEvent, TokenEvent
 
         batcher = self.batcher
         params = SamplingParams(max_tokens=load.max_tokens, temperature=0, ignore_eos=True)
@@ -301,12 +292,12 @@ class BareLoop:
 class BareProcesses:
     """`n` bare loops in `n` processes of their own, run at once: the most `n` workers could
     give on this machine with no IPC and no server (`2p/bare` in the table is the ceiling of
-    `2w/1w`). Each child (``python -m tinyllm_trio.ipc.bench --bare-child``) loads the model
+    `2w/1w`). Each child (``python -m tinyllm_trio.bench.engine --bare-child``) loads the model
     once and keeps its batcher, like a worker; the parent sends every child its share of a
     level in one go (a JSON line on stdin) and reads back its tokens and seconds."""
 
     def __init__(self, n: int, path: str, attention_scale: str | None, max_batch: int) -> None:
-        cmd = [sys.executable, "-m", "tinyllm_trio.ipc.bench", "--bare-child", path]
+        cmd = [sys.executable, "-m", "tinyllm_trio.bench.engine", "--bare-child", path]
         cmd += ["--max-batch", str(max_batch)]
         if attention_scale is not None:
             cmd += ["--attention-scale", attention_scale]
@@ -471,7 +462,7 @@ _STREAM = """
 import sys
 from tinyllm_trio.ipc.messages import encode
 from tinyllm_trio.ipc.ring import Ring
-from tinyllm_trio.model.batching import TokenEvent
+from tinyllm_trio.protocol import TokenEvent
 outbox, n = Ring.attach(sys.argv[1]), int(sys.argv[2])
 frame = encode(TokenEvent(7, [123], " cat"))
 for _ in range(n):
@@ -486,7 +477,7 @@ def ipc_costs(messages: int) -> dict[str, float]:
     from tinyllm_trio.ipc.messages import decode, encode
     from tinyllm_trio.ipc.pool import RESPONSE_SLOT_SIZE, RESPONSE_SLOTS
     from tinyllm_trio.ipc.ring import Ring, new_prefix
-    from tinyllm_trio.model.batching import TokenEvent
+    from tinyllm_trio.protocol import TokenEvent
 
     base = new_prefix()
     there = Ring.create(base + "-b-there", n_slots=RESPONSE_SLOTS, slot_size=RESPONSE_SLOT_SIZE)
@@ -656,7 +647,7 @@ def _counts(results: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--bare-child"]:  # internal: one of BareProcesses' children
-        child = argparse.ArgumentParser(prog="python -m tinyllm_trio.ipc.bench --bare-child")
+        child = argparse.ArgumentParser(prog="python -m tinyllm_trio.bench.engine --bare-child")
         child.add_argument("path")
         child.add_argument("--max-batch", type=int, required=True)
         child.add_argument("--attention-scale", choices=["head", "embd"], default=None)

@@ -45,8 +45,8 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-from tinyllm_trio.http.client import HTTPClient, sse_events, take_chunks
-from tinyllm_trio.workload import (
+from tinyllm_trio.bench.client import HTTPClient, sse_events, take_chunks
+from tinyllm_trio.bench.workload import (
     MAX_TOKENS,
     PROMPT_WORDS,
     parse_levels,

@@ -54,7 +54,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.runs < 1:
         print("--runs must be >= 1", file=sys.stderr)
         return 2
-    from tinyllm_trio.workload import parse_levels
+    from tinyllm_trio.bench.workload import parse_levels
 
     try:
         batches = parse_levels(args.batches, "--batches")

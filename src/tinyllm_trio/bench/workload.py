@@ -61,8 +61,8 @@ async def run_on_engine(
     `bench http` level."""
     import trio
 
-    from tinyllm_trio.model.batching import DoneEvent, TokenEvent
     from tinyllm_trio.model.sampling import SamplingParams
+    from tinyllm_trio.protocol import DoneEvent, TokenEvent
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     indices = iter(range(requests))

@@ -41,25 +41,15 @@ class ClientResponse:
         if self._consumed:
             raise RuntimeError("the body was already read")
         self._consumed = True
-        chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
-        if chunked:
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
             async for chunk in self._chunked_body():
                 yield chunk
             return
-        pending: list[bytes] = []
         while True:
             event = await self._client._next_event()
             if type(event) is h11.Data:
-                if not chunked:
-                    yield event.data
-                    continue
-                pending.append(event.data)
-                if event.chunk_end:
-                    yield b"".join(pending)
-                    pending.clear()
+                yield event.data
             elif type(event) is h11.EndOfMessage:
-                if pending:
-                    yield b"".join(pending)
                 self._client._finish()
                 return
             else:
