@@ -1,4 +1,10 @@
-"""Shared fixtures: leak checks that run after every test, and a small random checkpoint.
+"""Shared fixtures: leak checks that run after every test, and a small random checkpoint;
+and the `slow` tier.
+
+The tests live by area (model/, ipc/, http/, integration/, bench/; test_layers.py guards the
+imports). `pytest -m "not slow"` is the edit-test loop: it leaves out what starts real worker
+processes, servers, proxies or browsers (the integration/ and bench/ areas, the worker pool,
+fault and Engine tests, training, and single tests marked `@pytest.mark.slow`).
 
 Every test must leave no shared-memory segment or semaphore of this process in /dev/shm and no
 worker subprocess alive: the autouse `_no_ipc_leaks` fixture asserts both, so a cleanup bug in
@@ -45,6 +51,16 @@ def _worker_children() -> list[int]:
         if ppid == me and state != "Z" and b"tinyllm_trio.ipc.worker" in cmdline:
             found.append(int(entry))
     return found
+
+
+SLOW_AREAS = frozenset({"integration", "bench"})
+SLOW_MODULES = frozenset({"test_worker_pool", "test_ipc_faults", "test_engine", "test_training"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.parent.name in SLOW_AREAS or item.path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

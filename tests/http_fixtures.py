@@ -10,6 +10,7 @@ Engine instead.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class FakeEngine:
     waiting: int = 0
     cancelled: int = 0
     finished: int = 0
+    encode_threads: list[bool] = field(default_factory=list)  # True: on the main thread
 
     def __post_init__(self) -> None:
         self.tokenizer = build_vocab([STORY], n_words=30, n_chars=30)
@@ -67,6 +69,11 @@ class FakeEngine:
 
     def stats(self) -> dict[str, Any]:
         return {"running": self.running, "waiting": self.waiting, "restarts": 0}
+
+    def encode_prompt(self, prompt: str | list[int], *, parse_special: bool = True) -> list[int]:
+        """As the Engine's; records the thread it ran in (long prompts leave the event loop)."""
+        self.encode_threads.append(threading.current_thread() is threading.main_thread())
+        return encode_prompt(prompt, self.tokenizer, self.model_config, parse_special=parse_special)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None):
         params = params or SamplingParams()
@@ -113,6 +120,19 @@ class FakeEngine:
                 self.finished += 1
             else:
                 self.cancelled += 1
+
+
+class KVUsageEngine(FakeEngine):
+    """A FakeEngine whose stats report KV-cache usage, as a pool of two workers would."""
+
+    def stats(self) -> dict:
+        return {
+            **super().stats(),
+            "kv_cache_usage": 0.25,
+            "max_batch": 2,
+            "max_context": 64,
+            "workers": [{"index": 0, "kv_tokens": 32}, {"index": 1, "kv_tokens": 0}],
+        }
 
 
 def fast_config(**overrides: Any) -> ServerConfig:

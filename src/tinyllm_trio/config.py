@@ -90,6 +90,7 @@ class ServerConfig:
     max_body_size: int = 1 * MiB
     max_header_size: int = 16 * 1024
     max_connections: int = 512
+    max_connections_per_ip: int = 0  # 0: off (behind a proxy every client has its address)
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     keep_alive_timeout: float = 15.0
@@ -116,6 +117,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
+        if self.max_connections_per_ip < 0:
+            raise ValueError(
+                f"max_connections_per_ip must be >= 0 (0 = off), got {self.max_connections_per_ip}"
+            )
         for name in (
             "header_timeout",
             "body_timeout",
@@ -338,13 +343,23 @@ _OPTIONS: tuple[_Option, ...] = (
         "--max-connections",
         "max_connections",
         int,
-        "open client connections; beyond it new ones get 503 and are closed",
+        "open client connections; at the cap a new one evicts the oldest idle connection, "
+        "or, with none idle, gets 503 and is closed (/health and /ping are still answered)",
+    ),
+    _Option(
+        "--max-connections-per-ip",
+        "max_connections_per_ip",
+        int,
+        "open connections per client address, enforced like --max-connections (0 = off: "
+        "behind a proxy every client has the proxy's address)",
+        metavar="N",
     ),
     _Option(
         "--header-timeout",
         "header_timeout",
         float,
-        "seconds for a request's head to arrive once it started -> 408",
+        "seconds for a request's head to arrive once it started -> 408; a new connection's "
+        "first head counts from the accept (a connection that sends nothing is closed)",
         metavar="SECONDS",
     ),
     _Option(

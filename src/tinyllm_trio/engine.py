@@ -341,13 +341,19 @@ class Engine:
         stats["kv_cache_usage"] = kv_cache_usage(stats, self.model_config.max_context)
         return stats
 
-    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+    def encode_prompt(
+        self, prompt: str | Sequence[int], *, parse_special: bool = True
+    ) -> list[int]:
         """Token ids of a prompt as the worker will see them (text gets BOS first).
 
-        Raises InvalidParameterError (param "prompt") for an empty list or an id outside the
-        vocabulary, and ContextLengthError when no room is left for one generated token.
+        `parse_special=False` encodes `<|endoftext|>` in the text as ordinary characters
+        instead of EOS (for text a user wrote; pass the ids to `generate`). Raises
+        InvalidParameterError (param "prompt") for an empty list or an id outside the
+        vocabulary, and ContextLengthError when no room is left for one generated token (text
+        is encoded only that far). Synchronous and CPU-bound: a caller on an event loop runs a
+        long text in a thread.
         """
-        return encode_prompt(prompt, self.tokenizer, self.model_config)
+        return encode_prompt(prompt, self.tokenizer, self.model_config, parse_special=parse_special)
 
     def generate(
         self,

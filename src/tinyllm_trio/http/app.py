@@ -42,6 +42,10 @@ class AppState:
         self.stopping = False  # shutdown() was called: /health says 503 (drain delay, drain)
         self.draining = False  # the drain runs: listeners closed, every response closes
         self.grace_over = False  # the grace period ran out: nothing new may start
+        # Long prompts are tokenized in a thread (generation.encode_text). One at a time: the
+        # encoder is pure Python, so more threads would only take more of the GIL from the
+        # event loop, which keeps about half of it while one thread encodes.
+        self.encode_limiter = trio.CapacityLimiter(1)
         self.cors = CORSPolicy(config.cors_origins)
         self._generation_scopes: set[trio.CancelScope] = set()
         key = config.api_key

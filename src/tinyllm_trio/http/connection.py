@@ -5,10 +5,18 @@ it is h11 events and `trio.SocketStream` bytes. Modelled on h11's `examples/trio
 
 Policy decisions, and what they trade away:
 
-- **Timeouts are cancel scopes.** An idle keep-alive connection waits for the first byte of its
-  next request for `keep_alive_timeout`, then closes silently. Once a byte arrived, the whole head
-  must arrive within `header_timeout` and the body within `body_timeout`, else 408 and close. A
-  slow client therefore never reaches the engine, so it never holds a worker slot.
+- **Timeouts are cancel scopes.** A new connection's first request head must arrive in full
+  within `header_timeout` of the accept (nginx's `client_header_timeout`): one that never
+  speaks is closed silently then, so silent sockets cannot hold the connection cap for the
+  longer keep-alive time. An idle keep-alive connection waits for the first byte of its next
+  request for `keep_alive_timeout`, then closes silently; once a byte arrived, the whole head
+  must arrive within `header_timeout`. The body must arrive within `body_timeout`. A slow head
+  or body is 408 and close. A slow client therefore never reaches the engine, so it never
+  holds a worker slot.
+- **An idle connection can be evicted.** While it waits for the first byte of a request (its
+  first, or its next on keep-alive), `idle_since` says since when, and `evict()` closes it at
+  once; the server evicts the oldest one when the connection cap is reached, so idle sockets
+  cannot lock out a client with a request to send.
 - **Limits are checked before reading.** h11's `max_incomplete_event_size` caps the head (h11
   answers with a 431 hint); a declared `Content-Length` over `max_body_size` is refused with 413
   before a single body byte is read (and no `100 Continue` is sent); a chunked body is counted as
@@ -29,8 +37,7 @@ Policy decisions, and what they trade away:
 - **Closing is half-close, bounded drain, close**, so a client that is still sending (say, the
   body we refused with 413) reads our answer instead of a TCP reset.
 
-What a bigger server would add: HTTP/2, TLS, request smuggling hardening beyond h11's parser,
-and per-IP connection limits.
+What a bigger server would add: HTTP/2, TLS, request smuggling hardening beyond h11's parser.
 """
 
 from __future__ import annotations
@@ -146,6 +153,11 @@ class HTTPConnection:
         self.request: h11.Request | None = None
         self._is_draining = is_draining or (lambda: False)
         self._idle_scope: trio.CancelScope | None = None
+        self.accepted_at = trio.current_time()
+        #: When this connection began waiting, idle, for a request's first byte; None while a
+        #: request is read or answered. What eviction orders by (oldest first).
+        self.idle_since: float | None = None
+        self._evicted = False
         self._write_broken = False
         self._unsent = b""  # the tail of a `try_send_bytes` the socket did not take
         self._fd = stream.socket.fileno()
@@ -167,7 +179,7 @@ class HTTPConnection:
                 try:
                     request = await self.read_request()
                 except HTTPError as exc:
-                    await self._answer_and_close(exc)
+                    await self.answer_and_close(exc)
                     return
                 if request is None:
                     return
@@ -196,7 +208,7 @@ class HTTPConnection:
         conn.start_next_cycle()
         return True
 
-    async def _answer_and_close(self, exc: HTTPError) -> None:
+    async def answer_and_close(self, exc: HTTPError) -> None:
         """The one exit for protocol-level errors (no exchange exists yet)."""
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
@@ -242,9 +254,12 @@ class HTTPConnection:
     async def read_request(self) -> h11.Request | None:
         """The next request head, or None when the peer left or idled out between requests."""
         started = bool(self.conn.trailing_data[0])
-        deadline = trio.current_time() + (
-            self.config.header_timeout if started else self.config.keep_alive_timeout
-        )
+        if self.requests_served == 0:  # the first head: within header_timeout of the accept
+            deadline = self.accepted_at + self.config.header_timeout
+        else:
+            deadline = trio.current_time() + (
+                self.config.header_timeout if started else self.config.keep_alive_timeout
+            )
         while True:
             event = self._next_event()
             if type(event) is h11.Request:
@@ -274,14 +289,18 @@ class HTTPConnection:
                 if keep_alive_wait and self._is_draining():
                     return None
                 with trio.CancelScope(deadline=deadline) as scope:
-                    if keep_alive_wait:
-                        self._idle_scope = scope
+                    self._idle_scope = scope
+                    self.idle_since = trio.current_time()
+                    if self._evicted:
+                        scope.cancel()
                     data = await self._receive()
                 self._idle_scope = None
+                self.idle_since = None
                 if scope.cancelled_caught:
                     return None
                 started = True
-                deadline = trio.current_time() + self.config.header_timeout
+                if keep_alive_wait:
+                    deadline = trio.current_time() + self.config.header_timeout
             else:
                 with trio.move_on_at(deadline) as scope:
                     data = await self._receive()
@@ -293,7 +312,22 @@ class HTTPConnection:
         return self._is_draining()
 
     def cancel_idle_wait(self) -> None:
-        """Close this connection now if it is waiting, idle, for its next request."""
+        """Close this connection now if it is waiting, idle, for its next request (the drain).
+
+        A connection still waiting for its first request is left to send it: it was accepted
+        before the listener closed, and its client connected in good faith.
+        """
+        if self._idle_scope is not None and self.requests_served > 0:
+            self._idle_scope.cancel()
+
+    @property
+    def fileno(self) -> int:
+        return self._fd
+
+    def evict(self) -> None:
+        """Close this idle connection now, without the half-close drain (the server needs its
+        slot); one that is not idle, or not yet waiting, closes when it next waits."""
+        self._evicted = True
         if self._idle_scope is not None:
             self._idle_scope.cancel()
 
@@ -418,7 +452,7 @@ class HTTPConnection:
     async def close(self) -> None:
         """Half-close, drain what the peer still sends for a bounded time, close."""
         try:
-            if not self.peer_closed and not self._write_broken:
+            if not self.peer_closed and not self._write_broken and not self._evicted:
                 with trio.move_on_after(_CLOSE_DRAIN_SECONDS):
                     await self.stream.send_eof()
                     drained = 0

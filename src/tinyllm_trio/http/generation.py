@@ -18,6 +18,14 @@ how they frame events, so the rest lives here once:
 - **While queued, SSE streams are kept alive**: if the first event takes longer than
   `sse_ping_interval`, the head is sent and `: ping` comments follow (which SSE clients,
   the openai SDK included, ignore), so idle-timeout proxies and clients do not give up.
+- **Prompts are bounded before they are tokenized.** A prompt field longer than
+  `PROMPT_CHARS_PER_TOKEN` characters per token of the context is a 400 at once (`param`,
+  `code: prompt_too_long`); encoding stops as soon as the ids pass the context; a prompt
+  longer than `INLINE_ENCODE_CHARS` is encoded in a thread, one at a time, so the event loop
+  keeps serving everyone else meanwhile.
+- **Special text is parsed only where the client chose it**: `parse_special` (llama-server's
+  name) decides whether `<|endoftext|>` in the text is the EOS token or ordinary characters;
+  each endpoint passes its own default.
 - **Each token is written as it arrives**: one `send_chunk` (one HTTP chunk, one `send_all`)
   per event, no buffering, no per-token allocation beyond the encoded bytes.
 """
@@ -28,6 +36,7 @@ import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -59,6 +68,48 @@ SAMPLING_FIELDS = (
     "stop_token_ids",
     "cache_prompt",
 )
+
+#: Characters a prompt field may have, per token of the model's context. English text runs at
+#: 4-6 characters a token on the packaged vocabulary, so 32 leaves room for long words and
+#: generous whitespace, while text that could never fit is refused before any tokenizing.
+PROMPT_CHARS_PER_TOKEN = 32
+#: Prompts up to this many characters are tokenized on the event loop, longer ones in a thread:
+#: handing a call to a thread costs several times what a short prompt's encoding does (the
+#: README's Limits section has the timeit figures).
+INLINE_ENCODE_CHARS = 2048
+
+
+def check_prompt_size(app: AppState, text: str, param: str) -> None:
+    """400 for a prompt field longer than the context could ever hold (see
+    PROMPT_CHARS_PER_TOKEN), before any tokenizing."""
+    context = app.max_context
+    cap = context * PROMPT_CHARS_PER_TOKEN
+    if len(text) > cap:
+        raise HTTPError(
+            400,
+            f"'{param}' has {len(text)} characters; at most {cap} are accepted "
+            f"({PROMPT_CHARS_PER_TOKEN} per token of this model's {context}-token context)",
+            param=param,
+            code="prompt_too_long",
+        )
+
+
+async def encode_text(app: AppState, text: str, encode: Callable[[], Any]) -> Any:
+    """`encode()` (which tokenizes `text`): inline for a short text, else in a thread under
+    `app.encode_limiter`, so a long one never holds the event loop."""
+    if len(text) <= INLINE_ENCODE_CHARS:
+        return encode()
+    return await trio.to_thread.run_sync(encode, limiter=app.encode_limiter)
+
+
+def parse_special_flag(body: dict[str, Any], default: bool) -> bool:
+    """The request's `parse_special` (a boolean; absent or null: the endpoint's default)."""
+    value = body.get("parse_special")
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise HTTPError(400, "'parse_special' must be a boolean", param="parse_special")
+    return value
 
 
 def sampling_params(prompt_param: str = "prompt", **values: Any) -> SamplingParams:
@@ -117,6 +168,7 @@ class HTTPGeneration:
         "n",
         "open_choices",
         "params",
+        "parse_special",
         "prompt_param",
     )
 
@@ -128,10 +180,12 @@ class HTTPGeneration:
         params: SamplingParams,
         *,
         prompt_param: str = "prompt",
+        parse_special: bool = True,
         arrival: float | None = None,
         n: int = 1,
     ) -> None:
         self._app = app
+        self.parse_special = parse_special
         self._metrics = app.metrics
         self.exchange = exchange
         self._prompt = prompt
@@ -203,10 +257,11 @@ class HTTPGeneration:
             self._done = "rejected"
             raise http_error(ErrorKind.SHUTTING_DOWN, "the server is shutting down")
         try:
+            prompt = await self._prepared_prompt()
             if self.n == 1:
-                it = self._app.engine.generate(self._prompt, self.params)
+                it = self._app.engine.generate(prompt, self.params)
             else:
-                it = self._app.engine.generate_choices(self._prompt, self.params, self.n)
+                it = self._app.engine.generate_choices(prompt, self.params, self.n)
             if inspect.isawaitable(it):
                 it = await it
             self._iter = it
@@ -224,6 +279,19 @@ class HTTPGeneration:
             raise error_event(event, self.prompt_param)
         self._observe(event)
         return event
+
+    async def _prepared_prompt(self) -> str | list[int]:
+        """What to hand `engine.generate`: ids a thread encoded for a long text, or for one
+        whose special text is not parsed (the engine's own encoding parses it); else the
+        prompt as given, for the engine to encode (cheap for a short text)."""
+        prompt = self._prompt
+        if not isinstance(prompt, str):
+            return prompt
+        check_prompt_size(self._app, prompt, self.prompt_param)
+        if self.parse_special and len(prompt) <= INLINE_ENCODE_CHARS:
+            return prompt
+        encode = partial(self._app.engine.encode_prompt, prompt, parse_special=self.parse_special)
+        return await encode_text(self._app, prompt, encode)
 
     async def _ping_while_waiting(self, fmt: StreamFormat) -> None:
         interval = self._app.config.sse_ping_interval

@@ -190,6 +190,11 @@ class Metrics:
             registry=r,
         )
         self.connections = Gauge("tinyllm_http_connections", "Open client connections", registry=r)
+        self.connections_evicted = Counter(
+            "tinyllm_http_connections_evicted",
+            "Idle connections closed to make room for a new one at the connection cap",
+            registry=r,
+        )
         self.ttft = Histogram(
             "tinyllm_time_to_first_token_seconds",
             "From request arrival to the first generated token",

@@ -25,6 +25,12 @@ work unchanged. Request fields:
   `response_format` other than text are refused with 400 rather than silently ignored, since
   they would change what the client gets. `model` is accepted whatever it says (one model is
   served). Unknown fields are ignored.
+- `parse_special` (llama-server's name; a boolean): whether `<|endoftext|>` in the text is
+  the EOS token (true) or ordinary characters (false). Completions default to true: a
+  completion prompt is text the caller formats, markers included, as llama-server's
+  `/completion` and vLLM's completions read it. Chat defaults to false: message content is
+  what end users typed, and one of them must not end the story for everyone's template
+  (vLLM's chat likewise never lets message text become control tokens).
 - completions `prompt`: a string, a list of token ids (taken as given: no BOS is added), or a
   one-element list of either. Several prompts in one request are refused (400, `param: prompt`).
 
@@ -59,6 +65,7 @@ from tinyllm_trio.http.generation import (
     Collected,
     HTTPGeneration,
     collect_response,
+    parse_special_flag,
     sampling_params,
     stream_response,
 )
@@ -490,7 +497,15 @@ async def completions(app: AppState, ex: Exchange) -> None:
     # echo with logprobs: the prompt's too, from the prefill's own logits (as vLLM does)
     prompt_logprobs = logprobs if echo else None
     params = _sampling(body, max_tokens, logprobs, app.config.detokenize, prompt_logprobs)
-    generation = HTTPGeneration(app, ex, prompt, params, prompt_param="prompt", n=n)
+    generation = HTTPGeneration(
+        app,
+        ex,
+        prompt,
+        params,
+        prompt_param="prompt",
+        parse_special=parse_special_flag(body, True),
+        n=n,
+    )
     await _answer(
         app,
         generation,
@@ -531,7 +546,15 @@ async def chat_completions(app: AppState, ex: Exchange) -> None:
         if exc.param == "logprobs":
             exc.param = "top_logprobs"
         raise
-    generation = HTTPGeneration(app, ex, prompt, params, prompt_param="messages", n=n)
+    generation = HTTPGeneration(
+        app,
+        ex,
+        prompt,
+        params,
+        prompt_param="messages",
+        parse_special=parse_special_flag(body, False),
+        n=n,
+    )
     await _answer(app, generation, chat=True, stream=stream, include_usage=include_usage)
 
 

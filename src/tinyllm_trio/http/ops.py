@@ -9,16 +9,20 @@
 - `POST /tokenize`: `{"prompt": str}` (or llama-server's `content`, or a chat `messages` list
   through the chat template), `add_special` (default true: BOS first, as generation encodes),
   `with_pieces` -> `{"tokens": [...], "count": n, "max_model_len": ctx}`; with pieces, each
-  token is `{"id", "piece"}`.
+  token is `{"id", "piece"}`. `parse_special` defaults as generation does for the same text
+  (true for `prompt`/`content`, false for `messages`), so the count is the one generation
+  makes; the text is capped as a prompt is, and a long one is encoded in a thread.
 - `POST /detokenize`: `{"tokens": [ids]}` -> `{"prompt": text, "content": text}` (vLLM's and
   llama-server's field names).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from tinyllm_trio.http.connection import Exchange, HTTPError
+from tinyllm_trio.http.generation import check_prompt_size, encode_text, parse_special_flag
 from tinyllm_trio.http.metrics import CONTENT_TYPE
 from tinyllm_trio.http.openai_api import chat_prompt
 
@@ -64,13 +68,18 @@ async def tokenize(app: AppState, ex: Exchange) -> None:
     tokenizer = app.require_engine().tokenizer
     body = await _body(ex)
     if "messages" in body:
-        text = chat_prompt(body["messages"])
+        text, param = chat_prompt(body["messages"]), "messages"
     else:
-        text = body.get("prompt", body.get("content"))
+        text, param = body.get("prompt", body.get("content")), "prompt"
         if not isinstance(text, str):
             raise HTTPError(400, "'prompt' must be a string", param="prompt")
     add_special = _flag(body, "add_special", True)
-    ids = tokenizer.encode(text, bos=add_special)
+    # The defaults of the endpoint the text is for, so the count is the one generation makes.
+    parse_special = parse_special_flag(body, param == "prompt")
+    check_prompt_size(app, text, param)
+    # Not bounded by the context: a client may count the tokens of a text too long for it.
+    encode = partial(tokenizer.encode, text, bos=add_special, parse_special=parse_special)
+    ids = await encode_text(app, text, encode)
     tokens: list[Any] = ids
     if _flag(body, "with_pieces", False):
         tokens = [{"id": i, "piece": tokenizer.token_text(i)} for i in ids]

@@ -28,6 +28,8 @@ Where we differ from the original, on purpose:
   `ignore_eos` and `no_repeat_ngram_size` may be given; `no_repeat_ngram_size` defaults to
   `serve --no-repeat-ngram-size` (3), which keeps greedy text out of loops (the OpenAI
   endpoints default to 0, off, as OpenAI's API has no such ban).
+- `parse_special` (default true, as the original: `<|endoftext|>` in the message is the EOS
+  token); false encodes it as ordinary text.
 - Errors before the stream starts are JSON error responses (`{"error": {"message", "type",
   "param", "code"}}`, like every endpoint); an error after it started is one last chunk
   `{"chunk": "", "is_last": true, "error": "<message>"}`, so a client written for the original
@@ -43,6 +45,7 @@ from tinyllm_trio.http.connection import Exchange, HTTPError
 from tinyllm_trio.http.generation import (
     SAMPLING_FIELDS,
     HTTPGeneration,
+    parse_special_flag,
     sampling_params,
     stream_response,
 )
@@ -128,5 +131,8 @@ async def process(app: AppState, ex: Exchange) -> None:
         detokenize=app.config.detokenize,
         **fields,
     )
-    generation = HTTPGeneration(app, ex, message, params, prompt_param="message")
+    parse_special = parse_special_flag(body, True)  # the original's behaviour
+    generation = HTTPGeneration(
+        app, ex, message, params, prompt_param="message", parse_special=parse_special
+    )
     await stream_response(app, generation, ProcessFormat(message))

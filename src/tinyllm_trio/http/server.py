@@ -30,6 +30,26 @@ Shutdown is driven by cancel scopes, not flags polled in loops (hypercorn's shap
    `data: {"error": ...}` and `data: [DONE]`), bounded by a short final deadline.
 4. Whatever connection is left (say, a client stalling on a write) is cancelled outright.
 
+Connections, and what a client gets beyond each bound (a connection is a file descriptor, and
+fds are the resource a flood of sockets exhausts first):
+
+- The cap is `max_connections`, lowered to what RLIMIT_NOFILE allows once a reserve of fds is
+  kept for everything else (workers' rings and pipes, a worker's restart, log files, the
+  refusals below): `tinyllm-trio serve` first raises its soft RLIMIT_NOFILE to the hard limit,
+  as servers commonly do, and logs both.
+- At the cap (or at `max_connections_per_ip` for one address), a new connection evicts the
+  oldest idle one (waiting, for a second or more, for its first request or, on keep-alive,
+  its next, with no bytes unread), so silent
+  sockets cannot lock everyone out; a connection that never speaks is closed after
+  `header_timeout` anyway.
+- With nothing idle to evict, the new connection's request head is read for a moment:
+  `/health` and `/ping` are answered as usual (an orchestrator must not restart a server that
+  is merely busy), anything else gets 503 + `Retry-After` and a close. Beyond a bounded number
+  of such refusals at once, a connection is closed without an answer.
+- If accept() still fails for lack of fds (something else used them), one spare fd kept for
+  that is let go to accept the waiting connection and close it at once, so a client is never
+  left hanging in the listen backlog, then taken back.
+
 `run_cli` wires this to signals: the first SIGINT or SIGTERM drains (exit status 0), a second
 one cancels everything at once (exit status 130). Either way the engine's `async with` exits,
 which stops the workers and unlinks their shared memory and semaphores.
@@ -38,13 +58,18 @@ which stops the workers and unlinks their shared memory and semaphores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
+import os
+import resource
+import select
 import signal
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from functools import partial
@@ -54,7 +79,7 @@ import trio
 
 from tinyllm_trio.config import ServerConfig
 from tinyllm_trio.http.app import AppState
-from tinyllm_trio.http.connection import HTTPConnection, HTTPError, json_bytes, reason_phrase
+from tinyllm_trio.http.connection import Exchange, HTTPConnection, HTTPError
 from tinyllm_trio.http.routes import Router
 from tinyllm_trio.http.startup import ready_line
 
@@ -65,23 +90,82 @@ log = logging.getLogger("tinyllm_trio.server")
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_RETRY_SECONDS = 0.1
 _FINAL_EVENT_SECONDS = 2.0  # after the grace period: time to write the final error events
-_REFUSE_SEND_SECONDS = 1.0
+_REFUSE_SECONDS = 1.0  # a refused connection's head is read, and answered, within this
+_MAX_REFUSING = 64  # refusals in progress at once; beyond it a connection is just closed
+# fds kept for everything but client connections, above those open when listening starts: a
+# worker's restart (rings, pipes, a process), log files, the listeners, and the refusals.
+_FD_HEADROOM = 64
+# A connection is evicted only once it has been idle this long: a client sends its request
+# within a round trip of connecting, so in a burst of new clients none is taken for a silent one.
+_EVICT_AFTER_IDLE_SECONDS = 1.0
 _LISTEN_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn, as trio's default does
+# What a connection over the cap may still ask for: the probes an orchestrator restarts on.
+_PROBES = frozenset({"/health", "/v1/health", "/ping"})
 
 
-def _busy_response() -> bytes:
-    error = HTTPError(503, "Max connections reached", code="max_connections")
-    body = json_bytes(error.to_dict())
-    return (
-        b"HTTP/1.1 503 " + reason_phrase(503) + b"\r\n"
-        b"Content-Type: application/json\r\n"
-        b"Content-Length: " + str(len(body)).encode() + b"\r\n"
-        b"Retry-After: 1\r\n"
-        b"Connection: close\r\n\r\n" + body
+def _busy_error() -> HTTPError:
+    return HTTPError(
+        503,
+        "Max connections reached",
+        code="max_connections",
+        headers=[(b"Retry-After", b"1")],
+        close=True,
     )
 
 
-_BUSY = _busy_response()
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return (old soft, new soft).
+
+    The usual soft limit (1024) is far below what a server with `max_connections` sockets plus
+    its workers' fds needs, and the hard limit is what the operator allowed; servers commonly
+    raise it (nginx's worker_rlimit_nofile, systemd's own services). An unlimited hard limit is
+    capped at the kernel's nr_open, the most setrlimit accepts.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if target == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            return soft, soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
+def _open_fds() -> int:
+    """How many fds this process has open now (0 where /proc is not there to say)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # minus the one listdir itself opened
+    except OSError:
+        return 0
+
+
+def connection_budget(max_connections: int) -> int:
+    """`max_connections`, lowered to what RLIMIT_NOFILE leaves after the reserve of fds.
+
+    The reserve is what is open now (the engine's workers are up when a server listens),
+    `_FD_HEADROOM` for what comes and goes (a worker's restart, log files) and the refusals
+    in progress. Never below 1.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    reserve = _open_fds() + _FD_HEADROOM + _MAX_REFUSING
+    return max(1, min(max_connections, soft - reserve))
+
+
+def _peer_ip(stream: trio.SocketStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "-"
+    return str(address[0]) if isinstance(address, tuple) else str(address)
 
 
 class HTTPServer:
@@ -93,9 +177,13 @@ class HTTPServer:
         self.router = Router(self.app)
         self.port: int | None = None
         self.stopped = trio.Event()
-        self._connections: set[HTTPConnection] = set()
+        # connection -> client address, for the ones admitted and not yet released
+        self._connections: dict[HTTPConnection, str] = {}
         self._refusing = 0
         self._admitted = 0  # counted at accept, before the connection's task first runs
+        self._per_ip: Counter[str] = Counter()  # the same, by client address
+        self.capacity = config.max_connections  # lowered by the fd budget when listening
+        self._spare_fd: int | None = None
         self._all_closed = trio.Event()
         self._shutdown_called = trio.Event()
         self._engine_attached = trio.Event()
@@ -150,6 +238,7 @@ class HTTPServer:
                         task_status.started(self.port)
                         await _first_of(self._engine_attached.wait, self._shutdown_called.wait)
                     if not self.app.stopping:
+                        self._set_capacity()
                         listeners = [_listen(sock) for sock in sockets]
                         for listener in listeners:
                             accepting.start_soon(self._accept_loop, listener, connections)
@@ -173,7 +262,25 @@ class HTTPServer:
                     await listener.aclose()
                 for sock in sockets:
                     sock.close()
+            if self._spare_fd is not None:
+                os.close(self._spare_fd)
+                self._spare_fd = None
             self.stopped.set()
+
+    def _set_capacity(self) -> None:
+        """The connection cap for the fds there are, and the spare fd (see the module doc)."""
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+        self.capacity = connection_budget(self.config.max_connections)
+        if self.capacity < self.config.max_connections:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            log.warning(
+                "RLIMIT_NOFILE %d leaves fds for %d connection(s), not --max-connections %d: "
+                "serving at most %d (raise the hard limit, e.g. LimitNOFILE= in systemd)",
+                soft,
+                self.capacity,
+                self.config.max_connections,
+                self.capacity,
+            )
 
     async def _wait_for_trigger(self, trigger: Callable[[], Awaitable[Any]]) -> None:
         await trigger()
@@ -203,48 +310,134 @@ class HTTPServer:
             except OSError as exc:
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
-                log.error("accept: %s; retrying in %.1fs", exc, _ACCEPT_RETRY_SECONDS)
-                await trio.sleep(_ACCEPT_RETRY_SECONDS)
+                if not await self._shed_one(listener, exc):
+                    log.error("accept: %s; retrying in %.1fs", exc, _ACCEPT_RETRY_SECONDS)
+                    await trio.sleep(_ACCEPT_RETRY_SECONDS)
                 continue
-            # Not len(self._connections): a task started here joins it only when it first
-            # runs, so several accepts in a row overshot the cap (513 with 512).
-            if self._admitted >= self.config.max_connections:
-                if self._refusing >= self.config.max_connections:
-                    await stream.aclose()  # a flood: not even a 503
-                else:
-                    connections.start_soon(self._refuse, stream)
-                continue
-            self._admitted += 1
-            connections.start_soon(self._serve_connection, stream)
+            ip = _peer_ip(stream)
+            if self._admit(ip):
+                connections.start_soon(self._serve_connection, stream, ip)
+            elif self._refusing >= _MAX_REFUSING:
+                await stream.aclose()  # a flood: not even a 503
+            else:
+                connections.start_soon(self._refuse, stream)
+
+    async def _shed_one(self, listener: trio.SocketListener, exc: OSError) -> bool:
+        """Out of fds at accept: let the spare fd go, accept the waiting connection and close
+        it at once (the client sees a close, not a hang in the backlog), take the spare back.
+        False if there is no spare to let go, or even that did not make room."""
+        if self._spare_fd is None or exc.errno not in (errno.EMFILE, errno.ENFILE):
+            return False
+        os.close(self._spare_fd)
+        self._spare_fd = None
+        try:
+            with trio.move_on_after(_ACCEPT_RETRY_SECONDS):
+                stream = await listener.accept()
+                await stream.aclose()
+                self.app.metrics.http_requests.labels("-", "-", "503").inc()
+                log.warning("accept: %s; closed a new connection at once", exc)
+                return True
+            return False
+        except OSError:
+            return False
+        finally:
+            try:
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY)
+            except OSError:
+                self._spare_fd = None  # tried again when listening next starts
+
+    def _admit(self, ip: str) -> bool:
+        """Count a new connection in, evicting an idle one if that is what makes room."""
+        per_ip = self.config.max_connections_per_ip
+        if per_ip and self._per_ip[ip] >= per_ip and not self._evict_idle(ip):
+            return False
+        # Not len(self._connections): a task started here joins it only when it first
+        # runs, so several accepts in a row overshot the cap (513 with 512).
+        if self._admitted >= self.capacity and not self._evict_idle(None):
+            return False
+        self._admitted += 1
+        self._per_ip[ip] += 1
+        return True
+
+    def _evict_idle(self, ip: str | None) -> bool:
+        """Close the connection (from `ip`, or any) idle the longest; False if none is idle."""
+        settled = trio.current_time() - _EVICT_AFTER_IDLE_SECONDS
+        idle = [
+            conn
+            for conn, peer in self._connections.items()
+            if conn.idle_since is not None
+            and conn.idle_since <= settled
+            and (ip is None or peer == ip)
+        ]
+        if idle:
+            # One whose request is in the kernel's buffer, not yet read, is not idle: readable.
+            # One poll(2) for all of them.
+            poller = select.poll()
+            for conn in idle:
+                poller.register(conn.fileno, select.POLLIN)
+            readable = {fd for fd, _ in poller.poll(0)}
+            idle = [conn for conn in idle if conn.fileno not in readable]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda conn: conn.idle_since or 0.0)
+        victim.evict()
+        self._release(victim)  # its slot is the new connection's now, while it closes
+        self.app.metrics.connections_evicted.inc()
+        return True
+
+    def _release(self, conn: HTTPConnection) -> None:
+        ip = self._connections.pop(conn, None)
+        if ip is None:
+            return  # released already (evicted)
+        self._admitted -= 1
+        self._per_ip[ip] -= 1
+        if not self._per_ip[ip]:
+            del self._per_ip[ip]
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
-        """503 for a connection over the cap; like the original, but as proper HTTP."""
+        """A connection over the cap: its probes are answered, anything else is 503 + close.
+
+        The head is read for at most `_REFUSE_SECONDS`, so a busy server still answers
+        `/health` and `/ping` (an orchestrator must not restart it for being busy); a client
+        that sends nothing in that time gets the 503 too.
+        """
         self._refusing += 1
-        self.app.metrics.http_requests.labels("-", "-", "503").inc()
+        conn = HTTPConnection(stream, self.config)
         try:
-            with trio.move_on_after(_REFUSE_SEND_SECONDS):
-                await stream.send_all(_BUSY)
-                await stream.send_eof()
-                while await stream.receive_some(65536):
-                    pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            request = None
+            with trio.move_on_after(_REFUSE_SECONDS):
+                with contextlib.suppress(HTTPError):  # a malformed head: the 503 will do
+                    request = await conn.read_request()
+            with trio.move_on_after(_REFUSE_SECONDS):
+                if request is None:
+                    self.app.metrics.http_requests.labels("-", "-", "503").inc()
+                    await conn.answer_and_close(_busy_error())
+                    return
+                exchange = Exchange(conn, request)
+                exchange.keep_alive = False
+                if exchange.path in _PROBES:
+                    await self.router.handle(exchange)  # counted and logged as usual
+                else:
+                    self.app.metrics.http_requests.labels("-", "-", "503").inc()
+                    await exchange.respond_error(_busy_error())
+        except Exception:  # ClientGone, a reset: nothing more to say to this client
             pass
         finally:
             self._refusing -= 1
-            await stream.aclose()
+            with trio.CancelScope(shield=True):
+                await conn.close()  # bounded: a half-close, a short drain, a close
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+    async def _serve_connection(self, stream: trio.SocketStream, ip: str) -> None:
         app = self.app
         conn = HTTPConnection(stream, self.config, is_draining=lambda: app.draining)
-        self._connections.add(conn)
+        self._connections[conn] = ip
         app.metrics.connections.inc()
         try:
             await conn.serve(self.router.handle)
         except Exception:
             log.exception("connection from %s failed", conn.peer)
         finally:
-            self._admitted -= 1
-            self._connections.discard(conn)
+            self._release(conn)
             app.metrics.connections.dec()
             if app.draining and not self._connections:
                 self._all_closed.set()
@@ -369,6 +562,11 @@ def run_cli(args: argparse.Namespace) -> int:
 async def _serve_until_signalled(config: ServerConfig) -> int:
     from tinyllm_trio.engine import open_engine  # lazily: `--help` stays fast
 
+    before, after = raise_fd_limit()
+    if after != before:
+        log.info("raised the soft RLIMIT_NOFILE from %d to %d (the hard limit)", before, after)
+    else:
+        log.info("RLIMIT_NOFILE soft limit %d", after)
     server = HTTPServer(None, config)
     status = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -36,7 +36,7 @@ from tinyllm_trio.model.sampling import (
     log_softmax,
     top_logprobs,
 )
-from tinyllm_trio.model.tokenizer import EOS, HybridTokenizer, StreamDecoder
+from tinyllm_trio.model.tokenizer import EOS, HybridTokenizer, StreamDecoder, TooManyTokensError
 from tinyllm_trio.model.transformer import ModelConfig, Transformer
 from tinyllm_trio.protocol import DoneEvent, ErrorEvent, Event, TokenEvent
 
@@ -61,17 +61,30 @@ MAX_BATCH = 32
 
 
 def encode_prompt(
-    prompt: str | Sequence[int], tokenizer: HybridTokenizer, config: ModelConfig
+    prompt: str | Sequence[int],
+    tokenizer: HybridTokenizer,
+    config: ModelConfig,
+    *,
+    parse_special: bool = True,
 ) -> list[int]:
     """The one rule for turning a prompt into the ids a sequence starts from.
 
-    Text is encoded with BOS first (never EOS last); a list of ids is taken as given. Applied by
-    the Engine before a request is sent (so the HTTP layer can answer 400 at once) and by the
-    batcher that runs it. Raises InvalidParameterError (param "prompt") for an empty prompt or
-    an id outside the vocabulary, and ContextLengthError when no room is left for one token.
+    Text is encoded with BOS first (never EOS last), `<|endoftext|>` as EOS only with
+    `parse_special`; a list of ids is taken as given. Applied by the Engine before a request is
+    sent (so the HTTP layer can answer 400 at once) and by the batcher that runs it. Raises
+    InvalidParameterError (param "prompt") for an empty prompt or an id outside the
+    vocabulary, and ContextLengthError when no room is left for one token: for text, as soon as
+    the encoding passes the context, so a huge prompt costs no more than one that just fits.
     """
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
+        limit = config.max_context - 1
+        try:
+            ids = tokenizer.encode(prompt, max_tokens=limit, parse_special=parse_special)
+        except TooManyTokensError:
+            raise ContextLengthError(
+                f"the prompt has more than {limit} tokens; this model's context is "
+                f"{config.max_context} tokens and at least one must be left for the completion"
+            ) from None
     else:
         ids = list(prompt)
         for i in ids:

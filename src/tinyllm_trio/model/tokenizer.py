@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import operator
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = [
     "UNK",
     "HybridTokenizer",
     "StreamDecoder",
+    "TooManyTokensError",
     "build_vocab",
 ]
 
@@ -251,6 +253,14 @@ class StreamDecoder:
         return text, space
 
 
+class TooManyTokensError(ValueError):
+    """``encode(..., max_tokens=N)`` stopped: the text makes more than ``limit`` tokens."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the text makes more than {limit} tokens")
+        self.limit = limit
+
+
 def _check_id(token_id: int, vocab_size: int) -> int:
     try:
         tid = operator.index(token_id)
@@ -353,18 +363,33 @@ class HybridTokenizer:
 
     # ----------------------------------------------------------------------- encode / decode
 
-    def encode(self, text: str, *, bos: bool = True) -> list[int]:
-        """Text -> ids: ``<BOS>`` first when ``bos``; lowercased; ``<|endoftext|>`` -> ``<EOS>``;
-        each of ``. , ! ? ; : " ' - ( ) [ ] { }`` its own token; split on whitespace; a known word
-        is its id, another word ``<CHAR_START>``, its character ids (``<UNK>`` for a character not
-        in the vocabulary), ``<CHAR_END>``.
+    def encode(
+        self,
+        text: str,
+        *,
+        bos: bool = True,
+        max_tokens: int | None = None,
+        parse_special: bool = True,
+    ) -> list[int]:
+        """Text -> ids: ``<BOS>`` first when ``bos``; lowercased; ``<|endoftext|>`` -> ``<EOS>``
+        (with ``parse_special``; without it, the literal is a word like any other, spelled with
+        character ids); each of ``. , ! ? ; : " ' - ( ) [ ] { }`` its own token; split on
+        whitespace; a known word is its id, another word ``<CHAR_START>``, its character ids
+        (``<UNK>`` for a character not in the vocabulary), ``<CHAR_END>``.
+
+        ``max_tokens``: raise :class:`TooManyTokensError` as soon as the ids would number more,
+        without encoding the rest, so the work is bounded by what the caller can use (a prompt
+        that cannot fit the context costs that much and no more); below the bound the result is
+        exactly the unbounded one.
 
         Unlike the original, no ``<EOS>`` is appended: a prompt is text to continue, not a
         finished story.
         """
         ids = [BOS] if bos else []
-        pieces = text.lower().split(ENDOFTEXT)
+        lowered = text.lower()
+        pieces = lowered.split(ENDOFTEXT) if parse_special else [lowered]
         word_ids = self._word_ids
+        limit = sys.maxsize if max_tokens is None else max_tokens
         for n, piece in enumerate(pieces):
             if n:
                 ids.append(EOS)
@@ -374,6 +399,10 @@ class HybridTokenizer:
                     ids.append(wid)
                 else:
                     ids.extend(self._spell(word))
+                if len(ids) > limit:
+                    raise TooManyTokensError(limit)
+        if len(ids) > limit:  # an <EOS> last
+            raise TooManyTokensError(limit)
         return ids
 
     def _spell(self, word: str) -> list[int]:

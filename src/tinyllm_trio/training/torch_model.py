@@ -4,7 +4,7 @@ It mirrors the numpy `Transformer` exactly (pre-LayerNorm blocks, sinusoidal abs
 added to the token embedding, exact-erf GELU, LayerNorm eps 1e-5, no biases in Linear layers, an
 untied LM head, the attention scale chosen by `ModelConfig.attention_scale`), and its
 `state_dict()` uses the original release's tensor names, so a trained model exports to the numpy
-server with a plain name-for-name copy. tests/test_training.py checks that both give the same
+server with a plain name-for-name copy. tests/model/test_training.py checks that both give the same
 logits on the same weights.
 
 The per-head key/query/value Linear modules exist only so the parameter names stay the

@@ -53,7 +53,7 @@ def test_bench_model_batches_picks_the_decode_batches(tiny_checkpoint, tmp_path)
 
 def test_scaling_ceiling_script_prints_each_round_and_the_median(tiny_checkpoint):
     """scripts/scaling_ceiling.sh (the README's two-process ceiling for 2w/1w) runs end to end."""
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "scaling_ceiling.sh")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "scaling_ceiling.sh")
     bindir = os.path.dirname(sys.executable)  # where this environment's tinyllm-trio lives
     env = dict(os.environ, ROUNDS="2", BATCH="4", MODEL=str(tiny_checkpoint))
     env["PATH"] = bindir + os.pathsep + env["PATH"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import trio
 
-from http_fixtures import FakeEngine, get, raw_request, running_server, split_response
+from http_fixtures import KVUsageEngine, get, raw_request, running_server, split_response
 from tinyllm_trio import SamplingParams, open_engine
 from tinyllm_trio.engine import kv_cache_usage
 from tinyllm_trio.model.batching import TokenEvent
@@ -41,19 +41,8 @@ async def test_kv_cache_usage_follows_a_real_generation(long_checkpoint: Path) -
         assert engine.stats()["kv_cache_usage"] == 0.0
 
 
-class _UsageEngine(FakeEngine):
-    def stats(self) -> dict:
-        return {
-            **super().stats(),
-            "kv_cache_usage": 0.25,
-            "max_batch": 2,
-            "max_context": 64,
-            "workers": [{"index": 0, "kv_tokens": 32}, {"index": 1, "kv_tokens": 0}],
-        }
-
-
 async def _scrape(**overrides) -> str:
-    engine = _UsageEngine()
+    engine = KVUsageEngine()
     engine.running, engine.waiting = 3, 5
     async with running_server(engine, **overrides) as (_, port):
         status, _, body = split_response(await raw_request(port, get("/metrics")))

@@ -33,6 +33,7 @@ def _expected(checkpoint: Path, params: SamplingParams, attention_scale: str | N
     return "".join(text)
 
 
+@pytest.mark.slow
 def test_console_script_and_python_m_stream_the_same_continuation(tiny_checkpoint: Path) -> None:
     args = ["generate", PROMPT, "--max-tokens", "8", *SAMPLED]
     args += ["--model", str(tiny_checkpoint), "--attention-scale", "embd"]

@@ -37,7 +37,7 @@ from conftest import save_random_checkpoint
 from tinyllm_trio.bench.client import HTTPClient, sse_events
 from tinyllm_trio.ipc.ring import shm_entries
 
-CONF = Path(__file__).parent.parent / "deploy" / "nginx" / "nginx.conf"
+CONF = Path(__file__).parents[2] / "deploy" / "nginx" / "nginx.conf"
 FRONT_PORT = 8080
 UPSTREAM_PORTS = (8081, 8082, 8083)
 CLIENTS = 8

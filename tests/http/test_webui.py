@@ -223,6 +223,7 @@ def _drive_page(port: int, screenshot: Path, engine: FakeEngine) -> dict:
     return seen
 
 
+@pytest.mark.slow
 async def test_playground_in_chromium(tmp_path: Path) -> None:
     assert Path(CHROMIUM).exists(), ".ci/run installs Debian's chromium"
     words = (" lily", " ran", " to", " the", " park")

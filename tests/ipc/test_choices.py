@@ -12,6 +12,8 @@ from tinyllm_trio import InvalidParameterError, SamplingParams, open_engine
 from tinyllm_trio.engine import choice_params
 from tinyllm_trio.model.batching import TokenEvent
 
+pytestmark = pytest.mark.slow  # real worker processes
+
 # 25 tokens with BOS on the test checkpoints' vocabulary: more than one prefix-cache block
 PROMPT = "once upon a time there was a little girl named lily and she liked to play with her dog"
 

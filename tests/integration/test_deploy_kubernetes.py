@@ -26,8 +26,14 @@ from typing import Any
 import pytest
 import yaml
 
-from http_fixtures import FakeEngine, get, raw_request, running_server, split_response
-from test_fleet_metrics import _UsageEngine
+from http_fixtures import (
+    FakeEngine,
+    KVUsageEngine,
+    get,
+    raw_request,
+    running_server,
+    split_response,
+)
 from tinyllm_trio.cli import build_parser
 from tinyllm_trio.config import ServerConfig
 from tinyllm_trio.ipc.pool import (
@@ -37,7 +43,7 @@ from tinyllm_trio.ipc.pool import (
     RESPONSE_SLOTS,
 )
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"
 MANIFESTS = sorted(KUBE.glob("*.yaml"))
 # The oldest Kubernetes release the manifests use nothing newer than (PDB
@@ -214,7 +220,7 @@ async def test_probe_paths_answer_as_the_probes_expect() -> None:
 
 async def _exported_metrics(config: ServerConfig) -> set[str]:
     config = replace(config, host="127.0.0.1", port=0, access_log=False)
-    engine = _UsageEngine()  # a fake engine with KV-cache stats
+    engine = KVUsageEngine()  # a fake engine with KV-cache stats
     async with running_server(engine, **vars(config)) as (_, port):
         status, _, body = split_response(await raw_request(port, get("/metrics")))
     assert status == 200

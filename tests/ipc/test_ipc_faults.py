@@ -317,3 +317,168 @@ def test_out_of_fds_at_a_restart_backs_off_and_the_pool_serves_on(tiny_checkpoin
     # posix_ipc's wording for EMFILE, or the OS's when the spawn is what runs out
     assert "maximum number of files open" in done.stdout or "Too many open files" in done.stdout
     assert "served: length" in done.stdout and "recovered" in done.stdout
+
+
+async def _answered_or_closed(port: int, results: list[bytes | None]) -> None:
+    """One connection that starts a head and stops: what it gets back within 5 s, or None
+    for a connection still waiting (admitted and reading its head, or, the bug, left in the
+    listen backlog while accept() fails with EMFILE and retries)."""
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        results.append(b"refused")
+        return
+    async with stream:
+        try:
+            await stream.send_all(b"GET /v1/models HTTP/1.1\r\nHost: t\r\n")
+            with trio.move_on_after(5):
+                data = b""
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+                results.append(data)
+                return
+            results.append(None)
+        except trio.BrokenResourceError:
+            results.append(b"reset")
+
+
+async def _get(port: int, path: str) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+        return data
+
+
+async def test_serve_under_a_low_fd_limit_raises_it_keeps_a_reserve_and_never_hangs(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """`serve` under RLIMIT_NOFILE 150:256 (prlimit's reproduction, scaled down): the soft
+    limit is raised to 256 and logged, the connection cap is lowered to what the fds allow,
+    300 connections that each hold a half-sent head all get an answer or a close (none hangs),
+    /health is answered over the cap, and a worker killed at the limit is restarted (the
+    reserve is what its rings and pipes need)."""
+    import re
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (150, 256))
+
+    log = tmp_path / "server.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "tinyllm_trio", "serve", "--model", str(tiny_checkpoint)),
+                *("--port", "0", "--workers", "1", "--pin-workers", "false"),
+                *("--header-timeout", "30", "--access-log", "false"),
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=limit,
+        )
+    try:
+        with trio.fail_after(60):
+            while not (found := re.search(r"listening on http://[^:]+:(\d+)", log.read_text())):
+                assert proc.poll() is None, log.read_text()
+                await trio.sleep(0.05)
+        port = int(found.group(1))
+        text = log.read_text()
+        assert "raised the soft RLIMIT_NOFILE from 150 to 256" in text
+        capacity = int(re.search(r"leaves fds for (\d+) connection", text).group(1))
+        assert 1 <= capacity < 256 - 64
+
+        results: list[bytes | None] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(300):
+                nursery.start_soon(_answered_or_closed, port, results)
+                await trio.sleep(0)
+        # Only the admitted connections still wait for their heads; every other one was
+        # answered (503) or closed.
+        assert results.count(None) <= capacity
+        assert sum(r.startswith(b"HTTP/1.1 503") for r in results if r) >= 1
+        async with trio.open_nursery() as nursery:  # the server at its limit again
+            for _ in range(300):
+                nursery.start_soon(_answered_or_closed, port, [])
+                await trio.sleep(0)
+            await trio.sleep(2.5)  # the refusals are over; the admitted ones hold the cap
+            health = await _get(port, "/health")
+            assert health.startswith(b"HTTP/1.1 200"), health
+            children = [  # every thread's children: the pool may spawn from any of them
+                child
+                for task in Path(f"/proc/{proc.pid}/task").iterdir()
+                for child in (task / "children").read_text().split()
+            ]
+            os.kill(int(children[0]), signal.SIGKILL)  # at the limit, as in the audit
+            with trio.fail_after(20):
+                while not re.search(rb"worker_restarts_total [1-9]", await _get(port, "/metrics")):
+                    await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+        assert proc.poll() is None, log.read_text()  # the server lived through all of it
+        with trio.fail_after(20):
+            while not (await _get(port, "/health")).startswith(b"HTTP/1.1 200"):
+                await trio.sleep(0.1)
+        completion = await _get(port, "/v1/models")
+        assert completion.startswith(b"HTTP/1.1 200")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+SPARE_FD = textwrap.dedent(
+    """
+    import os, resource, sys, trio
+    import tinyllm_trio.http.server as server_mod
+    from tinyllm_trio.config import ServerConfig
+
+    server_mod.connection_budget = lambda cap: cap  # no reserve: run into EMFILE itself
+
+    async def main():
+        server = server_mod.HTTPServer(None, ServerConfig(port=0, header_timeout=30.0))
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.run)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+            print(port, flush=True)
+            await trio.to_thread.run_sync(sys.stdin.readline)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    """
+)
+
+
+async def test_out_of_fds_at_accept_a_new_connection_is_closed_not_left_hanging() -> None:
+    """The last line of defence, with no reserve to keep the server off the limit: accept()
+    fails with EMFILE, the spare fd is let go to accept and close the waiting connection."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SPARE_FD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = int(await trio.to_thread.run_sync(proc.stdout.readline))
+        results: list[bytes | None] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(_answered_or_closed, port, results)
+                await trio.sleep(0)
+        assert results.count(None) <= 10  # only the few the 8 spare fds admitted still wait
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=20) == 0, proc.stderr.read()
+        assert "closed a new connection at once" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -136,14 +136,20 @@ async def test_idle_keep_alive_connection_is_closed_silently() -> None:
 
 
 async def test_connection_cap_answers_503_and_recovers() -> None:
-    async with running_server(FakeEngine(), max_connections=2) as (server, port):
+    async with running_server(FakeEngine(), max_connections=2, header_timeout=30.0) as (
+        server,
+        port,
+    ):
         held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        for stream in held:  # busy reading a head, so not idle: nothing to evict
+            await stream.send_all(b"GET /ping HTTP/1.1\r\n")
         with trio.fail_after(2):
             while server.connection_count < 2:
                 await trio.sleep(0.01)
-        raw = await raw_request(port, get("/ping"))
+        raw = await raw_request(port, get("/v1/models"))
         status, headers, body = split_response(raw)
         assert status == 503 and headers["retry-after"] == "1"
+        assert headers["connection"] == "close"
         assert json.loads(body)["error"]["message"] == "Max connections reached"
         for stream in held:
             await stream.aclose()

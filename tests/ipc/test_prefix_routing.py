@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pytest
 import trio
 
 from tinyllm_trio import SamplingParams, open_engine
@@ -101,6 +102,7 @@ def test_the_flag_and_the_environment_switch_the_cache() -> None:
     assert _config(["--prefix-cache"], {"TINYLLM_PREFIX_CACHE": "false"}).prefix_cache is True
 
 
+@pytest.mark.slow
 async def test_open_engine_without_the_cache_reuses_nothing(tiny_checkpoint: Path) -> None:
     prompt = "once upon a time there was a little girl named lily and she liked to play"
     async with open_engine(

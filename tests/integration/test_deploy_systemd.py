@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-UNIT = Path(__file__).parent.parent / "deploy" / "systemd" / "tinyllm-trio.service"
+UNIT = Path(__file__).parents[2] / "deploy" / "systemd" / "tinyllm-trio.service"
 
 
 def _unit() -> configparser.ConfigParser:

@@ -20,11 +20,12 @@ from tinyllm_trio.model.tokenizer import (
     SPLIT_CHARS,
     UNK,
     HybridTokenizer,
+    TooManyTokensError,
     build_vocab,
 )
 
 SEED_VOCAB = (
-    Path(__file__).resolve().parents[2] / "shared" / "seed" / "tinystories_tokenizer_vocab.json"
+    Path(__file__).resolve().parents[3] / "shared" / "seed" / "tinystories_tokenizer_vocab.json"
 )
 
 CORPUS = """Once upon a time, there was a little girl named Lily. She liked to play in the park!
@@ -498,3 +499,53 @@ def test_text_mode_capitalises_the_word_i_but_not_a_spelled_word_starting_with_i
     ids = t.encode("i saw the icy ink. icy ink")
     assert ids[1] < t.n_words and t.encode("icy", bos=False)[1] >= t.n_words  # the premise
     assert t.decode(ids, mode="text") == "I saw the icy ink. Icy ink"
+
+
+# --------------------------------------------------------------------------- bounded encode
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["the", "dog", "zq", " ", "\n", ".", "'", "<|endoftext|>", "\u00c9"])
+        | st.text(max_size=3),
+        max_size=30,
+    ).map("".join),
+    st.integers(0, 40),
+    st.booleans(),
+    st.booleans(),
+)
+def test_a_bounded_encode_is_the_full_one_or_raises_exactly_when_it_is_longer(
+    tok, text, limit, bos, parse_special
+) -> None:
+    full = tok.encode(text, bos=bos, parse_special=parse_special)
+    if len(full) <= limit:
+        assert tok.encode(text, bos=bos, max_tokens=limit, parse_special=parse_special) == full
+    else:
+        with pytest.raises(TooManyTokensError) as info:
+            tok.encode(text, bos=bos, max_tokens=limit, parse_special=parse_special)
+        assert info.value.limit == limit
+
+
+def test_a_bounded_encode_stops_at_the_bound(tok) -> None:
+    """The work is bounded by max_tokens, not by the text: a million words, a dozen lookups."""
+
+    class Counting(dict):
+        lookups = 0
+
+        def get(self, key, default=None):
+            Counting.lookups += 1
+            return super().get(key, default)
+
+    fresh = HybridTokenizer.from_dict(tok.to_dict())
+    fresh._word_ids = Counting(fresh._word_ids)
+    with pytest.raises(TooManyTokensError):
+        fresh.encode("the " * 1_000_000, max_tokens=10)
+    assert Counting.lookups <= 11
+
+
+def test_endoftext_is_eos_only_when_special_text_is_parsed(tok) -> None:
+    assert EOS in tok.encode("the end<|endoftext|>once")
+    plain = tok.encode("the end<|endoftext|>once", parse_special=False)
+    assert EOS not in plain
+    assert tok.decode(plain).replace(" ", "").startswith("theend")
