@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from tinyllm_trio.config import ServerConfig
-from tinyllm_trio.engine import OverloadedError
+from tinyllm_trio.engine import OverloadedError, choice_params
 from tinyllm_trio.http.server import HTTPServer
 from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, TokenEvent, encode_prompt
 from tinyllm_trio.model.sampling import SamplingParams
@@ -120,6 +120,38 @@ class FakeEngine:
                 self.finished += 1
             else:
                 self.cancelled += 1
+
+    def generate_choices(
+        self, prompt: str | list[int], params: SamplingParams | None = None, n: int = 1
+    ) -> FakeChoices:
+        """n of `generate`'s streams, one after the other; n validated as the Engine does."""
+        choice_params(params or SamplingParams(), n)
+        return FakeChoices(self, prompt, params, n)
+
+
+class FakeChoices:
+    """`Engine.generate_choices`'s shape: choice i's events carry request id i + 1."""
+
+    def __init__(
+        self, engine: FakeEngine, prompt: str | list[int], params: SamplingParams | None, n: int
+    ) -> None:
+        self._events = self._run(engine, prompt, params, n)
+
+    @staticmethod
+    async def _run(engine: FakeEngine, prompt: Any, params: Any, n: int) -> AsyncIterator[Any]:
+        for i in range(n):
+            async for event in engine.generate(prompt, params):
+                event.request_id = i + 1
+                yield event
+
+    def index(self, request_id: int) -> int:
+        return request_id - 1
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._events
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
 
 
 class KVUsageEngine(FakeEngine):

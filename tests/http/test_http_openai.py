@@ -306,3 +306,43 @@ async def test_openai_sdk_against_the_fake_engine() -> None:
                 _sdk(port, api_key="wrong").models.list()
 
         await trio.to_thread.run_sync(use_sdk)
+
+
+async def test_n_choices_framing_streaming_and_not() -> None:
+    """n=2 on the fake engine: each choice's chunks carry its index, each choice its own
+    finish, usage the prompt once and both completions; the plain answer lists both."""
+    engine = FakeEngine(words=(" a", " b"))
+    async with running_server(engine) as (_, port):
+        body = {"prompt": "hi", "max_tokens": 2, "n": 2}
+        status, _, plain = await _post_json(port, "/v1/completions", body)
+        stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        _, events = await _stream(port, "/v1/completions", stream_body)
+        _, chat = await _stream(
+            port,
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "n": 2,
+                "max_tokens": 1,
+                "stream": True,
+            },
+        )
+    prompt_tokens = len(engine.tokenizer.encode("hi"))
+    assert status == 200 and [c["index"] for c in plain["choices"]] == [0, 1]
+    assert [c["text"] for c in plain["choices"]] == [" a b", " a b"]
+    assert plain["usage"]["completion_tokens"] == 4
+    assert plain["usage"]["prompt_tokens"] == prompt_tokens
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    texts: dict[int, str] = {0: "", 1: ""}
+    finishes = []
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] += choice["text"]
+        if choice["finish_reason"]:
+            finishes.append(choice["index"])
+    assert texts == {0: " a b", 1: " a b"} and sorted(finishes) == [0, 1]
+    roles = [json.loads(e)["choices"][0]["index"] for e in chat[:2]]
+    assert roles == [0, 1]  # each choice's role chunk first
+    assert chat[-1] == "[DONE]"
