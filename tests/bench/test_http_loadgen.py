@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from functools import partial
 
@@ -107,6 +108,39 @@ async def test_loadgen_against_a_llama_server_stand_in() -> None:
     for lv in report["_levels"]:
         assert (lv.requests, lv.failed) == (6, 0)
         assert lv.output_tokens_per_s > 0
+
+
+async def _one_response_then_close(stream: trio.SocketStream) -> None:
+    """llama-server's habit that cost bench http half its requests: answer one streamed
+    /completion, then close the keep-alive connection without a `Connection: close`."""
+    async with stream:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])
+        while len(body) < length:
+            body += await stream.receive_some(65536)
+        n = json.loads(body)["n_predict"]
+        events = [b'data: {"content":" tok","stop":false}\n\n'] * n
+        events.append(b'data: {"content":"","stop":true,"tokens_predicted":%d}\n\n' % n)
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+        )
+
+
+async def test_a_keep_alive_connection_the_server_closed_costs_no_request() -> None:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, host="127.0.0.1"), _one_response_then_close, 0
+        )
+        port = listeners[0].socket.getsockname()[1]
+        report = await run_benchmark(_args(f"127.0.0.1:{port}", "--api", "llama"))
+        nursery.cancel_scope.cancel()
+    for lv in report["_levels"]:
+        assert (lv.requests, lv.failed) == (6, 0)
 
 
 async def test_compare_engine_brackets_each_level_with_engine_runs(long_checkpoint) -> None:

@@ -222,6 +222,8 @@ class _Stream:
         self.target = target
         self.sock = sock
         self.reusable = True
+        self.sent = 0  # requests sent on this connection
+        self.index = -1  # the request in flight
         self._reset()
 
     def _reset(self) -> None:
@@ -237,6 +239,8 @@ class _Stream:
 
     def send(self, index: int) -> None:
         self._reset()
+        self.index = index
+        self.sent += 1
         path, body = self.target.request(index)
         payload = json.dumps(body).encode()
         lines = [
@@ -249,12 +253,19 @@ class _Stream:
         self.start = time.perf_counter()
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload)
 
+    def stale(self) -> bool:
+        """Whether the request in flight went out on a reused connection and got nothing back
+        at all: the server had closed it (StaleConnectionError)."""
+        return self.head is None and not self.buffer and self.sent > 1
+
     def feed(self, data: bytes, now: float) -> RequestResult | None:
         """Bytes from the socket (b"" at EOF); the request's result once it is complete."""
         if not data:
             self.reusable = False
             if self.head is not None and self.head[1]["framing"] == "close":
                 return self._result(now)
+            if self.stale():
+                raise StaleConnectionError("the server had closed this keep-alive connection")
             raise ConnectionError("the server closed the connection mid-response")
         self.buffer += data
         if self.head is None:
@@ -327,6 +338,16 @@ class _Stream:
         )
 
 
+class StaleConnectionError(ConnectionError):
+    """A kept-alive connection the server closed before answering the next request on it.
+
+    Servers may close an idle or much-used keep-alive connection without saying so
+    (llama-server does), and the request sent on it meanwhile gets no response at all. That
+    request never reached the server's handler, so it is sent again on a new connection, as
+    HTTP clients do (RFC 9112 9.3.1), and not counted as a failure.
+    """
+
+
 def _parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
     """Status code and lower-cased headers of a response head, plus "framing": how its body
     ends (chunked, length or close)."""
@@ -366,11 +387,15 @@ def _run_level_blocking(
     selector = selectors.DefaultSelector()
     streams: set[_Stream] = set()
 
-    def start_next(stream: _Stream | None) -> None:
+    def start_next(stream: _Stream | None, index: int | None = None) -> None:
+        """Send request `index` (default: the next one) on `stream` if it can take it, else on
+        a new connection; a kept-alive connection that fails the send gets one more try on a
+        new one (see StaleConnectionError)."""
         nonlocal next_index
-        while next_index < requests:
-            index = next_index
-            next_index += 1
+        while index is not None or next_index < requests:
+            if index is None:
+                index = next_index
+                next_index += 1
             try:
                 if stream is None or not stream.reusable:
                     if stream is not None:
@@ -383,10 +408,13 @@ def _run_level_blocking(
                 stream.send(index)
                 return
             except OSError as exc:
-                results.append(RequestResult(False, error=f"{type(exc).__name__}: {exc}"))
+                stale = stream is not None and stream.sent > 1
                 if stream is not None:
                     close(stream)
                     stream = None
+                if not stale:
+                    results.append(RequestResult(False, error=f"{type(exc).__name__}: {exc}"))
+                    index = None
         if stream is not None:
             close(stream)
 
@@ -409,9 +437,12 @@ def _run_level_blocking(
                 try:
                     result = stream.feed(stream.sock.recv(_RECV), now)
                 except (OSError, ValueError, RuntimeError, h11.ProtocolError) as exc:
+                    close(stream)
+                    if isinstance(exc, ConnectionError) and stream.stale():
+                        start_next(None, stream.index)  # sent again: never a failure
+                        continue
                     # a reset, a malformed response or a server error event: count it, go on
                     results.append(RequestResult(False, error=f"{type(exc).__name__}: {exc}"))
-                    close(stream)
                     start_next(None)
                     continue
                 if result is not None:
