@@ -23,9 +23,25 @@ def test_bench_model_cli_writes_table_and_json(tiny_checkpoint, tmp_path):
     for row in ("prefill, 128-token prompt", "decode, batch 1", "decode, batch 64"):
         assert row in proc.stdout
     data = json.loads(out.read_text())
-    assert set(data) == {"prefill_128", "decode"}
+    assert set(data) == {"prefill_128", "decode", "machine"}
     assert set(data["decode"]) == {"1", "8", "32", "64"}
     assert all(v > 0 for v in [data["prefill_128"], *data["decode"].values()])
+    assert set(data["machine"]) == {"sgemm_gflops", "weights_read_gbs", "dram_read_gbs"}
+    assert "GFLOP/s" in proc.stdout and "one core here at best: sgemm" in proc.stdout
+
+
+def test_work_per_token_counts_the_default_models_weights() -> None:
+    from tinyllm_trio.bench.model import work_per_token
+    from tinyllm_trio.model.transformer import ModelConfig
+
+    config = ModelConfig()  # TinyLLM: 6 layers of 192, vocabulary 3266
+    matmul = 6 * 12 * 192 * 192 + 3266 * 192  # 3,281,280 weights in matmuls
+    alone = work_per_token(config, tokens_per_pass=1, mean_context=0)
+    assert alone.flops == 2 * matmul
+    assert alone.weight_bytes == 4 * (matmul + 6 * 4 * 192 + 2 * 192)  # ~13.1 MB a pass
+    batch = work_per_token(config, tokens_per_pass=32, mean_context=100)
+    assert batch.weight_bytes == alone.weight_bytes / 32
+    assert batch.flops == alone.flops + 4 * 100 * 192 * 6
 
 
 def test_bench_model_cli_reports_a_bad_checkpoint(tmp_path):

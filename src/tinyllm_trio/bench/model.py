@@ -14,9 +14,15 @@ OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS = 1 unless they are alr
 and with the kernel set the workers use (`model/blas.py`: OPENBLAS_CORETYPE=Zen on AMD Zen 4;
 set OPENBLAS_CORETYPE yourself to compare another).
 
-The table's last column divides by this process's CPU time instead of wall-clock time: the same
-number on an idle core, and the honest one-core figure on a machine shared with other work
-(the JSON holds the wall-clock medians).
+The table's "per CPU-second" column divides by this process's CPU time instead of wall-clock
+time: the same number on an idle core, and the honest one-core figure on a machine shared with
+other work (the JSON holds the wall-clock medians). The last two columns put the median rate
+against the hardware: GFLOP/s achieved (2 per weight multiply-add, plus attention over the
+sequences' mean context) and GB/s of weights read (every pass reads every weight once: a decode
+step of batch B reads them once for B tokens). The line under the table measures what one core
+of this machine does at best, with the same numpy and BLAS settings: a large single-threaded
+sgemm (GFLOP/s) and a streaming read of an array the size of the weights and of one far larger
+than any cache (GB/s), so the distance to the roofline is there to read.
 
 Without a trained default checkpoint it benchmarks random weights of the default shapes, which
 costs the same, and says so.
@@ -46,6 +52,28 @@ BATCHES = (1, 8, 32, 64)
 PREFILL_TOKENS = 128
 DECODE_PROMPT = 16
 DECODE_STEPS = 64
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one token of a measurement costs the hardware: floating-point operations and
+    bytes of weights read (a pass reads every weight once, shared by the tokens it makes)."""
+
+    flops: float
+    weight_bytes: float
+
+
+def work_per_token(config, tokens_per_pass: float, mean_context: float) -> Work:
+    """Per token: 2 flops per weight of every matmul (QKV, output, FFN, LM head; the embedding
+    is a lookup), plus attention, 4 flops per cached position and channel per layer (q.k and
+    the weighted sum of v), at `mean_context` positions; and the bytes of float32 weights a
+    pass streams (every matmul weight and LayerNorm; of the embedding tables only the rows of
+    its tokens) over the tokens that share the pass."""
+    c, layers = config.n_embd, config.n_layer
+    matmul_weights = layers * 12 * c * c + config.vocab_size * c  # 3C^2 + C^2 + 8C^2 a layer
+    attention = 4 * mean_context * c * layers
+    streamed = matmul_weights + layers * 4 * c + 2 * c
+    return Work(2 * matmul_weights + attention, 4 * streamed / tokens_per_pass)
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -78,6 +106,9 @@ def run_cli(args: argparse.Namespace) -> int:
         batches=batches,
         on_row=lambda name, rates: print(table_row(name, rates), flush=True),
     )
+    limits = machine_limits(weight_bytes=work_per_token(transformer.config, 1, 0).weight_bytes)
+    print(limits_line(limits), flush=True)
+    results["machine"] = limits
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(to_json(results), indent=2) + "\n")
     return 0
@@ -132,6 +163,7 @@ def run_benchmarks(
         cache.drop(0)
 
     results: dict = {"prefill_128": _timed(prefill, len(prompt), runs, repeat=4), "decode": {}}
+    results["prefill_128"].work = work_per_token(cfg, len(prompt), (len(prompt) + 1) / 2)
     report(PREFILL_ROW, results["prefill_128"])
     longest = min(DECODE_PROMPT * 3 // 2, cfg.max_context // 2)
     steps = min(steps, cfg.max_context - longest)
@@ -152,6 +184,8 @@ def run_benchmarks(
 
         # a batch-1 pass is ~50 ms, too short to time on a shared machine: repeat small ones
         results["decode"][batch] = _timed(decode, batch * steps, runs, repeat=max(1, 16 // batch))
+        mean_context = sum(lengths) / batch + (steps + 1) / 2
+        results["decode"][batch].work = work_per_token(cfg, batch, mean_context)
         report(f"decode, batch {batch}", results["decode"][batch])
     return results
 
@@ -177,6 +211,7 @@ class Rates:
 
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    work: Work = Work(0.0, 0.0)
 
 
 def _timed(fn: Callable[[], _Elapsed | None], tokens: int, runs: int, repeat: int = 1) -> Rates:
@@ -196,13 +231,51 @@ def _timed(fn: Callable[[], _Elapsed | None], tokens: int, runs: int, repeat: in
 
 
 def to_json(results: dict) -> dict:
-    """Medians of the wall-clock rates, in the documented JSON shape."""
-    return {
+    """Medians of the wall-clock rates, in the documented JSON shape (plus the machine's
+    measured limits when the run measured them)."""
+    out = {
         "prefill_128": round(statistics.median(results["prefill_128"].wall), 1),
         "decode": {
             str(b): round(statistics.median(r.wall), 1) for b, r in results["decode"].items()
         },
     }
+    if "machine" in results:
+        out["machine"] = results["machine"]
+    return out
+
+
+def machine_limits(weight_bytes: float, runs: int = 5) -> dict[str, float]:
+    """One core's best, measured here with this process's numpy and BLAS settings: GFLOP/s of
+    a 1024^3 float32 matmul, and GB/s reading an array of `weight_bytes` (the model's weights:
+    what a decode step streams) and one of 512 MB (far beyond any cache)."""
+    import numpy as np
+
+    def best(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    n = 1024
+    a = np.ones((n, n), np.float32)
+    out = np.empty((n, n), np.float32)
+    gflops = 2 * n**3 / best(lambda: np.matmul(a, a, out=out)) / 1e9
+    rates = {"sgemm_gflops": round(gflops, 1)}
+    for name, size in (("weights_read_gbs", weight_bytes), ("dram_read_gbs", 512e6)):
+        data = np.ones(int(size) // 4, np.float32)
+        rates[name] = round(data.nbytes / best(lambda data=data: np.add.reduce(data)) / 1e9, 1)
+    return rates
+
+
+def limits_line(limits: dict[str, float]) -> str:
+    return (
+        f"one core here at best: sgemm 1024^3 {limits['sgemm_gflops']:,.1f} GFLOP/s; reading "
+        f"the weights' size {limits['weights_read_gbs']:,.1f} GB/s, 512 MB "
+        f"{limits['dram_read_gbs']:,.1f} GB/s"
+    )
 
 
 PREFILL_ROW = "prefill, 128-token prompt"
@@ -210,12 +283,19 @@ PREFILL_ROW = "prefill, 128-token prompt"
 
 def table_head(runs: int) -> str:
     head = f"tokens/s (median of {runs})"
-    return f"{'measurement':<28}{head:>26}{'min':>9}{'max':>9}{'per CPU-second':>16}"
+    return (
+        f"{'measurement':<28}{head:>26}{'min':>9}{'max':>9}{'per CPU-second':>16}"
+        f"{'GFLOP/s':>9}{'weight GB/s':>13}"
+    )
 
 
 def table_row(name: str, r) -> str:
     med, cpu = statistics.median(r.wall), statistics.median(r.cpu)
-    return f"{name:<28}{med:>26,.0f}{min(r.wall):>9,.0f}{max(r.wall):>9,.0f}{cpu:>16,.0f}"
+    gflops, gbs = med * r.work.flops / 1e9, med * r.work.weight_bytes / 1e9
+    return (
+        f"{name:<28}{med:>26,.0f}{min(r.wall):>9,.0f}{max(r.wall):>9,.0f}{cpu:>16,.0f}"
+        f"{gflops:>9,.1f}{gbs:>13,.1f}"
+    )
 
 
 def format_table(results: dict, runs: int) -> str:
