@@ -129,10 +129,11 @@ class Generation:
             return
         request = self._pool.admit(self.prompt_ids, self.params)
         self._request, self.request_id = request, request.id
+        receive = request.stream.receive
         try:
             try:
-                async for event in request.events:
-                    request.queued -= 1
+                while True:
+                    event = await receive()
                     if isinstance(event, TokenEvent):  # the per-token path, checked first
                         self._completion_tokens += len(event.token_ids)
                         yield event
@@ -140,6 +141,8 @@ class Generation:
                     yield event
                     if isinstance(event, DoneEvent | ErrorEvent):
                         return
+            except trio.EndOfChannel:
+                pass
             except trio.ClosedResourceError:  # cancel() while this task waited for an event
                 yield DoneEvent(
                     request.id, "cancelled", self.prompt_tokens, self._completion_tokens
@@ -160,27 +163,26 @@ class Generation:
         delivers it, which saves a task switch and a queue round trip per token (the README
         has what it saves in server CPU per streamed token). `sink` runs in the
         engine's delivery task, so it must not block; if it raises, that event and every later
-        one are queued as usual.
-        The final event (done or error) is always queued, after every token the sink took, so
-        iterating still ends the stream. Events already queued when it is set, and any that
-        arrive while some are, keep going through iteration, so the sink never overtakes one.
+        one are queued as usual. The ordering rules are `RequestStream`'s: the final event
+        (done or error) is always queued, after every token the sink took, so iterating still
+        ends the stream; events already queued when it is set, and any that arrive while some
+        are, keep going through iteration, so the sink never overtakes one.
         Returns False, and installs nothing, before iteration has started (call it after the
         first event) or once the request has ended or been cancelled.
         """
         request = self._request
         if sink is None:
             if request is not None:
-                request.sink = None
+                request.stream.set_sink(None)
             return True
-        if request is None or request.finished or self._cancelled:
+        if request is None or self._cancelled:
             return False
 
         def take(event: TokenEvent) -> None:
             self._completion_tokens += len(event.token_ids)
             sink(event)
 
-        request.sink = take
-        return True
+        return request.stream.set_sink(take)
 
     def cancel(self) -> None:
         """Cancel the request now (synchronous, from any task); idempotent."""
@@ -247,16 +249,14 @@ class Choices(Generation):
         group = self._pool.admit_group(self.prompt_ids, self.choice_params)
         self._requests = group
         self._index = {r.id: i for i, r in enumerate(group)}
-        by_id = {r.id: r for r in group}
-        generated = dict.fromkeys(by_id, 0)
-        open_ = set(by_id)
+        generated = {r.id: 0 for r in group}
+        open_ = set(generated)
+        receive = group[0].stream.receive  # the stream every member shares
         try:
             try:
-                async for event in group[0].events:  # the channel every member shares
+                while True:
+                    event = await receive()
                     rid = event.request_id
-                    request = by_id.get(rid)
-                    if request is not None:
-                        request.queued -= 1
                     if isinstance(event, TokenEvent):
                         generated[rid] = generated.get(rid, 0) + len(event.token_ids)
                     yield event
@@ -264,6 +264,8 @@ class Choices(Generation):
                         open_.discard(rid)
                         if not open_:
                             return
+            except trio.EndOfChannel:
+                pass
             except trio.ClosedResourceError:  # cancel() while this task waited for an event
                 for rid in sorted(open_):
                     yield DoneEvent(rid, "cancelled", self.prompt_tokens, generated[rid])

@@ -48,7 +48,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -83,6 +83,7 @@ from tinyllm_trio.model.blas import single_threaded_env
 from tinyllm_trio.model.prefix_cache import block_hashes
 from tinyllm_trio.model.sampling import SamplingParams
 from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, Event, TokenEvent
+from tinyllm_trio.stream import RequestStream
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("tinyllm_trio.ipc.worker")  # what workers write to stderr
@@ -175,48 +176,38 @@ def _describe_exit(code: int | None) -> str:
 
 @dataclass(eq=False)
 class PendingRequest:
-    """One request from admission to its final event (the pool's bookkeeping, not public)."""
+    """One request from admission to its final event (the pool's bookkeeping, not public).
+
+    Its events go to `stream` (a `RequestStream`, which keeps the token-sink ordering rule);
+    a request's n choices share one stream.
+    """
 
     id: int
     prompt: list[int]
     params: SamplingParams
-    send: trio.MemorySendChannel[Event]
-    events: trio.MemoryReceiveChannel[Event]
+    stream: RequestStream
     worker: WorkerSlot | None = None
-    finished: bool = False  # the final event was delivered (or the request was withdrawn)
+    finished: bool = False  # its final event was delivered (or the request was withdrawn)
     cancel_sent: bool = False
-    sink: Callable[[TokenEvent], None] | None = None  # see Generation.set_token_sink
-    queued: int = 0  # events in `send` not yet received: a sink must not overtake them
     generated: int = 0  # token ids received so far: with the prompt, what its KV rows hold
-    # a request's n choices (`admit_group`): every member, in choice order, sharing one event
-    # channel; routed together to one worker, which prefills their prompt once
+    # a request's n choices (`admit_group`): every member, in choice order, sharing one
+    # stream; routed together to one worker, which prefills their prompt once
     group: list[PendingRequest] | None = None
+
+    @property
+    def events(self) -> RequestStream:
+        """Where its events arrive (iterate it, or `receive()`)."""
+        return self.stream
 
     def deliver(self, event: Event) -> None:
         if type(event) is TokenEvent:
             self.generated += len(event.token_ids)
-        sink = self.sink
-        if sink is not None:
-            if type(event) is not TokenEvent:
-                self.sink = None  # a final event: queued, after every token the sink took
-            elif not self.queued:
-                try:
-                    sink(event)
-                    return
-                except Exception as exc:  # a bug in the sink: this event and the rest queue
-                    log.error("request %d's token sink failed: %r", self.id, exc)
-                    self.sink = None
-        try:
-            self.send.send_nowait(event)
-            self.queued += 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        self.stream.deliver(event)
 
-    def finish(self, event: Event) -> None:
+    def finish(self, event: DoneEvent | ErrorEvent) -> None:
         if not self.finished:
             self.finished = True
-            self.deliver(event)
-            self.send.close()
+            self.stream.finish(event)
 
 
 @dataclass(eq=False)
@@ -386,8 +377,7 @@ class WorkerPool:
     def admit(self, prompt: list[int], params: SamplingParams) -> PendingRequest:
         """Route a validated request to a worker or the queue; its events arrive on `.events`."""
         self.check_admission()
-        send, receive = trio.open_memory_channel[Event](math.inf)
-        request = PendingRequest(self._next_id, prompt, params, send, receive)
+        request = PendingRequest(self._next_id, prompt, params, RequestStream())
         self._next_id += 1
         slot = None if self._queue else self._pick(request)
         if slot is not None:
@@ -402,18 +392,17 @@ class WorkerPool:
         """Route a request's n choices (one `params` each) as one: to a worker with room for
         all of them (or the queue, until one has), sent in one message, so the worker admits
         them in one step and prefills the prompt once (the others fork its KV row). Every
-        member delivers its events to the same channel, `.events` of each; release them all.
+        member delivers its events to the same stream, `.events` of each; release them all.
         """
         n = len(params)
         if n < 1:
             raise ValueError("a group has at least one choice")
         self.check_admission(n)
-        send, receive = trio.open_memory_channel[Event](math.inf)
+        stream = RequestStream(members=n)  # ends after every member's final event
         group: list[PendingRequest] = []
         for choice in params:
-            group.append(PendingRequest(self._next_id, prompt, choice, send.clone(), receive))
+            group.append(PendingRequest(self._next_id, prompt, choice, stream))
             self._next_id += 1
-        send.close()  # each member closes its clone when it ends: then the channel ends
         for request in group:
             request.group = group
         slot = None if self._queue else self._pick(group[0], self._need(n))
@@ -432,11 +421,10 @@ class WorkerPool:
     def release(self, request: PendingRequest) -> None:
         """The caller stopped listening: withdraw the request or cancel it in its worker.
 
-        Synchronous, so it can run in a `finally` block of a cancelled task. Closing `events`
-        wakes a task blocked receiving from it (ClosedResourceError).
+        Synchronous, so it can run in a `finally` block of a cancelled task. Closing the
+        stream wakes a task blocked receiving from it (ClosedResourceError).
         """
-        request.sink = None
-        request.events.close()
+        request.stream.close()
         if request.finished:
             return
         if self._queue.pop(request.id, None) is not None:
@@ -848,8 +836,9 @@ class WorkerPool:
         for item in msg.messages:
             if type(item) is TokenEvent:
                 request = inflight.get(item.request_id)
-                if request is not None:
-                    request.deliver(item)
+                if request is not None:  # PendingRequest.deliver, inlined: one call a token
+                    request.generated += len(item.token_ids)
+                    request.stream.deliver(item)
             else:
                 self._route_one(slot, item)
 
@@ -872,7 +861,8 @@ class WorkerPool:
                 slot.load_error = msg.message
             return  # a request that was already ended here (cancelled, shut down)
         if isinstance(msg, TokenEvent):
-            request.deliver(msg)
+            request.generated += len(msg.token_ids)  # PendingRequest.deliver, inlined
+            request.stream.deliver(msg)
         elif isinstance(msg, DoneEvent | ErrorEvent):
             if isinstance(msg, DoneEvent) and self.prefix_cache and request.params.cache_prompt:
                 slot.cache_queries += msg.prompt_tokens
