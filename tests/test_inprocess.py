@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from http_fixtures import FakeEngine
 from scripted import ScriptedBatcher
 from tinyllm_trio import SamplingParams, open_engine, open_inprocess_engine
 from tinyllm_trio.backend import Backend, InProcessBackend
@@ -124,6 +125,15 @@ async def test_choices_run_together_and_each_ends() -> None:
         await nursery.start(backend.run)
         completions = await engine.complete_choices("lily", n=3, max_tokens=2, seed=1)
         assert [c.text for c in completions] == [" x x"] * 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_fake_engine_is_an_engine_on_the_production_path() -> None:
+    engine = FakeEngine(words=(" w",))
+    assert isinstance(engine, Engine)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        assert (await engine.complete("lily", max_tokens=3)).text == " w w w"
         nursery.cancel_scope.cancel()
 
 
