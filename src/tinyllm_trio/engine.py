@@ -1,4 +1,7 @@
-"""The Engine: the in-process face of the worker pool, for Trio applications and the HTTP layer.
+"""The Engine: the in-process face of a backend, for Trio applications and the HTTP layer.
+
+The backend (`tinyllm_trio.backend.Backend`) is the worker pool (`open_engine`) or one model in
+this process (`open_inprocess_engine`); what follows holds for both.
 
     async with open_engine(model=None, workers=2) as engine:   # None = the packaged model
         async for event in engine.generate("Once upon a time", max_tokens=50, temperature=0.8):
