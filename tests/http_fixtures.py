@@ -1,27 +1,28 @@
-"""Test helpers for the HTTP layer: a scripted fake Engine, a server runner, raw-socket I/O.
+"""Test helpers for the HTTP layer: a scripted Engine, a server runner, raw-socket I/O.
 
-The fake engine implements the Engine interface the HTTP layer uses (generate, tokenizer,
-model_config, model_id, ready, stats) with scripted events, so the protocol tests run without
-worker processes and can force every path: overload, context overflow, mid-stream errors, EOS
-stops, slow tokens (for disconnect and shutdown tests). The integration tests use the real
-Engine instead.
+`FakeEngine` is a real `Engine` on the in-process backend (`tinyllm_trio.backend`) whose event
+source is a `ScriptedBatcher`: the protocol tests run without worker processes and can force
+every path (overload, context overflow, mid-stream errors, EOS stops, slow tokens for
+disconnect and shutdown tests), while every event takes the production path from the backend
+through `Generation`, its `RequestStream` and the HTTP token sink. The integration tests use
+the worker pool instead.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from scripted import ScriptedBatcher
+from tinyllm_trio.backend import InProcessBackend
 from tinyllm_trio.config import ServerConfig
-from tinyllm_trio.engine import OverloadedError, choice_params
+from tinyllm_trio.engine import Choices, Engine, Generation, OverloadedError
 from tinyllm_trio.http.server import HTTPServer
-from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, TokenEvent, encode_prompt
 from tinyllm_trio.model.sampling import SamplingParams
 from tinyllm_trio.model.tokenizer import build_vocab
 from tinyllm_trio.model.transformer import ModelConfig
@@ -29,129 +30,143 @@ from tinyllm_trio.model.transformer import ModelConfig
 STORY = "lily and tom were friends . they worried about the cat . the dog ran to the park !"
 
 
-@dataclass
-class FakeEngine:
-    """Yields `words` cyclically as token texts, one per `delay` seconds.
+class ScriptedBackend(InProcessBackend):
+    """The in-process backend, with `overloaded()` standing in for a full admission queue."""
 
-    - `eos_after`: stop with finish "stop" (no token event for EOS) after that many tokens,
-      unless `ignore_eos`.
-    - `fail_after`: end with an ErrorEvent after that many tokens.
-    - `overloaded`: raise OverloadedError before the first event.
-    - `first_delay`: extra wait before the first event (queue + prefill).
-    Records every call in `calls` and every generation left early in `cancelled`.
+    def __init__(self, source: ScriptedBatcher, overloaded: Callable[[], bool]) -> None:
+        # FakeEngine took any number of generations at once: room for every test's load
+        super().__init__(source, max_batch=256, max_queue=256, in_thread=True)
+        self.overloaded = overloaded
+
+    def check_admission(self, n: int = 1) -> None:
+        if self.overloaded():
+            raise OverloadedError("the queue is full")
+        super().check_admission(n)
+
+
+def _knob(name: str) -> Any:
+    """A FakeEngine attribute that reads and writes the script's (a test may change it)."""
+    return property(
+        lambda self: getattr(self.script, name),
+        lambda self, value: setattr(self.script, name, value),
+    )
+
+
+class FakeEngine(Engine):
+    """A real `Engine` over the in-process backend and a `ScriptedBatcher`: the HTTP tests
+    run `Engine.generate` -> `Generation` -> `RequestStream` -> token sink, the production
+    per-token path, with scripted tokens and timing and no worker processes.
+
+    `running_server` runs its backend (`run`). The script's knobs and counters read and write
+    through to the batcher (`delay`, `first_delay`, `eos_after`, `fail_after`, `running`,
+    `cancelled`, `finished`); `overloaded` makes admission raise OverloadedError; `ready` can
+    be set; `calls` records each `generate` (one per choice) that passed validation, as
+    (prompt as given, params); `encode_threads` whether each `encode_prompt` ran on the main
+    thread. `running` and `waiting`, when set by a test, are what `stats()` reports.
     """
 
-    words: tuple[str, ...] = (" worried",)
-    delay: float = 0.0
-    first_delay: float = 0.0
-    eos_after: int | None = None
-    fail_after: int | None = None
-    overloaded: bool = False
-    ready: bool = True
-    model_id: str = "tinyllm"
-    max_context: int = 64
-    calls: list[tuple[Any, SamplingParams]] = field(default_factory=list)
-    running: int = 0
-    waiting: int = 0
-    cancelled: int = 0
-    finished: int = 0
-    encode_threads: list[bool] = field(default_factory=list)  # True: on the main thread
-
-    def __post_init__(self) -> None:
-        self.tokenizer = build_vocab([STORY], n_words=30, n_chars=30)
-        self.model_config = ModelConfig(
-            vocab_size=self.tokenizer.vocab_size,
-            n_embd=16,
-            n_head=2,
-            n_layer=1,
-            max_context=self.max_context,
+    def __init__(
+        self,
+        *,
+        words: tuple[str, ...] = (" worried",),
+        delay: float = 0.0,
+        first_delay: float = 0.0,
+        eos_after: int | None = None,
+        fail_after: int | None = None,
+        overloaded: bool = False,
+        ready: bool = True,
+        max_context: int = 64,
+    ) -> None:
+        tokenizer = build_vocab([STORY], n_words=30, n_chars=30)
+        config = ModelConfig(
+            vocab_size=tokenizer.vocab_size, n_embd=16, n_head=2, n_layer=1, max_context=max_context
         )
+        self.script = ScriptedBatcher(words, delay, first_delay, eos_after, fail_after)
+        self.overloaded = overloaded  # read by the next generate
+        self._ready = ready
+        self._stats_override: dict[str, int] = {}
+        self.calls: list[tuple[Any, SamplingParams]] = []
+        self.encode_threads: list[bool] = []
+        super().__init__(self._new_backend(), tokenizer, config)
+
+    def _new_backend(self) -> ScriptedBackend:
+        return ScriptedBackend(self.script, lambda: self.overloaded)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the backend's step task (a fresh backend each time: one per server run)."""
+        if self._backend.any_ready or not self._backend.accepting:
+            self._backend = self._new_backend()
+        await self._backend.run(task_status=task_status)
+
+    # the script's knobs and counters
+    words = _knob("words")
+    delay = _knob("delay")
+    first_delay = _knob("first_delay")
+    eos_after = _knob("eos_after")
+    fail_after = _knob("fail_after")
+    cancelled = _knob("cancelled")
+    finished = _knob("finished")
+
+    @property
+    def running(self) -> int:
+        return self._stats_override.get("running", self.script.running)
+
+    @running.setter
+    def running(self, value: int) -> None:
+        self._stats_override["running"] = value
+
+    @property
+    def waiting(self) -> int:
+        return self._stats_override.get("waiting", 0)
+
+    @waiting.setter
+    def waiting(self, value: int) -> None:
+        self._stats_override["waiting"] = value
+
+    @property
+    def ready(self) -> bool:
+        """Scripted (a test flips it, as a loading pool would), and False once draining."""
+        return self._ready and self.accepting
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
 
     def stats(self) -> dict[str, Any]:
-        return {"running": self.running, "waiting": self.waiting, "restarts": 0}
+        return {**super().stats(), **self._stats_override}
 
-    def encode_prompt(self, prompt: str | list[int], *, parse_special: bool = True) -> list[int]:
+    def encode_prompt(
+        self, prompt: str | Sequence[int], *, parse_special: bool = True
+    ) -> list[int]:
         """As the Engine's; records the thread it ran in (long prompts leave the event loop)."""
         self.encode_threads.append(threading.current_thread() is threading.main_thread())
-        return encode_prompt(prompt, self.tokenizer, self.model_config, parse_special=parse_special)
+        return super().encode_prompt(prompt, parse_special=parse_special)
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None):
-        params = params or SamplingParams()
-        ids = encode_prompt(prompt, self.tokenizer, self.model_config)  # as the Engine does
-        params.check_vocab(self.model_config.vocab_size)
-        self.calls.append((prompt, params))
-        if self.overloaded:
-            raise OverloadedError("the queue is full")
-        self.running += 1
-        done = False
+    def generate(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, **overrides: Any
+    ) -> Generation:
         try:
-            if self.first_delay:
-                await trio.sleep(self.first_delay)
-            n = 0
-            while True:
-                if self.fail_after is not None and n >= self.fail_after:
-                    done = True
-                    yield ErrorEvent(1, "the worker died", "worker_died")
-                    return
-                if self.eos_after is not None and n >= self.eos_after and not params.ignore_eos:
-                    done = True
-                    yield DoneEvent(1, "stop", len(ids), n, {"queue_ms": 1.0})
-                    return
-                word = self.words[n % len(self.words)]
-                n += 1
-                last = n >= params.max_tokens
-                logprobs = None
-                if params.logprobs is not None:
-                    top = [
-                        {"id": 7 + i, "token": f"t{i}", "logprob": -0.5 - i}
-                        for i in range(params.logprobs)
-                    ]
-                    logprobs = [{"id": 7, "token": word, "logprob": -0.25, "top_logprobs": top}]
-                if self.delay and n > 1:
-                    await trio.sleep(self.delay)
-                yield TokenEvent(1, [7], word, "length" if last else None, logprobs)
-                if last:
-                    done = True
-                    yield DoneEvent(1, "length", len(ids), n, {"queue_ms": 2.0})
-                    return
-        finally:
-            self.running -= 1
-            if done:
-                self.finished += 1
-            else:
-                self.cancelled += 1
+            generation = super().generate(prompt, params, **overrides)
+        except OverloadedError:
+            self.calls.append((prompt, params or SamplingParams()))
+            raise
+        self.calls.append((prompt, generation.params))
+        return generation
 
     def generate_choices(
-        self, prompt: str | list[int], params: SamplingParams | None = None, n: int = 1
-    ) -> FakeChoices:
-        """n of `generate`'s streams, one after the other; n validated as the Engine does."""
-        choice_params(params or SamplingParams(), n)
-        return FakeChoices(self, prompt, params, n)
-
-
-class FakeChoices:
-    """`Engine.generate_choices`'s shape: choice i's events carry request id i + 1."""
-
-    def __init__(
-        self, engine: FakeEngine, prompt: str | list[int], params: SamplingParams | None, n: int
-    ) -> None:
-        self._events = self._run(engine, prompt, params, n)
-
-    @staticmethod
-    async def _run(engine: FakeEngine, prompt: Any, params: Any, n: int) -> AsyncIterator[Any]:
-        for i in range(n):
-            async for event in engine.generate(prompt, params):
-                event.request_id = i + 1
-                yield event
-
-    def index(self, request_id: int) -> int:
-        return request_id - 1
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._events
-
-    async def aclose(self) -> None:
-        await self._events.aclose()
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        n: int = 1,
+        **overrides: Any,
+    ) -> Choices:
+        try:
+            choices = super().generate_choices(prompt, params, n, **overrides)
+        except OverloadedError:
+            self.calls.extend([(prompt, params or SamplingParams())] * n)
+            raise
+        self.calls.extend((prompt, p) for p in choices.choice_params)
+        return choices
 
 
 class KVUsageEngine(FakeEngine):
@@ -183,6 +198,8 @@ async def running_server(engine: Any, **overrides: Any) -> AsyncIterator[tuple[H
     """An `HTTPServer` on 127.0.0.1:<free port>, cancelled on exit."""
     server = HTTPServer(engine, fast_config(**overrides))
     async with trio.open_nursery() as nursery:
+        if isinstance(engine, FakeEngine):
+            await nursery.start(engine.run)
         port = await nursery.start(server.run)
         yield server, port
         nursery.cancel_scope.cancel()

@@ -138,3 +138,14 @@ def test_the_cycle_finder_finds_cycles() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
     assert _cycles(graph) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_http_talks_to_the_engine_without_hedges() -> None:
+    """`http/` types its engine as `Engine` and the HTTP tests drive a real one (in-process
+    backend, scripted batcher), so nothing there checks what shape the engine has."""
+    for name in ("generation.py", "app.py", "openai_api.py", "startup.py"):
+        text = (PACKAGE / "http" / name).read_text(encoding="utf-8")
+        assert "isawaitable" not in text, name
+        assert "getattr(self.engine" not in text and "getattr(app.engine" not in text, name
+        assert "getattr(engine" not in text, name
+    assert "getattr(" not in (PACKAGE / "http" / "generation.py").read_text(encoding="utf-8")

@@ -18,6 +18,7 @@ _EXPORTS = {
     "Choices": "tinyllm_trio.engine",
     "Completion": "tinyllm_trio.engine",
     "open_engine": "tinyllm_trio.engine",
+    "open_inprocess_engine": "tinyllm_trio.engine",
     "EngineError": "tinyllm_trio.errors",
     "OverloadedError": "tinyllm_trio.errors",
     "WorkerDiedError": "tinyllm_trio.errors",
@@ -55,11 +56,19 @@ __all__ = [
     "WorkerDiedError",
     "WorkerStartError",
     "open_engine",
+    "open_inprocess_engine",
     "serve",
 ]
 
 if TYPE_CHECKING:
-    from tinyllm_trio.engine import Choices, Completion, Engine, Generation, open_engine
+    from tinyllm_trio.engine import (
+        Choices,
+        Completion,
+        Engine,
+        Generation,
+        open_engine,
+        open_inprocess_engine,
+    )
     from tinyllm_trio.errors import (
         ContextLengthError,
         EngineError,

@@ -1,4 +1,7 @@
-"""The Engine: the in-process face of the worker pool, for Trio applications and the HTTP layer.
+"""The Engine: the in-process face of a backend, for Trio applications and the HTTP layer.
+
+The backend (`tinyllm_trio.backend.Backend`) is the worker pool (`open_engine`) or one model in
+this process (`open_inprocess_engine`); what follows holds for both.
 
     async with open_engine(model=None, workers=2) as engine:   # None = the packaged model
         async for event in engine.generate("Once upon a time", max_tokens=50, temperature=0.8):
@@ -62,7 +65,7 @@ from tinyllm_trio.model.transformer import ModelConfig
 from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, Event, TokenEvent
 
 if TYPE_CHECKING:
-    from tinyllm_trio.ipc.pool import PendingRequest, WorkerPool
+    from tinyllm_trio.backend import AdmittedRequest, Backend
 
 __all__ = [
     "MAX_CHOICES",
@@ -78,6 +81,7 @@ __all__ = [
     "WorkerDiedError",
     "WorkerStartError",
     "open_engine",
+    "open_inprocess_engine",
 ]
 
 MODEL_ID = "tinyllm"
@@ -110,12 +114,14 @@ class Generation:
     `DoneEvent("cancelled")`.
     """
 
-    def __init__(self, pool: WorkerPool, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._pool = pool
+    def __init__(
+        self, backend: Backend[Any], prompt_ids: list[int], params: SamplingParams
+    ) -> None:
+        self._backend = backend
         self.prompt_ids = prompt_ids
         self.params = params
         self.request_id: int | None = None
-        self._request: PendingRequest | None = None
+        self._request: AdmittedRequest | None = None
         self._cancelled = False
         self._completion_tokens = 0
         self._events = self._stream()
@@ -127,12 +133,13 @@ class Generation:
     async def _stream(self) -> AsyncIterator[Event]:
         if self._cancelled:
             return
-        request = self._pool.admit(self.prompt_ids, self.params)
+        request = self._backend.admit(self.prompt_ids, self.params)
         self._request, self.request_id = request, request.id
+        receive = request.stream.receive
         try:
             try:
-                async for event in request.events:
-                    request.queued -= 1
+                while True:
+                    event = await receive()
                     if isinstance(event, TokenEvent):  # the per-token path, checked first
                         self._completion_tokens += len(event.token_ids)
                         yield event
@@ -140,6 +147,8 @@ class Generation:
                     yield event
                     if isinstance(event, DoneEvent | ErrorEvent):
                         return
+            except trio.EndOfChannel:
+                pass
             except trio.ClosedResourceError:  # cancel() while this task waited for an event
                 yield DoneEvent(
                     request.id, "cancelled", self.prompt_tokens, self._completion_tokens
@@ -149,7 +158,7 @@ class Generation:
                 request.id, "the request ended without a final event", ErrorKind.INTERNAL
             )
         finally:
-            self._pool.release(request)
+            self._backend.release(request)
 
     def set_token_sink(self, sink: Callable[[TokenEvent], None] | None) -> bool:
         """Hand token events to `sink(event)` as they arrive, instead of queueing them for the
@@ -160,33 +169,32 @@ class Generation:
         delivers it, which saves a task switch and a queue round trip per token (the README
         has what it saves in server CPU per streamed token). `sink` runs in the
         engine's delivery task, so it must not block; if it raises, that event and every later
-        one are queued as usual.
-        The final event (done or error) is always queued, after every token the sink took, so
-        iterating still ends the stream. Events already queued when it is set, and any that
-        arrive while some are, keep going through iteration, so the sink never overtakes one.
+        one are queued as usual. The ordering rules are `RequestStream`'s: the final event
+        (done or error) is always queued, after every token the sink took, so iterating still
+        ends the stream; events already queued when it is set, and any that arrive while some
+        are, keep going through iteration, so the sink never overtakes one.
         Returns False, and installs nothing, before iteration has started (call it after the
         first event) or once the request has ended or been cancelled.
         """
         request = self._request
         if sink is None:
             if request is not None:
-                request.sink = None
+                request.stream.set_sink(None)
             return True
-        if request is None or request.finished or self._cancelled:
+        if request is None or self._cancelled:
             return False
 
         def take(event: TokenEvent) -> None:
             self._completion_tokens += len(event.token_ids)
             sink(event)
 
-        request.sink = take
-        return True
+        return request.stream.set_sink(take)
 
     def cancel(self) -> None:
         """Cancel the request now (synchronous, from any task); idempotent."""
         self._cancelled = True
         if self._request is not None:
-            self._pool.release(self._request)
+            self._backend.release(self._request)
 
     def __aiter__(self) -> AsyncIterator[Event]:
         # The event stream itself: `async for` then skips the `__anext__` wrapper per event.
@@ -230,12 +238,14 @@ class Choices(Generation):
     iterates.
     """
 
-    def __init__(self, pool: WorkerPool, prompt_ids: list[int], params: list[SamplingParams]):
+    def __init__(
+        self, backend: Backend[Any], prompt_ids: list[int], params: list[SamplingParams]
+    ) -> None:
         self.choice_params = params
         self.n = len(params)
-        self._requests: list[PendingRequest] = []
+        self._requests: list[AdmittedRequest] = []
         self._index: dict[int, int] = {}
-        super().__init__(pool, prompt_ids, params[0])
+        super().__init__(backend, prompt_ids, params[0])
 
     def index(self, request_id: int) -> int:
         """The choice (0..n-1) an event of this request belongs to."""
@@ -244,19 +254,17 @@ class Choices(Generation):
     async def _stream(self) -> AsyncIterator[Event]:
         if self._cancelled:
             return
-        group = self._pool.admit_group(self.prompt_ids, self.choice_params)
+        group = self._backend.admit_group(self.prompt_ids, self.choice_params)
         self._requests = group
         self._index = {r.id: i for i, r in enumerate(group)}
-        by_id = {r.id: r for r in group}
-        generated = dict.fromkeys(by_id, 0)
-        open_ = set(by_id)
+        generated = {r.id: 0 for r in group}
+        open_ = set(generated)
+        receive = group[0].stream.receive  # the stream every member shares
         try:
             try:
-                async for event in group[0].events:  # the channel every member shares
+                while True:
+                    event = await receive()
                     rid = event.request_id
-                    request = by_id.get(rid)
-                    if request is not None:
-                        request.queued -= 1
                     if isinstance(event, TokenEvent):
                         generated[rid] = generated.get(rid, 0) + len(event.token_ids)
                     yield event
@@ -264,6 +272,8 @@ class Choices(Generation):
                         open_.discard(rid)
                         if not open_:
                             return
+            except trio.EndOfChannel:
+                pass
             except trio.ClosedResourceError:  # cancel() while this task waited for an event
                 for rid in sorted(open_):
                     yield DoneEvent(rid, "cancelled", self.prompt_tokens, generated[rid])
@@ -272,13 +282,13 @@ class Choices(Generation):
                 yield ErrorEvent(rid, "the request ended without a final event", ErrorKind.INTERNAL)
         finally:
             for request in group:
-                self._pool.release(request)
+                self._backend.release(request)
 
     def cancel(self) -> None:
         """Cancel every choice now (synchronous, from any task); idempotent."""
         self._cancelled = True
         for request in self._requests:
-            self._pool.release(request)
+            self._backend.release(request)
 
 
 def kv_cache_usage(stats: dict[str, Any], max_context: int) -> float:
@@ -299,16 +309,17 @@ def kv_cache_usage(stats: dict[str, Any], max_context: int) -> float:
 
 
 class Engine:
-    """Generation on a pool of worker processes. Get one from `open_engine`."""
+    """Generation on a backend: a pool of worker processes (`open_engine`) or one model in
+    this process (`open_inprocess_engine`); see `tinyllm_trio.backend.Backend`."""
 
     def __init__(
         self,
-        pool: WorkerPool,
+        backend: Backend[Any],
         tokenizer: HybridTokenizer,
         model_config: ModelConfig,
         model_path: str | None = None,
     ) -> None:
-        self._pool = pool
+        self._backend = backend
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.model_path = model_path
@@ -317,26 +328,26 @@ class Engine:
     @property
     def ready(self) -> bool:
         """Accepting requests with at least one worker up (False while draining)."""
-        return self._pool.accepting and self._pool.any_ready
+        return self._backend.accepting and self._backend.any_ready
 
     @property
     def accepting(self) -> bool:
-        return self._pool.accepting
+        return self._backend.accepting
 
     @property
     def workers(self) -> int:
-        return len(self._pool.slots)
+        return self._backend.workers
 
     @property
     def prefix_cache(self) -> bool:
         """Whether the workers keep a prefix cache (responses then report cached tokens)."""
-        return self._pool.prefix_cache
+        return self._backend.prefix_cache
 
     def stats(self) -> dict[str, object]:
         """running, waiting, capacity, restarts, per-worker load (pid, ready, running,
         kv_tokens), `kv_cache_usage` (see `kv_cache_usage`) and prefix-cache counters (queries
         and hits, in prompt tokens; total and per worker)."""
-        stats = self._pool.stats()
+        stats = self._backend.stats()
         stats["max_context"] = self.model_config.max_context
         stats["kv_cache_usage"] = kv_cache_usage(stats, self.model_config.max_context)
         return stats
@@ -375,8 +386,8 @@ class Engine:
             params = dataclasses.replace(params, **overrides)
         ids = self.encode_prompt(prompt)
         params.check_vocab(self.model_config.vocab_size)
-        self._pool.check_admission()
-        return Generation(self._pool, ids, params)
+        self._backend.check_admission()
+        return Generation(self._backend, ids, params)
 
     def generate_choices(
         self,
@@ -395,8 +406,8 @@ class Engine:
         per_choice = choice_params(params, n)
         ids = self.encode_prompt(prompt)
         params.check_vocab(self.model_config.vocab_size)
-        self._pool.check_admission(n)
-        return Choices(self._pool, ids, per_choice)
+        self._backend.check_admission(n)
+        return Choices(self._backend, ids, per_choice)
 
     async def complete_choices(
         self,
@@ -477,7 +488,7 @@ class Engine:
 
     async def drain(self, grace: float = 10.0) -> None:
         """Stop accepting, give running and queued requests `grace` seconds, end the rest."""
-        await self._pool.drain(grace)
+        await self._backend.drain(grace)
 
 
 @asynccontextmanager
@@ -517,7 +528,7 @@ async def open_engine(
     a prompt's longest cached prefix (`tinyllm_trio.model.prefix_cache`); the pool then sends
     a request to the worker that most likely holds its prefix. Outputs do not change.
     """
-    from tinyllm_trio.ipc.pool import WorkerPool, unwrap_single_exception
+    from tinyllm_trio.ipc.pool import WorkerPool
     from tinyllm_trio.model.checkpoint import read_checkpoint
 
     # The config and tokenizer only: the workers load the weights, so this process never
@@ -537,12 +548,63 @@ async def open_engine(
         pin_workers=pin_workers,
         prefix_cache=prefix_cache,
     )
-    engine = Engine(pool, info.tokenizer, info.config, path)
+    async with _serving(Engine(pool, info.tokenizer, info.config, path), shutdown_timeout) as e:
+        yield e
+
+
+@asynccontextmanager
+async def open_inprocess_engine(
+    model: str | os.PathLike[str] | None = EngineConfig.model,
+    *,
+    max_batch: int = EngineConfig.max_batch,
+    max_queue: int = EngineConfig.max_queue,
+    attention_scale: str | None = EngineConfig.attention_scale,
+    prefix_cache: bool = EngineConfig.prefix_cache,
+) -> AsyncIterator[Engine]:
+    """Load the model into this process and yield an Engine over it: no worker processes.
+
+    The same `Engine`, `Generation` and token-sink interface as `open_engine`, with the same
+    validation, admission (`max_batch` running, `max_queue` waiting, then OverloadedError),
+    cancel and drain rules, on one `ContinuousBatcher` that a Trio task steps in a worker
+    thread (`tinyllm_trio.backend.InProcessBackend`), so the event loop stays free while it
+    computes. For embedding in an application that wants one process, or one core: there is
+    no supervision (a crash in the model is this process's) and no second core's worth of
+    decoding. Leaving the block ends every request and stops the task. Raises CheckpointError
+    for a checkpoint that cannot load.
+    """
+    from tinyllm_trio.backend import InProcessBackend
+    from tinyllm_trio.model.batching import ContinuousBatcher
+    from tinyllm_trio.model.checkpoint import load_model
+
+    EngineConfig(max_batch=max_batch, max_queue=max_queue, attention_scale=attention_scale)
+    loaded = await trio.to_thread.run_sync(
+        functools.partial(load_model, model, attention_scale=attention_scale)
+    )
+    batcher = ContinuousBatcher(
+        loaded.transformer, loaded.tokenizer, max_batch, prefix_cache=prefix_cache
+    )
+    backend = InProcessBackend(
+        batcher, max_batch=max_batch, max_queue=max_queue, prefix_cache=prefix_cache
+    )
+    path = None if loaded.path is None else os.fspath(loaded.path)
+    engine = Engine(backend, loaded.tokenizer, loaded.transformer.config, path)
+    async with _serving(engine, EngineConfig.shutdown_timeout) as e:
+        yield e
+
+
+@asynccontextmanager
+async def _serving(engine: Engine, shutdown_timeout: float) -> AsyncIterator[Engine]:
+    """Run the engine's backend in a nursery of its own (`nursery.start`: the body runs once
+    it serves) and stop it in order however the body ends; the caller sees the body's own
+    exception, not an exception group around it."""
+    from tinyllm_trio.ipc.pool import unwrap_single_exception
+
+    backend = engine._backend
     with unwrap_single_exception():
         async with trio.open_nursery() as nursery:
-            await nursery.start(pool.run)
+            await nursery.start(backend.run)
             try:
                 yield engine
             finally:
                 with trio.CancelScope(shield=True):
-                    await pool.aclose(shutdown_timeout)
+                    await backend.aclose(shutdown_timeout)

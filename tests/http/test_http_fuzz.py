@@ -146,8 +146,10 @@ def live_port() -> Iterator[int]:
     stop = threading.Event()
 
     async def main() -> None:
-        server = HTTPServer(FakeEngine(), fast_config(max_connections=64))
+        engine = FakeEngine()
+        server = HTTPServer(engine, fast_config(max_connections=64))
         async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
             ports.put(await nursery.start(server.run))
             await trio.to_thread.run_sync(stop.wait)
             nursery.cancel_scope.cancel()

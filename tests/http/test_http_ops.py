@@ -108,14 +108,18 @@ async def test_tokenize_and_detokenize_round_trip() -> None:
 
 async def test_serve_embeds_in_a_nursery_and_reports_its_port() -> None:
     stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            lambda task_status: serve(
-                FakeEngine(), fast_config(), shutdown_trigger=stop.wait, task_status=task_status
+    engine = FakeEngine()
+    async with trio.open_nursery() as engine_nursery:  # the engine's task, as open_engine's
+        await engine_nursery.start(engine.run)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                lambda task_status: serve(
+                    engine, fast_config(), shutdown_trigger=stop.wait, task_status=task_status
+                )
             )
-        )
-        assert split_response(await raw_request(port, get("/ping")))[0] == 200
-        stop.set()  # graceful: serve returns by itself
+            assert split_response(await raw_request(port, get("/ping")))[0] == 200
+            stop.set()  # graceful: serve returns by itself
+        engine_nursery.cancel_scope.cancel()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve, FakeEngine(), "127.0.0.1", 0)
         assert isinstance(port, int) and port > 0

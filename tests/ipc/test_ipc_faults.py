@@ -268,7 +268,7 @@ FD_LIMIT = textwrap.dedent(
 
     async def main():
         async with open_engine(sys.argv[1], workers=2, pin_workers=False) as engine:
-            pool = engine._pool
+            pool = engine._backend
             slot = pool.slots[1]
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))

@@ -14,6 +14,7 @@ from tinyllm_trio.config import ServerConfig, add_server_arguments
 from tinyllm_trio.ipc.messages import Batch, Submit
 from tinyllm_trio.ipc.pool import AFFINITY_SLACK, PendingRequest, WorkerPool
 from tinyllm_trio.model.prefix_cache import BLOCK_TOKENS
+from tinyllm_trio.stream import RequestStream
 
 HOT = list(range(10, 10 + 3 * BLOCK_TOKENS))  # three whole blocks: a long shared prefix
 COLD = list(range(200, 200 + 3 * BLOCK_TOKENS))
@@ -35,9 +36,8 @@ def _busy(pool: WorkerPool, index: int, requests: int) -> None:
     """Give worker `index` that many running requests (stand-ins)."""
     slot = pool.slots[index]
     for _ in range(requests):
-        send, receive = trio.open_memory_channel[object](1)
         rid = -1 - len(slot.inflight) - 100 * index
-        slot.inflight[rid] = PendingRequest(rid, [], PARAMS, send, receive, worker=slot)
+        slot.inflight[rid] = PendingRequest(rid, [], PARAMS, RequestStream(), worker=slot)
 
 
 async def test_a_hot_prefix_goes_to_the_worker_that_holds_it_though_it_is_busier() -> None:

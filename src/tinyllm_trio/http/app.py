@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -21,6 +21,9 @@ from tinyllm_trio.config import ServerConfig
 from tinyllm_trio.http.connection import Exchange, HTTPError
 from tinyllm_trio.http.cors import CORSPolicy
 from tinyllm_trio.http.metrics import Metrics
+
+if TYPE_CHECKING:
+    from tinyllm_trio.engine import Engine
 
 log = logging.getLogger("tinyllm_trio.http")
 
@@ -32,7 +35,7 @@ class AppState:
     `/health` can say 503 during loading); generation endpoints then answer 503.
     """
 
-    def __init__(self, engine: Any, config: ServerConfig) -> None:
+    def __init__(self, engine: Engine | None, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
         self.metrics = Metrics(
@@ -63,15 +66,14 @@ class AppState:
 
     @property
     def model_name(self) -> str:
-        return self.config.model_name or getattr(self.engine, "model_id", None) or "tinyllm"
+        engine = self.engine
+        return self.config.model_name or (engine.model_id if engine is not None else "tinyllm")
 
     @property
     def ready(self) -> bool:
-        return (
-            self.engine is not None and bool(getattr(self.engine, "ready", True))
-        ) and not self.stopping
+        return self.engine is not None and self.engine.ready and not self.stopping
 
-    def require_engine(self) -> Any:
+    def require_engine(self) -> Engine:
         """The engine, or 503 while it loads."""
         if self.engine is None:
             raise HTTPError(

@@ -32,9 +32,8 @@ how they frame events, so the rest lives here once:
 
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
@@ -45,9 +44,10 @@ from tinyllm_trio.errors import InvalidParameterError, kind_of
 from tinyllm_trio.http.connection import ClientGone, Exchange, HTTPError
 from tinyllm_trio.http.errors import engine_error, error_event, http_error
 from tinyllm_trio.model.sampling import SamplingParams
-from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, TokenEvent
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, Event, TokenEvent
 
 if TYPE_CHECKING:
+    from tinyllm_trio.engine import Choices, Generation
     from tinyllm_trio.http.app import AppState
 
 # Request fields every generation endpoint passes to SamplingParams as given (absent or null:
@@ -156,6 +156,7 @@ class HTTPGeneration:
     __slots__ = (
         "_app",
         "_arrival",
+        "_choice_of",
         "_closed",
         "_done",
         "_iter",
@@ -192,8 +193,9 @@ class HTTPGeneration:
         self.params = params
         self.prompt_param = prompt_param
         self._arrival = exchange.arrival if arrival is None else arrival
-        self._iter: Any = None
-        self._next: Any = None  # the underlying iterator's __anext__ (one call layer less)
+        self._iter: Generation | Choices | None = None
+        self._choice_of: Callable[[int], int] | None = None  # Choices.index, with n > 1
+        self._next: Callable[[], Awaitable[Event]] | None = None  # its __anext__, bound once
         self._last_token_at: float | None = None
         self._tokens = 0
         self._done: str | None = None
@@ -214,12 +216,9 @@ class HTTPGeneration:
         if self._done is None:
             self._finish_metrics("cancelled" if exc_info[0] is not None else "error")
         it, self._iter, self._next = self._iter, None, None
-        set_sink = getattr(it, "set_token_sink", None)
-        if set_sink is not None:
-            set_sink(None)  # nothing more is written from the engine's side
-        aclose = getattr(it, "aclose", None)
-        if aclose is not None:
-            await aclose()  # cancels the request in its worker
+        if it is not None:
+            it.set_token_sink(None)  # nothing more is written from the engine's side
+            await it.aclose()  # cancels the request in its worker
 
     def _finish_metrics(self, reason: str) -> None:
         self._done = reason
@@ -258,12 +257,13 @@ class HTTPGeneration:
             raise http_error(ErrorKind.SHUTTING_DOWN, "the server is shutting down")
         try:
             prompt = await self._prepared_prompt()
+            engine = self._app.require_engine()
+            it: Generation | Choices
             if self.n == 1:
-                it = self._app.engine.generate(prompt, self.params)
+                it = engine.generate(prompt, self.params)
             else:
-                it = self._app.engine.generate_choices(prompt, self.params, self.n)
-            if inspect.isawaitable(it):
-                it = await it
+                it = engine.generate_choices(prompt, self.params, self.n)
+                self._choice_of = it.index
             self._iter = it
             self._next = it.__aiter__().__anext__
             event = await self._next()
@@ -290,7 +290,8 @@ class HTTPGeneration:
         check_prompt_size(self._app, prompt, self.prompt_param)
         if self.parse_special and len(prompt) <= INLINE_ENCODE_CHARS:
             return prompt
-        encode = partial(self._app.engine.encode_prompt, prompt, parse_special=self.parse_special)
+        engine = self._app.require_engine()
+        encode = partial(engine.encode_prompt, prompt, parse_special=self.parse_special)
         return await encode_text(self._app, prompt, encode)
 
     async def _ping_while_waiting(self, fmt: StreamFormat) -> None:
@@ -328,11 +329,12 @@ class HTTPGeneration:
         the socket does not take whole ends that: its tail and every later event go through
         `next` and the waiting writes again, until the caller installs a sink again (the
         streaming loop does once such a waiting write has gone out). Events that were already
-        queued still come through `next` first. False if the engine offers no sink or the
-        request is over."""
-        set_sink = getattr(self._iter, "set_token_sink", None)
-        if set_sink is None:
+        queued still come through `next` first. False if the request is over, or has several
+        choices (`Choices` offers no sink)."""
+        it = self._iter
+        if it is None:
             return False
+        set_sink = it.set_token_sink
         observe = self._observe
 
         def sink(event: TokenEvent) -> None:
@@ -345,7 +347,8 @@ class HTTPGeneration:
 
     def index(self, event: TokenEvent | DoneEvent) -> int:
         """The choice (0..n-1) of an event."""
-        return 0 if self.n == 1 else self._iter.index(event.request_id)
+        choice_of = self._choice_of
+        return 0 if choice_of is None else choice_of(event.request_id)
 
     def _observe(self, event: TokenEvent | DoneEvent | ErrorEvent) -> None:
         now = time.perf_counter()

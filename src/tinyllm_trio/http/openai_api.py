@@ -306,7 +306,7 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached: int | None = None
 
 
 def _reports_cache(app: AppState) -> bool:
-    return bool(getattr(app.engine, "prefix_cache", False))
+    return app.engine is not None and app.engine.prefix_cache
 
 
 # ---- streaming ---------------------------------------------------------------------------

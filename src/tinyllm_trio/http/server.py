@@ -73,7 +73,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -82,6 +82,9 @@ from tinyllm_trio.http.app import AppState
 from tinyllm_trio.http.connection import Exchange, HTTPConnection, HTTPError
 from tinyllm_trio.http.routes import Router
 from tinyllm_trio.http.startup import ready_line
+
+if TYPE_CHECKING:
+    from tinyllm_trio.engine import Engine
 
 log = logging.getLogger("tinyllm_trio.server")
 
@@ -171,7 +174,7 @@ def _peer_ip(stream: trio.SocketStream) -> str:
 class HTTPServer:
     """One server instance: its `AppState`, connections and drain state."""
 
-    def __init__(self, engine: Any, config: ServerConfig) -> None:
+    def __init__(self, engine: Engine | None, config: ServerConfig) -> None:
         self.config = config
         self.app = AppState(engine, config)
         self.router = Router(self.app)
@@ -191,7 +194,7 @@ class HTTPServer:
             self._engine_attached.set()
         self.listening = trio.Event()  # set once the sockets listen
 
-    def attach_engine(self, engine: Any) -> None:
+    def attach_engine(self, engine: Engine) -> None:
         """Start serving generation requests (and, with `wait_for_engine`, start listening)."""
         self.app.engine = engine
         self._engine_attached.set()
@@ -494,7 +497,7 @@ def _coerce_config(config_or_host: ServerConfig | str | None, port: int | None) 
 
 
 async def serve(
-    engine: Any,
+    engine: Engine,
     config_or_host: ServerConfig | str | None = None,
     port: int | None = None,
     *,

@@ -7,18 +7,21 @@ the batch and queue limits and the URL without reading the flags back.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tinyllm_trio.config import ServerConfig
 from tinyllm_trio.version import __version__
 
+if TYPE_CHECKING:
+    from tinyllm_trio.engine import Engine
 
-def ready_line(config: ServerConfig, engine: Any, model_name: str, port: int) -> str:
+
+def ready_line(config: ServerConfig, engine: Engine, model_name: str, port: int) -> str:
     """``tinyllm-trio 0.1.0 ready, listening on URL: model NAME (PATH), N workers ...``."""
     host = f"[{config.host}]" if ":" in config.host else config.host
     url = f"http://{host}:{port}"
     stats = engine.stats()
-    workers = stats.get("workers", [])
+    workers: list[dict[str, object]] = stats.get("workers", [])  # type: ignore[assignment]
     cpus = [w.get("cpu") for w in workers]
     if cpus and all(c is not None for c in cpus):
         cores = "pinned to cores " + ",".join(str(c) for c in cpus)
@@ -26,7 +29,7 @@ def ready_line(config: ServerConfig, engine: Any, model_name: str, port: int) ->
         cores = "not pinned"
     return (
         f"tinyllm-trio {__version__} ready, listening on {url}: model {model_name} "
-        f"({getattr(engine, 'model_path', None) or 'packaged default'}), "
+        f"({engine.model_path or 'packaged default'}), "
         f"{len(workers)} worker(s) {cores}, max batch {stats.get('max_batch')} per worker, "
         f"queue {stats.get('max_queue')}, detokenize {config.detokenize}, "
         f"/process no_repeat_ngram_size {config.no_repeat_ngram_size}"

@@ -47,17 +47,16 @@ import os
 import signal
 import subprocess
 import sys
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
+from tinyllm_trio.backend import AdmissionQueue, BackendRequest
 from tinyllm_trio.config import EngineConfig
 from tinyllm_trio.errors import (
     EngineError,
-    OverloadedError,
-    ShuttingDownError,
     WorkerDiedError,
     WorkerStartError,
 )
@@ -82,7 +81,7 @@ from tinyllm_trio.ipc.ring import (
 from tinyllm_trio.model.blas import single_threaded_env
 from tinyllm_trio.model.prefix_cache import block_hashes
 from tinyllm_trio.model.sampling import SamplingParams
-from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, Event, TokenEvent
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, TokenEvent
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("tinyllm_trio.ipc.worker")  # what workers write to stderr
@@ -174,49 +173,11 @@ def _describe_exit(code: int | None) -> str:
 
 
 @dataclass(eq=False)
-class PendingRequest:
-    """One request from admission to its final event (the pool's bookkeeping, not public)."""
+class PendingRequest(BackendRequest):
+    """One request from admission to its final event, and the worker it runs on (the pool's
+    bookkeeping, not public). Its events go to `stream` (`RequestStream`)."""
 
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    send: trio.MemorySendChannel[Event]
-    events: trio.MemoryReceiveChannel[Event]
     worker: WorkerSlot | None = None
-    finished: bool = False  # the final event was delivered (or the request was withdrawn)
-    cancel_sent: bool = False
-    sink: Callable[[TokenEvent], None] | None = None  # see Generation.set_token_sink
-    queued: int = 0  # events in `send` not yet received: a sink must not overtake them
-    generated: int = 0  # token ids received so far: with the prompt, what its KV rows hold
-    # a request's n choices (`admit_group`): every member, in choice order, sharing one event
-    # channel; routed together to one worker, which prefills their prompt once
-    group: list[PendingRequest] | None = None
-
-    def deliver(self, event: Event) -> None:
-        if type(event) is TokenEvent:
-            self.generated += len(event.token_ids)
-        sink = self.sink
-        if sink is not None:
-            if type(event) is not TokenEvent:
-                self.sink = None  # a final event: queued, after every token the sink took
-            elif not self.queued:
-                try:
-                    sink(event)
-                    return
-                except Exception as exc:  # a bug in the sink: this event and the rest queue
-                    log.error("request %d's token sink failed: %r", self.id, exc)
-                    self.sink = None
-        try:
-            self.send.send_nowait(event)
-            self.queued += 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    def finish(self, event: Event) -> None:
-        if not self.finished:
-            self.finished = True
-            self.deliver(event)
-            self.send.close()
 
 
 @dataclass(eq=False)
@@ -259,12 +220,17 @@ class WorkerSlot:
         return True
 
 
-class WorkerPool:
+class WorkerPool(AdmissionQueue[PendingRequest]):
     """N supervised worker processes, their rings, and the admission queue in front of them.
+
+    An engine backend: it satisfies `tinyllm_trio.backend.Backend` (typed, not imported:
+    `ipc/` sits below the engine).
 
     Use through `open_engine`; `run` is meant for `nursery.start` and reports readiness once
     every worker has loaded the model.
     """
+
+    request_type = PendingRequest
 
     def __init__(
         self,
@@ -286,10 +252,9 @@ class WorkerPool:
             attention_scale=attention_scale,
             stall_timeout=stall_timeout,
         )
+        super().__init__(max_batch, max_queue)
         workers = default_workers() if workers is None else workers
         self.model = None if model is None else os.fspath(model)
-        self.max_batch = max_batch
-        self.max_queue = max_queue
         self.attention_scale = attention_scale
         self.ready_timeout = ready_timeout
         self.stall_timeout = stall_timeout
@@ -297,19 +262,14 @@ class WorkerPool:
         self.prefix = new_prefix()
         cpus = worker_cpus(workers) if pin_workers else [None] * workers
         self.slots = [WorkerSlot(i, cpu=cpu) for i, cpu in enumerate(cpus)]
-        self.accepting = True
         self._stopping = False
         self._started = False
-        self._queue: dict[int, PendingRequest] = {}  # FIFO (insertion order)
-        self._next_id = 1
         self._rings: set[Ring] = set()
         self._limiter = trio.CapacityLimiter(2 * workers + 2)  # readers + writers, not trio's 40
         self._all_ready = trio.Event()
         self._stop_requested = trio.Event()
         self._stopped = trio.Event()
-        self._activity = trio.lowlevel.ParkingLot()  # unparked when requests finish
         self.restarts = 0
-        self.outcomes: Counter[str] = Counter()  # finish reasons and error kinds, all requests
 
     # --- public state ----------------------------------------------------------------------------
 
@@ -318,12 +278,12 @@ class WorkerPool:
         return sum(len(s.inflight) for s in self.slots)
 
     @property
-    def waiting(self) -> int:
-        return len(self._queue)
-
-    @property
     def any_ready(self) -> bool:
         return any(s.ready for s in self.slots)
+
+    @property
+    def workers(self) -> int:
+        return len(self.slots)
 
     @property
     def live(self) -> bool:
@@ -371,24 +331,19 @@ class WorkerPool:
     def check_admission(self, n: int = 1) -> None:
         """Raise ShuttingDownError / OverloadedError if `admit` (or `admit_group` of `n`
         choices, which queue as n requests) would refuse right now."""
-        if not self.accepting:
-            raise ShuttingDownError("the engine is shutting down and accepts no new requests")
+        self._refuse_if_closed()
         if not self.live:
             raise WorkerDiedError(self._no_worker_message())
-        if self.waiting + n > self.max_queue and (
-            self._queue or self._least_loaded(self._need(n)) is None
-        ):
-            raise OverloadedError(
-                f"all {len(self.slots)} workers are busy ({self.running} requests running) and "
-                f"the admission queue is full ({self.waiting}/{self.max_queue}); retry later"
-            )
+        self._refuse_if_full(
+            n,
+            lambda need: self._least_loaded(need) is not None,
+            f"all {len(self.slots)} workers are busy",
+        )
 
     def admit(self, prompt: list[int], params: SamplingParams) -> PendingRequest:
         """Route a validated request to a worker or the queue; its events arrive on `.events`."""
         self.check_admission()
-        send, receive = trio.open_memory_channel[Event](math.inf)
-        request = PendingRequest(self._next_id, prompt, params, send, receive)
-        self._next_id += 1
+        [request] = self._new_requests(prompt, [params], group=False)
         slot = None if self._queue else self._pick(request)
         if slot is not None:
             self._assign(request, slot)
@@ -402,20 +357,13 @@ class WorkerPool:
         """Route a request's n choices (one `params` each) as one: to a worker with room for
         all of them (or the queue, until one has), sent in one message, so the worker admits
         them in one step and prefills the prompt once (the others fork its KV row). Every
-        member delivers its events to the same channel, `.events` of each; release them all.
+        member delivers its events to the same stream, `.events` of each; release them all.
         """
         n = len(params)
         if n < 1:
             raise ValueError("a group has at least one choice")
         self.check_admission(n)
-        send, receive = trio.open_memory_channel[Event](math.inf)
-        group: list[PendingRequest] = []
-        for choice in params:
-            group.append(PendingRequest(self._next_id, prompt, choice, send.clone(), receive))
-            self._next_id += 1
-        send.close()  # each member closes its clone when it ends: then the channel ends
-        for request in group:
-            request.group = group
+        group = self._new_requests(prompt, params, group=True)
         slot = None if self._queue else self._pick(group[0], self._need(n))
         if slot is not None:
             self._assign_group(group, slot)
@@ -424,23 +372,13 @@ class WorkerPool:
                 self._queue[request.id] = request
         return group
 
-    def _need(self, n: int) -> int:
-        """Free batch slots a group of n choices waits for: all n, or a whole worker's batch
-        when n exceeds it (then the rest wait in the worker and reuse the prompt later)."""
-        return min(n, self.max_batch)
-
     def release(self, request: PendingRequest) -> None:
         """The caller stopped listening: withdraw the request or cancel it in its worker.
 
-        Synchronous, so it can run in a `finally` block of a cancelled task. Closing `events`
-        wakes a task blocked receiving from it (ClosedResourceError).
+        Synchronous, so it can run in a `finally` block of a cancelled task. Closing the
+        stream wakes a task blocked receiving from it (ClosedResourceError).
         """
-        request.sink = None
-        request.events.close()
-        if request.finished:
-            return
-        if self._queue.pop(request.id, None) is not None:
-            self._end(request, DoneEvent(request.id, "cancelled", len(request.prompt), 0))
+        if self._withdraw(request):
             return
         slot = request.worker
         if slot is not None and not request.cancel_sent and request.id in slot.inflight:
@@ -561,18 +499,9 @@ class WorkerPool:
                 del self._queue[request.id]
             self._assign_group(members, self._pick(head, need) or slot)
 
-    def _end(self, request: PendingRequest, event: DoneEvent | ErrorEvent) -> None:
-        """Deliver a request's final event (once) and count its outcome."""
-        if not request.finished:
-            self.outcomes[event.finish_reason if isinstance(event, DoneEvent) else event.kind] += 1
-            request.finish(event)
-        self._activity.unpark_all()
-
     def _end_all(self, message: str, kind: str) -> None:
         """End every queued and running request with an error; cancel them in their workers."""
-        for request in self._queue.values():
-            self._end(request, ErrorEvent(request.id, message, kind))
-        self._queue.clear()
+        self._end_queued(message, kind)
         for slot in self.slots:
             for request in slot.inflight.values():
                 self._end(request, ErrorEvent(request.id, message, kind))
@@ -582,15 +511,6 @@ class WorkerPool:
         self._activity.unpark_all()
 
     # --- drain and shutdown ----------------------------------------------------------------------
-
-    async def drain(self, grace: float) -> None:
-        """Stop admitting; wait up to `grace` seconds for queued and running requests to finish;
-        end the rest with ``shutting_down`` errors (cancelling them in their workers)."""
-        self.accepting = False
-        with trio.move_on_after(grace):
-            while self.running or self.waiting:
-                await self._activity.park()
-        self._end_all("the server is shutting down", ErrorKind.SHUTTING_DOWN)
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Ordered stop: end all requests, ask every worker to exit, wait up to `timeout`
@@ -848,8 +768,9 @@ class WorkerPool:
         for item in msg.messages:
             if type(item) is TokenEvent:
                 request = inflight.get(item.request_id)
-                if request is not None:
-                    request.deliver(item)
+                if request is not None:  # PendingRequest.deliver, inlined: one call a token
+                    request.generated += len(item.token_ids)
+                    request.stream.deliver(item)
             else:
                 self._route_one(slot, item)
 
@@ -872,7 +793,8 @@ class WorkerPool:
                 slot.load_error = msg.message
             return  # a request that was already ended here (cancelled, shut down)
         if isinstance(msg, TokenEvent):
-            request.deliver(msg)
+            request.generated += len(msg.token_ids)  # PendingRequest.deliver, inlined
+            request.stream.deliver(msg)
         elif isinstance(msg, DoneEvent | ErrorEvent):
             if isinstance(msg, DoneEvent) and self.prefix_cache and request.params.cache_prompt:
                 slot.cache_queries += msg.prompt_tokens

@@ -1,0 +1,126 @@
+"""RequestStream: one request's events on their way from a backend to the task consuming them.
+
+A backend (the worker pool's reader task, or the in-process backend's step task) calls
+`deliver` for each event as it arrives and `finish` for a final one; the consumer (an engine
+`Generation`) either iterates (`receive`, `async for`) or installs a token sink (`set_sink`)
+that gets token events synchronously, right where they are delivered, without a queue round
+trip or a task switch. The ordering rule between those two ways lives here and nowhere else:
+
+- a token sink never overtakes a queued event: while any event waits in the queue, new
+  tokens queue behind it (the consumer's next `receive` drains them, then it may install the
+  sink again);
+- a final event (done or error) is always queued, after every token the sink took, so
+  iterating is what ends the stream;
+- a sink that raises is dropped: that event and every later one are queued as usual.
+
+A stream may carry several requests (a request's n choices share one): it ends, and
+`finished` turns True, after the final event of each of its `members`. `close` is the
+consumer leaving: it drops the sink, wakes a task waiting in `receive` with
+`trio.ClosedResourceError`, and later deliveries are discarded.
+
+It sits at the package's top level because every backend shares it: `ipc/` (the pool) and
+`engine.py` (the in-process backend, the `Generation`s) import it; it imports only
+`protocol`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Self
+
+import trio
+
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, Event, TokenEvent
+
+__all__ = ["RequestStream", "TokenSink"]
+
+log = logging.getLogger(__name__)
+
+TokenSink = Callable[[TokenEvent], None]
+
+
+class RequestStream:
+    """The events of one request (or of one request's n choices) and its token sink."""
+
+    __slots__ = ("_open", "_receive", "_send", "_sink", "closed", "finished", "queued")
+
+    def __init__(self, members: int = 1) -> None:
+        if members < 1:
+            raise ValueError("a stream carries at least one request")
+        # Unbounded: bounded in practice by max_tokens, and a slow consumer must never stall
+        # the delivery task that serves every other request.
+        self._send, self._receive = trio.open_memory_channel[Event](math.inf)
+        self._sink: TokenSink | None = None
+        self._open = members  # members whose final event has not been delivered yet
+        self.queued = 0  # events in the channel not yet received: a sink must not pass them
+        self.finished = False  # every member's final event was delivered
+        self.closed = False  # the consumer left (`close`)
+
+    # --- the producer's side (a backend's delivery task) ------------------------------------
+
+    def deliver(self, event: Event) -> None:
+        """Hand over one event: to the sink if one is installed and nothing is queued (a token
+        event only), else to the queue. Never blocks, never raises."""
+        sink = self._sink
+        if sink is not None:
+            if type(event) is not TokenEvent:
+                self._sink = None  # a final event: queued, after every token the sink took
+            elif not self.queued:
+                try:
+                    sink(event)
+                    return
+                except Exception as exc:  # a bug in the sink: this event and the rest queue
+                    log.error("request %d's token sink failed: %r", event.request_id, exc)
+                    self._sink = None
+        try:
+            self._send.send_nowait(event)
+            self.queued += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the consumer left (`close`)
+
+    def finish(self, event: DoneEvent | ErrorEvent) -> None:
+        """Deliver a member's final event (queued, see `deliver`); after the last member's,
+        the stream ends: `receive` raises EndOfChannel once the queue is drained."""
+        self.deliver(event)
+        self._open -= 1
+        if self._open <= 0 and not self.finished:
+            self.finished = True
+            self._send.close()
+
+    # --- the consumer's side ------------------------------------------------------------------
+
+    def set_sink(self, sink: TokenSink | None) -> bool:
+        """Install `sink` for token events (None removes it). Returns False, installing
+        nothing, once the stream has finished or been closed."""
+        if sink is None:
+            self._sink = None
+            return True
+        if self.finished or self.closed:
+            return False
+        self._sink = sink
+        return True
+
+    async def receive(self) -> Event:
+        """The next queued event. Raises trio.EndOfChannel after the last one, and
+        trio.ClosedResourceError if `close` was called (also while waiting here)."""
+        event = await self._receive.receive()
+        self.queued -= 1
+        return event
+
+    def close(self) -> None:
+        """The consumer stopped listening: drop the sink, discard what comes later, and wake a
+        task waiting in `receive` (synchronous: callable from a `finally` block)."""
+        self._sink = None
+        self.closed = True
+        self._receive.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None

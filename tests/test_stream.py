@@ -1,0 +1,130 @@
+"""RequestStream on its own: the queue, the token sink and the ordering rule between them.
+
+The engine tests (tests/ipc/test_engine.py) and the HTTP tests cover it end to end; these pin
+the rule itself, without a backend.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, TokenEvent
+from tinyllm_trio.stream import RequestStream
+
+
+def tok(i: int, rid: int = 1) -> TokenEvent:
+    return TokenEvent(rid, [i], f"t{i}")
+
+
+def done(rid: int = 1, n: int = 0) -> DoneEvent:
+    return DoneEvent(rid, "length", 1, n)
+
+
+async def drain(stream: RequestStream) -> list:
+    return [event async for event in stream]
+
+
+async def test_events_queue_in_order_and_the_stream_ends_after_the_final_one() -> None:
+    stream = RequestStream()
+    stream.deliver(tok(1))
+    stream.deliver(tok(2))
+    assert stream.queued == 2
+    stream.finish(done(n=2))
+    assert stream.finished
+    assert await drain(stream) == [tok(1), tok(2), done(n=2)]
+    assert stream.queued == 0
+    with pytest.raises(trio.EndOfChannel):
+        await stream.receive()
+
+
+async def test_a_sink_takes_tokens_and_the_final_event_is_queued_after_them() -> None:
+    stream = RequestStream()
+    taken: list[TokenEvent] = []
+    assert stream.set_sink(taken.append)
+    stream.deliver(tok(1))
+    stream.deliver(tok(2))
+    stream.finish(done(n=2))
+    assert taken == [tok(1), tok(2)]
+    assert await drain(stream) == [done(n=2)]
+    stream.deliver(tok(3))  # after the end: nothing reaches the old sink
+    assert taken == [tok(1), tok(2)]
+
+
+async def test_a_sink_never_overtakes_queued_events() -> None:
+    stream = RequestStream()
+    stream.deliver(tok(1))  # queued before the sink
+    taken: list[TokenEvent] = []
+    stream.set_sink(taken.append)
+    stream.deliver(tok(2))  # one is still queued: this one queues behind it
+    assert taken == []
+    assert await stream.receive() == tok(1)
+    assert await stream.receive() == tok(2)
+    stream.deliver(tok(3))  # the queue is empty again: the sink takes it
+    assert taken == [tok(3)]
+
+
+async def test_a_sink_that_raises_is_dropped_and_its_event_queued(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stream = RequestStream()
+    calls: list[TokenEvent] = []
+
+    def broken(event: TokenEvent) -> None:
+        calls.append(event)
+        raise RuntimeError("boom")
+
+    stream.set_sink(broken)
+    stream.deliver(tok(1))
+    stream.deliver(tok(2))
+    stream.finish(done(n=2))
+    assert calls == [tok(1)]  # called once, then dropped
+    assert await drain(stream) == [tok(1), tok(2), done(n=2)]
+    assert "token sink failed" in caplog.text
+
+
+async def test_set_sink_refuses_after_the_end_or_a_close() -> None:
+    ended = RequestStream()
+    ended.finish(done())
+    assert not ended.set_sink(lambda e: None)
+    closed = RequestStream()
+    closed.close()
+    assert not closed.set_sink(lambda e: None)
+    assert closed.set_sink(None)  # removing is always fine
+
+
+async def test_close_wakes_a_waiting_receive_and_discards_later_events() -> None:
+    stream = RequestStream()
+    taken: list[TokenEvent] = []
+    stream.set_sink(taken.append)
+    woke: list[type[BaseException]] = []
+
+    async def wait() -> None:
+        try:
+            await stream.receive()
+        except trio.ClosedResourceError as exc:
+            woke.append(type(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        stream.close()
+    assert woke == [trio.ClosedResourceError]
+    stream.deliver(tok(1))  # neither the sink nor the queue
+    stream.finish(done())
+    assert taken == [] and stream.queued == 0
+
+
+async def test_a_stream_of_several_members_ends_after_each_final_event() -> None:
+    stream = RequestStream(members=2)
+    stream.deliver(tok(1, rid=1))
+    stream.finish(done(rid=1, n=1))
+    assert not stream.finished
+    stream.deliver(tok(2, rid=2))
+    stream.finish(ErrorEvent(2, "gone", "worker_died"))
+    assert stream.finished
+    got = await drain(stream)
+    assert [type(e) for e in got] == [TokenEvent, DoneEvent, TokenEvent, ErrorEvent]
+    with pytest.raises(ValueError):
+        RequestStream(members=0)
