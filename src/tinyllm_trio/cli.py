@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _declare(b, "tinyllm_trio.bench.gguf_export:add_arguments")
     b.set_defaults(_run="tinyllm_trio.bench.gguf_export:run_cli")
+    b = bench.add_parser(
+        "compare", help="llama-server and tinyllm-trio serve side by side, same load, alternated"
+    )
+    _declare(b, "tinyllm_trio.bench.compare:add_arguments")
+    b.set_defaults(_run="tinyllm_trio.bench.compare:run_cli")
 
     p = sub.add_parser(
         "serve",
