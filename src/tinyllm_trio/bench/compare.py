@@ -410,7 +410,7 @@ def write_plot(cmp: Comparison, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4))
     decode = [lc for lc in cmp.loads if lc.load.kind == "decode"]
     prefill = [lc for lc in cmp.loads if lc.load.kind == "prefill"]
     for name, colour, marker in ((cmp.a, "tab:gray", "s"), (cmp.b, "tab:blue", "o")):
@@ -451,8 +451,9 @@ def write_plot(cmp: Comparison, path: str) -> bool:
         xs = sorted({lc.load.concurrency for lc in cmp.loads})
         axis.set_xticks(xs, [str(x) for x in xs])
         axis.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
-        axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="upper left")
+    right.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # clear of points
     fig.suptitle(f"{cmp.b} vs {cmp.a}: medians and range over {cmp.rounds} alternated rounds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
