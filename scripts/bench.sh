@@ -4,6 +4,8 @@
 # HTTP plot); the tables are printed. Run it on a quiet machine: the numbers are medians of
 # wall-clock rates, and another busy process on the same cores shows up in them.
 #   pip install -e '.[bench]' && scripts/bench.sh
+# With LLAMA_SERVER=/path/to/llama-server (built by you; llama.cpp is not a dependency) it also
+# runs the side-by-side with llama-server (bench compare), after the HTTP server has stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${BENCH_OUT:-bench}
@@ -29,3 +31,12 @@ for _ in $(seq 1 120); do
 done
 tinyllm-trio bench http --url "http://127.0.0.1:$port" --json "$out/http.json" --plot "$out/http.png" \
     --compare-engine --rounds 3 --server-pid "$server"
+kill -INT "$server" 2>/dev/null || true
+wait "$server" 2>/dev/null || true
+trap - EXIT
+
+if [ -n "${LLAMA_SERVER:-}" ]; then
+    echo "== bench compare (llama-server vs tinyllm-trio serve, alternated)"
+    tinyllm-trio bench compare --llama-server "$LLAMA_SERVER" --rounds 3 \
+        --json "$out/compare.json" --plot "$out/compare.png"
+fi

@@ -89,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _declare(b, "tinyllm_trio.bench.loadgen:add_arguments")
     b.set_defaults(_run="tinyllm_trio.bench.loadgen:run_cli")
+    b = bench.add_parser(
+        "gguf", help="write the model as an fp32 GGUF (llama.cpp's gpt2 arch) for llama-server"
+    )
+    _declare(b, "tinyllm_trio.bench.gguf_export:add_arguments")
+    b.set_defaults(_run="tinyllm_trio.bench.gguf_export:run_cli")
+    b = bench.add_parser(
+        "compare", help="llama-server and tinyllm-trio serve side by side, same load, alternated"
+    )
+    _declare(b, "tinyllm_trio.bench.compare:add_arguments")
+    b.set_defaults(_run="tinyllm_trio.bench.compare:run_cli")
 
     p = sub.add_parser(
         "serve",

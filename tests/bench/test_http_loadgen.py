@@ -252,3 +252,50 @@ def test_bench_http_refuses_bad_concurrency_levels(capsys) -> None:
     for levels in ("0,8", "1,x", ","):
         assert run_cli(_args("http://127.0.0.1:9", "--concurrency", levels)) == 2
         assert "--concurrency" in capsys.readouterr().err
+
+
+async def test_prompt_tokens_sends_token_ids_to_either_api() -> None:
+    """--prompt-tokens N: the prompt goes out as N token ids (<BOS> first, different per
+    request), on llama-server's /completion and on /v1/completions alike, so two servers with
+    different tokenizers run the same tokens (`bench compare`)."""
+    bodies: list[tuple[str, dict]] = []
+
+    async def record(ex: Exchange) -> None:
+        body = await ex.json()
+        bodies.append((ex.path, body))
+        n = body.get("n_predict") or body["max_tokens"]
+        await ex.start_stream(200, b"text/event-stream")
+        for _ in range(n):
+            if "n_predict" in body:
+                await ex.send_chunk(b'data: {"content":" tok","stop":false}\n\n')
+            else:
+                await ex.send_chunk(b'data: {"choices":[{"index":0,"text":" tok"}]}\n\n')
+        if "n_predict" in body:
+            await ex.send_chunk(b'data: {"content":"","stop":true,"tokens_predicted":%d}\n\n' % n)
+        await ex.end_stream()
+
+    async def handle_connection(stream: trio.SocketStream) -> None:
+        await HTTPConnection(stream, fast_config()).serve(record)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, host="127.0.0.1"), handle_connection, 0
+        )
+        url = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        for api in ("llama", "openai"):
+            args = _args(url, "--api", api, "--prompt-tokens", "16", "--model", "m")
+            report = await run_benchmark(args)
+            assert [(lv.requests, lv.failed) for lv in report["_levels"]] == [(6, 0), (6, 0)]
+            assert report["prompt_tokens"] == 16
+        nursery.cancel_scope.cancel()
+    paths = {path for path, _ in bodies}
+    assert paths == {"/completion", "/v1/completions"}
+    prompts = [body["prompt"] for _, body in bodies]
+    assert all(len(p) == 16 and p[0] == 2 and all(type(t) is int for t in p) for p in prompts)
+    assert len({tuple(p) for p in prompts[2:8]}) == 6  # distinct per request in a level
+
+
+def test_prompt_tokens_excludes_shared_prefix(capsys) -> None:
+    args = _args("127.0.0.1:9", "--prompt-tokens", "16", "--shared-prefix-words", "40")
+    assert run_cli(args) == 2
+    assert "exclude each other" in capsys.readouterr().err

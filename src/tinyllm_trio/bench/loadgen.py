@@ -19,6 +19,10 @@ server measures both: the same process, workers and machine state on either side
 difference is the cache's (two servers would share the cores, or drift apart if run in turn).
 A bypassing request neither reuses nor leaves a cached prefix, and is routed by load alone.
 
+With `--prompt-tokens N` the prompt is sent as N token ids (<BOS>, then word ids; varied per
+request) instead of text: llama-server running `bench gguf`'s file has another tokenizer, and
+both servers take ids as given, so both run the same tokens (`bench compare` does this).
+
 Output tokens come from the server's usage report (OpenAI `stream_options.include_usage`,
 llama-server's `tokens_predicted`), or by counting token events when there is none.
 
@@ -58,6 +62,7 @@ from tinyllm_trio.bench.workload import (
     MAX_TOKENS,
     PROMPT_WORDS,
     parse_levels,
+    prompt_ids,
     prompt_text,
     requests_per_level,
     run_on_engine,
@@ -125,13 +130,18 @@ class Target:
         self.model = args.model
         self.max_tokens = args.max_tokens
         self.prompt_words = args.prompt_words
+        self.prompt_tokens: int = args.prompt_tokens
         self.shared_prefix_words = args.shared_prefix_words
         self.cache_prompt = bool(args.shared_prefix_words)  # flipped per run in that mode
         self.temperature = args.temperature
         self.headers = [("Authorization", f"Bearer {args.api_key}")] if args.api_key else []
 
     def request(self, index: int) -> tuple[str, dict[str, Any]]:
-        prompt = prompt_text(index, self.prompt_words, self.shared_prefix_words)
+        prompt: str | list[int] = (
+            prompt_ids(index, self.prompt_tokens)
+            if self.prompt_tokens
+            else prompt_text(index, self.prompt_words, self.shared_prefix_words)
+        )
         if self.api == "llama":
             return self.base + "/completion", {
                 "prompt": prompt,
@@ -674,6 +684,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prompt length in words (15 = 16 tokens)",
     )
     parser.add_argument(
+        "--prompt-tokens",
+        type=_non_negative_int,
+        default=0,
+        help="send the prompt as this many token ids (<BOS>, then word ids) instead of text, so "
+        "servers with different tokenizers (llama-server on `bench gguf`'s file) run the same "
+        "tokens; 0 = text prompts of --prompt-words (default)",
+    )
+    parser.add_argument(
         "--shared-prefix-words",
         type=_non_negative_int,
         default=0,
@@ -792,6 +810,7 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "api": args.api,
         "model": target.model,
         "prompt_words": args.prompt_words,
+        "prompt_tokens": target.prompt_tokens,
         "shared_prefix_words": args.shared_prefix_words,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
@@ -837,6 +856,12 @@ def run_cli(args: argparse.Namespace) -> int:
         parse_levels(str(args.concurrency), "--concurrency")
     except ValueError as e:
         print(f"bench http: {e}", file=sys.stderr)
+        return 2
+    if args.prompt_tokens and args.shared_prefix_words:
+        print(
+            "bench http: --prompt-tokens and --shared-prefix-words exclude each other",
+            file=sys.stderr,
+        )
         return 2
     if args.server_pid is not None:
         try:

@@ -48,6 +48,22 @@ def prompt_text(index: int, words: int = PROMPT_WORDS, shared_prefix_words: int 
     return shared_prefix(shared_prefix_words) + " " + tail
 
 
+# Token-id prompts (`bench http --prompt-tokens`, `bench compare`): <BOS> (id 2) and then word
+# ids from this range, which every TinyLLM vocabulary has (six specials, then words by
+# frequency). A server that takes ids as given (ours, llama-server) runs exactly these tokens,
+# so two servers with different tokenizers get the same prompt.
+PROMPT_BOS = 2
+_PROMPT_ID_RANGE = (6, 1006)
+
+
+def prompt_ids(index: int, tokens: int) -> list[int]:
+    """`tokens` token ids, <BOS> first, distinct per `index` (the ids rotate by index, so no
+    two consecutive requests share more than <BOS> and no prefix cache serves one)."""
+    low, high = _PROMPT_ID_RANGE
+    span = high - low
+    return [PROMPT_BOS] + [low + (index * 37 + 7 * k) % span for k in range(tokens - 1)]
+
+
 def shared_prefix(words: int) -> str:
     """The first `words` words of the instructions, repeated as needed: every request's
     prefix."""
