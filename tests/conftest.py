@@ -54,7 +54,9 @@ def _worker_children() -> list[int]:
 
 
 SLOW_AREAS = frozenset({"integration", "bench"})
-SLOW_MODULES = frozenset({"test_worker_pool", "test_ipc_faults", "test_engine", "test_training"})
+SLOW_MODULES = frozenset(
+    {"test_worker_pool", "test_ipc_faults", "test_engine", "test_training", "test_http_fuzz"}
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

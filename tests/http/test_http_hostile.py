@@ -136,6 +136,7 @@ async def _wait_for_connections(server, n: int) -> None:
             await trio.sleep(0.01)
 
 
+@pytest.mark.slow
 async def test_the_connection_cap_is_exact() -> None:
     cap, extra = 3, 3
     async with running_server(FakeEngine(), max_connections=cap, header_timeout=30.0) as (
