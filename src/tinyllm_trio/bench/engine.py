@@ -68,6 +68,7 @@ from tinyllm_trio.bench.workload import (
     requests_per_level,
     run_on_engine,
 )
+from tinyllm_trio.config import add_model_arguments
 from tinyllm_trio.model.batching import MAX_BATCH  # serve's default --max-batch
 from tinyllm_trio.model.blas import blas_pinned, single_threaded_env
 
@@ -76,8 +77,7 @@ CONCURRENCY = (1, 8, 32, 64)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `tinyllm-trio bench engine` (the CLI declares them through this)."""
-    p.add_argument("--model", default=None, help="checkpoint directory (default: packaged)")
-    p.add_argument("--attention-scale", choices=["head", "embd"], default=None)
+    add_model_arguments(p)  # as serve declares them
     p.add_argument(
         "--concurrency",
         default=",".join(map(str, CONCURRENCY)),

@@ -307,6 +307,9 @@ class HTTPServer:
                 await self._all_closed.wait()
 
     async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        """`trio.serve_listeners` with what it cannot do: count a connection against the caps
+        the moment it is accepted, evict or refuse over them, and at EMFILE accept and close a
+        waiting connection with the spare fd instead of leaving it in the backlog."""
         while True:
             try:
                 stream = await listener.accept()
