@@ -160,7 +160,7 @@ class ServerConfig:
 
     @property
     def engine(self) -> EngineConfig:
-        """The engine this server starts (`open_engine(config=server_config.engine)`)."""
+        """The engine this server starts (`open_engine(**asdict(server_config.engine))`)."""
         return EngineConfig(
             model=self.model,
             attention_scale=self.attention_scale,
