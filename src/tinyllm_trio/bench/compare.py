@@ -247,7 +247,7 @@ class Ratio:
     def summary(self) -> dict[str, Any]:
         ok = self.finite
         return {
-            "median": round(statistics.median(ok), 3) if ok else math.nan,
+            "median": _median(ok),
             "min": round(min(ok), 3) if ok else math.nan,
             "max": round(max(ok), 3) if ok else math.nan,
             "rounds": [round(r, 3) for r in self.rounds],
