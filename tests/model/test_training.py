@@ -135,6 +135,20 @@ def test_toy_train_export_load_and_eval(tmp_path: Path, capsys: pytest.CaptureFi
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == 84 and [h["step"] for h in log["history"]] == [40, 80, 84]
 
+    # --init starts a new run (fresh schedule, step 0) from the checkpoint's weights: with a
+    # learning rate too small to move them, its first evaluation is the checkpoint's own loss
+    cont = tmp_path / "cont"
+    frozen = ["--lr", "1e-12", "--min-lr", "1e-12", "--eval-interval", "1"]
+    init = ["train", "--data", str(data), "--out", str(cont), *toy, *frozen, "--steps", "1"]
+    assert main([*init, "--init", str(out)]) == 0
+    cont_log = json.loads((cont / "train_log.json").read_text())
+    assert cont_log["steps"] == 1 and cont_log["config"] == log["config"]
+    assert cont_log["history"][0]["heldout_loss"] == pytest.approx(
+        log["exported_heldout_loss"], abs=0.02
+    )
+    assert load_model(cont).tokenizer.to_dict() == loaded.tokenizer.to_dict()
+    assert main([*init, "--init", str(out), "--resume", str(out / "train_state.pt")]) == 2
+
     capsys.readouterr()
     assert main(["eval", "--model", str(out), "--data", str(data), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

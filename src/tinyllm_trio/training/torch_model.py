@@ -145,5 +145,5 @@ class TorchTransformer(nn.Module):
 
     def load_numpy_weights(self, weights: dict[str, np.ndarray]) -> None:
         self.load_state_dict(
-            {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in weights.items()}
+            {k: torch.from_numpy(np.array(v, np.float32)) for k, v in weights.items()}
         )

@@ -71,6 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-interval", type=int, default=200, help="steps between held-out evals")
     p.add_argument("--eval-windows", type=int, default=64, help="max held-out windows per eval")
     p.add_argument("--resume", default=None, help="a train_state.pt to continue from")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="a checkpoint directory whose weights, shape and vocabulary start the run "
+        "(fresh optimizer and schedule: training continued under new settings)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--export", choices=["best", "last"], default="best")
@@ -158,9 +164,18 @@ def run_cli(args: argparse.Namespace) -> int:
     train_docs = read_documents(data / "train.txt")
     heldout_docs = read_documents(data / "heldout.txt")
     state = None
+    init = None
+    if args.resume and args.init:
+        print("error: --init starts a new run; --resume continues one: give one", file=sys.stderr)
+        return 2
     if args.resume:
         state = torch.load(args.resume, map_location="cpu", weights_only=False)
         tok = HybridTokenizer.from_dict(state["tokenizer"])
+    elif args.init:
+        from tinyllm_trio.model.checkpoint import load_model
+
+        loaded = load_model(args.init)
+        init, tok = loaded.transformer, loaded.tokenizer
     else:
         tok = build_vocab(vocab_texts(train_docs), n_words=args.n_words, n_chars=args.n_chars)
     t0 = time.perf_counter()
@@ -172,11 +187,12 @@ def run_cli(args: argparse.Namespace) -> int:
         flush=True,
     )
     # a resumed run keeps its model shape (the shape flags are ignored then)
-    config = (
-        _config_from_args(args, tok.vocab_size)
-        if state is None
-        else ModelConfig.from_dict(state["config"])
-    )
+    if state is not None:
+        config = ModelConfig.from_dict(state["config"])
+    elif init is not None:
+        config = init.config
+    else:
+        config = _config_from_args(args, tok.vocab_size)
     block = min(args.block_size, config.max_context, len(train_ids) - 2)
 
     torch.manual_seed(args.seed)
@@ -199,6 +215,8 @@ def run_cli(args: argparse.Namespace) -> int:
     history: list[dict[str, float]] = []
     best_loss = math.inf
     best_model: dict[str, Any] | None = None
+    if init is not None:
+        model.load_numpy_weights(init.weights())
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
