@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="1,8,32,64",
         help="comma-separated decode batch sizes (default 1,8,32,64)",
     )
+    b.add_argument(
+        "--compare-numpy",
+        action="store_true",
+        help="also time the numpy reference path at the batches the compiled decode step "
+        "serves, alternating run by run",
+    )
     b.add_argument("--json", dest="json_path", default=None, help="also write results here")
     b.set_defaults(_run="tinyllm_trio.bench.model:run_cli")
     b = bench.add_parser(

@@ -488,10 +488,13 @@ def test_attention_kernel_matches_a_float64_softmax(offset):
 
 def test_decode_matches_forward_with_huge_attention_scores():
     """Large weights give scores whose exp overflows float32: decode must still agree with
-    the full forward pass."""
+    the float64 reference (scores this large make float32 results differ by ~1e-4 with the
+    order of summation, so two float32 paths are each held to the exact answer, not to
+    each other)."""
     m = Transformer.random(SMALL, seed=5, std=1.5)
     ids = _ids(30, seed=8)
-    full = m.forward(ids)
+    full = reference_logits(m.weights(), SMALL, ids)
+    assert np.abs(m.forward(ids) - full).max() < TOL * np.abs(full).max()
     cache = m.new_cache(3)
     m.prefill(cache, "a", ids[:5])
     m.prefill(cache, "b", ids[:11])
@@ -500,3 +503,100 @@ def test_decode_matches_forward_with_huge_attention_scores():
         scale = np.abs(full[t]).max()
         assert np.abs(out[1] - full[t]).max() < TOL * max(1.0, scale)
         assert np.abs(out[0] - full[t - 6]).max() < TOL * max(1.0, np.abs(full[t - 6]).max())
+
+
+# ---- the compiled small-batch decode step against the numpy reference path ---------------
+
+
+def _decode_both_paths(model: Transformer, lengths: list[int], steps: int, monkeypatch):
+    """Greedy-decode `steps` tokens for len(lengths) sequences on the compiled path and on the
+    numpy path, from the same prompts; returns both paths' logits [steps, B, V]."""
+    from tinyllm_trio.model import kernels
+
+    calls = []
+    compiled = kernels.decode_small_batch
+    monkeypatch.setattr(kernels, "decode_small_batch", lambda *a: calls.append(1) or compiled(*a))
+    vocab, before = model.config.vocab_size, model.fused_max_batch
+    out = {}
+    for path, up_to in (("compiled", len(lengths)), ("numpy", 0)):
+        model.fused_max_batch = up_to
+        try:
+            cache = model.new_cache(len(lengths) + 2)
+            seqs = list(range(len(lengths)))
+            model.prefill_many(
+                cache,
+                [(s, _ids(n, seed=s, vocab=vocab)) for s, n in zip(seqs, lengths, strict=True)],
+            )
+            tokens, steps_logits = [1] * len(seqs), []
+            for _ in range(steps):
+                logits = model.decode_step(cache, seqs, tokens)
+                steps_logits.append(logits)
+                tokens = logits.argmax(axis=1).tolist()
+            out[path] = np.stack(steps_logits)
+        finally:
+            model.fused_max_batch = before
+        if path == "compiled":
+            assert len(calls) == steps  # the compiled step ran every step
+            calls.clear()
+    assert not calls  # and the reference never touched it
+    return out["compiled"], out["numpy"]
+
+
+@pytest.mark.parametrize("lengths", [[5], [1, 30], [7, 3, 40, 12]])
+def test_compiled_decode_step_gives_the_numpy_paths_logits(model, lengths, monkeypatch):
+    compiled, reference = _decode_both_paths(model, lengths, 20, monkeypatch)
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(compiled, reference, rtol=0, atol=1e-5 * max(scale, 1.0))
+    assert (compiled.argmax(-1) == reference.argmax(-1)).all()  # the same greedy tokens
+
+
+def test_compiled_decode_step_on_the_packaged_model(monkeypatch):
+    """The shipped weights at the real shapes (C=192, 6 heads): logits within 1e-4, the same
+    greedy continuation, at every batch size the compiled step serves."""
+    from tinyllm_trio.model.checkpoint import load_model
+    from tinyllm_trio.model.transformer import FUSED_MAX_BATCH
+
+    packaged = load_model().transformer
+    assert packaged.fused_max_batch == FUSED_MAX_BATCH >= 1
+    lengths = [3, 60, 17, 250, 9, 33, 120, 5][:FUSED_MAX_BATCH]
+    compiled, reference = _decode_both_paths(packaged, lengths, 24, monkeypatch)
+    np.testing.assert_allclose(compiled, reference, rtol=0, atol=1e-4)
+    assert (compiled.argmax(-1) == reference.argmax(-1)).all()
+
+
+def test_compiled_exp_is_float32_exact_where_gelu_needs_it():
+    import numba
+
+    from tinyllm_trio.model import kernels
+
+    @numba.njit
+    def exp_all(a, out):
+        for i in range(a.shape[0]):
+            out[i] = kernels._exp_nonpositive(a[i])
+
+    x = -np.concatenate([np.linspace(0, 104, 400_001), [0.0, 1e-30, 87.0, 88.0, 1e4]])
+    x = x.astype(np.float32)
+    got = np.empty_like(x)
+    exp_all(x, got)
+    want = np.exp(x.astype(np.float64))
+    inside = x >= -87  # below, exp is under 1.7e-38 and GELU's term it scales is nil
+    assert np.all(np.abs(got[inside] - want[inside]) <= 5e-7 * want[inside])
+    assert np.all(got[~inside] <= 1.7e-38) and np.all(got >= 0)
+
+
+def test_compiled_gelu_matches_the_numpy_gelu():
+    import numba
+
+    from tinyllm_trio.model import kernels
+    from tinyllm_trio.model.transformer import _AS_B, _AS_C, _AS_P
+
+    @numba.njit(error_model="numpy")
+    def gelu(f, p, cp, b1, b2, b3, b4):
+        kernels._gelu_rows(f, p, cp, b1, b2, b3, b4)
+
+    x = np.linspace(-12, 12, 3 * 4001, dtype=np.float32).reshape(3, -1)
+    want = gelu_(x.copy(), *(np.empty_like(x) for _ in range(3)))
+    got = x.copy()
+    consts = np.array([_AS_P, _AS_C / _AS_P, *_AS_B], dtype=np.float32)
+    gelu(got, *consts)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

@@ -105,6 +105,7 @@ def run_cli(args: argparse.Namespace) -> int:
         runs=args.runs,
         batches=batches,
         on_row=lambda name, rates: print(table_row(name, rates), flush=True),
+        compare_numpy=args.compare_numpy,
     )
     limits = machine_limits(weight_bytes=work_per_token(transformer.config, 1, 0).weight_bytes)
     print(limits_line(limits), flush=True)
@@ -116,7 +117,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def _rerun_single_threaded(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "tinyllm_trio", "bench", "model", "--runs", str(args.runs)]
-    cmd += ["--batches", args.batches]
+    cmd += ["--batches", args.batches] + (["--compare-numpy"] if args.compare_numpy else [])
     if args.model:
         cmd += ["--model", str(args.model)]
     if args.attention_scale:
@@ -142,13 +143,20 @@ def _load(model: str | None, attention_scale: str | None):
 
 
 def run_benchmarks(
-    transformer, runs: int = 5, batches=BATCHES, steps: int = DECODE_STEPS, on_row=None
+    transformer,
+    runs: int = 5,
+    batches=BATCHES,
+    steps: int = DECODE_STEPS,
+    on_row=None,
+    compare_numpy: bool = False,
 ):
     """{"prefill_128": Rates, "decode": {batch: Rates}}, one wall and one CPU rate per run.
 
     A model with a context shorter than 128 + 64 tokens gets shorter prompts / fewer steps.
     `on_row(name, rates)`, when given, is called as each measurement finishes (so the CLI
-    prints each table row at once, even into a pipe).
+    prints each table row at once, even into a pipe). With `compare_numpy`, every batch the
+    compiled step serves (`Transformer.fused_max_batch`) is also run on the numpy reference
+    path, alternating run by run: results["decode_numpy"][batch].
     """
     report = on_row or (lambda name, rates: None)
     import numpy as np
@@ -163,6 +171,9 @@ def run_benchmarks(
         cache.drop(0)
 
     results: dict = {"prefill_128": _timed(prefill, len(prompt), runs, repeat=4), "decode": {}}
+    if compare_numpy:
+        results["decode_numpy"] = {}
+    compiled_up_to = transformer.fused_max_batch
     results["prefill_128"].work = work_per_token(cfg, len(prompt), (len(prompt) + 1) / 2)
     report(PREFILL_ROW, results["prefill_128"])
     longest = min(DECODE_PROMPT * 3 // 2, cfg.max_context // 2)
@@ -182,11 +193,23 @@ def run_benchmarks(
                     transformer.decode_step(cache, seqs, step_tokens)
             return elapsed
 
+        def numpy_decode(decode=decode) -> _Elapsed:
+            transformer.fused_max_batch = 0
+            try:
+                return decode()
+            finally:
+                transformer.fused_max_batch = compiled_up_to
+
+        paths = {"decode": decode}
+        if compare_numpy and batch <= compiled_up_to:
+            paths["decode_numpy"] = numpy_decode
         # a batch-1 pass is ~50 ms, too short to time on a shared machine: repeat small ones
-        results["decode"][batch] = _timed(decode, batch * steps, runs, repeat=max(1, 16 // batch))
+        rates = _timed_alternately(paths, batch * steps, runs, repeat=max(1, 16 // batch))
         mean_context = sum(lengths) / batch + (steps + 1) / 2
-        results["decode"][batch].work = work_per_token(cfg, batch, mean_context)
-        report(f"decode, batch {batch}", results["decode"][batch])
+        for path, r in rates.items():
+            r.work = work_per_token(cfg, batch, mean_context)
+            results[path][batch] = r
+            report(f"decode, batch {batch}{', numpy' if path == 'decode_numpy' else ''}", r)
     return results
 
 
@@ -216,17 +239,27 @@ class Rates:
 
 def _timed(fn: Callable[[], _Elapsed | None], tokens: int, runs: int, repeat: int = 1) -> Rates:
     """Rates of `runs` runs of `repeat` calls; fn may time itself (to leave out its setup)."""
-    fn()  # warm-up: page in the cache and buffers
-    rates = Rates()
+    return _timed_alternately({"": fn}, tokens, runs, repeat)[""]
+
+
+def _timed_alternately(
+    fns: dict[str, Callable[[], _Elapsed | None]], tokens: int, runs: int, repeat: int = 1
+) -> dict[str, Rates]:
+    """`_timed` for several ways of doing the same work, one run of each in turn, so that the
+    machine's drift falls on all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up: page in the cache and buffers
+    rates = {name: Rates() for name in fns}
     for _ in range(runs):
-        wall = cpu = 0.0
-        for _ in range(repeat):
-            with _Elapsed() as whole:
-                own = fn()
-            wall += (own or whole).wall
-            cpu += (own or whole).cpu
-        rates.wall.append(tokens * repeat / wall)
-        rates.cpu.append(tokens * repeat / cpu)
+        for name, fn in fns.items():
+            wall = cpu = 0.0
+            for _ in range(repeat):
+                with _Elapsed() as whole:
+                    own = fn()
+                wall += (own or whole).wall
+                cpu += (own or whole).cpu
+            rates[name].wall.append(tokens * repeat / wall)
+            rates[name].cpu.append(tokens * repeat / cpu)
     return rates
 
 
@@ -239,6 +272,10 @@ def to_json(results: dict) -> dict:
             str(b): round(statistics.median(r.wall), 1) for b, r in results["decode"].items()
         },
     }
+    if "decode_numpy" in results:
+        out["decode_numpy"] = {
+            str(b): round(statistics.median(r.wall), 1) for b, r in results["decode_numpy"].items()
+        }
     if "machine" in results:
         out["machine"] = results["machine"]
     return out
@@ -300,5 +337,8 @@ def table_row(name: str, r) -> str:
 
 def format_table(results: dict, runs: int) -> str:
     rows = [(PREFILL_ROW, results["prefill_128"])]
-    rows += [(f"decode, batch {b}", r) for b, r in results["decode"].items()]
+    for b, r in results["decode"].items():
+        rows.append((f"decode, batch {b}", r))
+        if b in results.get("decode_numpy", {}):
+            rows.append((f"decode, batch {b}, numpy", results["decode_numpy"][b]))
     return "\n".join([table_head(runs), *(table_row(name, r) for name, r in rows)])

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import types as nt
+from numba.extending import intrinsic
 
-__all__ = ["LN_EPS", "attend_one_token", "layernorm"]
+__all__ = ["LN_EPS", "attend_one_token", "decode_small_batch", "layernorm"]
 
 LN_EPS = 1e-5
 
@@ -123,3 +125,162 @@ def attend_one_token(qkv, kv, lengths, y, scores, acc):  # pragma: no cover - co
         for h in range(H):
             for d in range(hs):
                 y[b, h * hs + d] = acc[h, d] * inv[h]
+
+
+# ---- the whole decode step of a small batch ------------------------------------------------------
+
+_WEIGHT_ROWS = nt.Array(_F32, 2, "C", readonly=True)  # one matrix, a row per output
+_LAYER_ROWS = nt.Array(_F32, 3, "C", readonly=True)  # [n_layer, out, in]
+_LAYER_PARAMS = nt.Array(_F32, 2, "C", readonly=True)  # [n_layer, C]
+_KV_CACHE = nt.Array(_F32, 6, "C")
+_TOKENS = nt.Array(nt.int64, 1, "C")
+
+
+@numba.njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, error_model="numpy", inline="always")
+def _rows_matvec(x, w, out):  # pragma: no cover - compiled
+    """out[b, o] = x[b] . w[o] for x [B, K], w [N, K]: each weight row is read once for the
+    whole batch, four rows at a time so that four dot products share every load of x."""
+    B, K = x.shape
+    N = w.shape[0]
+    o = 0
+    while o + 4 <= N:
+        for b in range(B):
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for i in range(K):
+                xi = x[b, i]
+                s0 += xi * w[o, i]
+                s1 += xi * w[o + 1, i]
+                s2 += xi * w[o + 2, i]
+                s3 += xi * w[o + 3, i]
+            out[b, o] = s0
+            out[b, o + 1] = s1
+            out[b, o + 2] = s2
+            out[b, o + 3] = s3
+        o += 4
+    for r in range(o, N):
+        for b in range(B):
+            s = np.float32(0.0)
+            for i in range(K):
+                s += x[b, i] * w[r, i]
+            out[b, r] = s
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The low 32 bits of an integer, reinterpreted as a float32 (an LLVM bitcast, which
+    vectorises, unlike a call)."""
+    if not isinstance(bits, nt.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(low, ir.FloatType())
+
+    return nt.float32(bits), codegen
+
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)  # ln 2 split so that n * _LN2_HI is exact (Cody & Waite)
+_LN2_LO = np.float32(-2.12194440e-4)
+
+
+@numba.njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, error_model="numpy", inline="always")
+def _exp_nonpositive(x):  # pragma: no cover - compiled
+    """exp(x) for x <= 0 in float32 (relative error ~1e-7; 0 below -87), written so that a
+    loop of it vectorises: numba calls libm's scalar expf for np.exp without Intel's SVML."""
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * _LOG2E + np.float32(0.5))
+    r = x - n * _LN2_HI - n * _LN2_LO  # |r| <= ln2 / 2
+    p = np.float32(1.9875691500e-4)  # Cephes expf's minimax polynomial
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * _f32_from_bits((np.int32(n) + 127) << 23)
+
+
+@numba.njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, error_model="numpy", inline="always")
+def _gelu_rows(f, p, c_over_p, b1, b2, b3, b4):  # pragma: no cover - compiled
+    """Exact-erf GELU in place, by the same Abramowitz & Stegun evaluation as the numpy
+    reference (`transformer.gelu_`), so both paths agree to float32 rounding."""
+    n, m = f.shape
+    for r in range(n):
+        for i in range(m):
+            x = f[r, i]
+            u = abs(x)
+            t = c_over_p / (u + np.float32(1.0) / p)
+            acc = ((((t + b4) * t + b3) * t + b2) * t + b1) * t
+            acc *= _exp_nonpositive(np.float32(-0.5) * x * x) * u
+            f[r, i] = (x + u) * np.float32(0.5) - acc
+
+
+@numba.njit(
+    nt.void(
+        _TOKENS,  # tokens [B]
+        _LENGTHS,  # lengths [B]: each row's position
+        _WEIGHT_ROWS,  # wte [V, C]
+        _WEIGHT_ROWS,  # pe [T, C]
+        _LAYER_PARAMS,  # ln1_w
+        _LAYER_PARAMS,  # ln1_b
+        _LAYER_ROWS,  # w_qkv [L, 3C, C], queries pre-scaled
+        _LAYER_ROWS,  # w_proj [L, C, C]
+        _LAYER_PARAMS,  # ln2_w
+        _LAYER_PARAMS,  # ln2_b
+        _LAYER_ROWS,  # w_fc [L, 4C, C]
+        _LAYER_ROWS,  # w_out [L, C, 4C]
+        _PARAM,  # ln_f_w
+        _PARAM,  # ln_f_b
+        _WEIGHT_ROWS,  # w_head [V, C]
+        nt.float32[:],  # GELU constants: p, c/p, b1, b2, b3, b4
+        _KV_CACHE,  # kv [L, rows, 2, H, T, hs]
+        _ROWS,  # x [B, C]
+        _ROWS,  # h [B, C]
+        _ROWS,  # qkv [B, 3C]
+        _ROWS,  # y [B, C]
+        _ROWS,  # f [B, 4C]
+        _ROWS,  # scores [H, T]
+        _ROWS,  # head_acc [H, hs]
+        _ROWS,  # logits [B, V] (out)
+    ),
+    cache=True,
+    nogil=True,
+    boundscheck=False,
+    fastmath=_FASTMATH,
+    error_model="numpy",  # no ZeroDivisionError branch per division: those stop vectorising
+)
+def decode_small_batch(
+    tokens, lengths, wte, pe, ln1_w, ln1_b, w_qkv, w_proj, ln2_w, ln2_b, w_fc, w_out,
+    ln_f_w, ln_f_b, w_head, gelu_consts, kv, x, h, qkv, y, f, scores, head_acc, logits,
+):  # pragma: no cover - compiled  # fmt: skip
+    """One decode step for cache rows 0..B-1, every layer in one compiled call.
+
+    At small batches the step is ~90 numpy and BLAS calls on vectors of 192 to 768 floats;
+    their dispatch is a large share of it, and BLAS's small-matrix paths do not stream the
+    weights at the rate a plain loop over weight rows does. The numpy path in
+    `Transformer._decode_rows` stays the reference (and the path for larger batches)."""
+    B = tokens.shape[0]
+    n_layer = w_qkv.shape[0]
+    p, c_over_p = gelu_consts[0], gelu_consts[1]
+    b1, b2, b3, b4 = gelu_consts[2], gelu_consts[3], gelu_consts[4], gelu_consts[5]
+    for b in range(B):
+        tok, at = tokens[b], lengths[b]
+        for i in range(x.shape[1]):
+            x[b, i] = wte[tok, i] + pe[at, i]
+    for layer in range(n_layer):
+        layernorm(x, ln1_w[layer], ln1_b[layer], h)
+        _rows_matvec(h, w_qkv[layer], qkv)
+        attend_one_token(qkv, kv[layer], lengths, y, scores, head_acc)
+        _rows_matvec(y, w_proj[layer], h)
+        x += h
+        layernorm(x, ln2_w[layer], ln2_b[layer], h)
+        _rows_matvec(h, w_fc[layer], f)
+        _gelu_rows(f, p, c_over_p, b1, b2, b3, b4)
+        _rows_matvec(f, w_out[layer], h)
+        x += h
+    layernorm(x, ln_f_w, ln_f_b, h)
+    _rows_matvec(h, w_head, logits)

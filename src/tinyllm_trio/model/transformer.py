@@ -37,6 +37,12 @@ How the decode step stays cheap (llama2.c's "run state" idea, in numpy):
   dominated by the weight matmuls, then by reading the KV cache from memory;
 - the LM head is one matmul. BLAS threads are the caller's business (a worker runs one per core;
   set OPENBLAS_NUM_THREADS=1 before numpy is imported, as the worker and the bench do).
+
+Up to `FUSED_MAX_BATCH` sequences, a step is instead one compiled call for all layers
+(`kernels.decode_small_batch`, over row-major copies of the matrices): there the ~90 numpy and
+BLAS calls of the step above cost more in dispatch and in BLAS's small-matrix paths than the
+arithmetic. The numpy path stays the reference the tests hold it to (`fused_max_batch = 0`
+selects it on a model).
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ __all__ = [
 ]
 
 _F32 = np.float32
+# Decode steps of up to this many sequences run as one compiled call
+# (`kernels.decode_small_batch`); larger ones as numpy and BLAS calls, which win there.
+FUSED_MAX_BATCH = 4
 
 
 class CacheFullError(RuntimeError):
@@ -518,6 +527,20 @@ class Transformer:
         for i, layer in enumerate(self.layers):
             for n in _Layer.DERIVED:
                 setattr(layer, n, derived[f"{i}.{n}"])
+        # the compiled small-batch step reads each matrix a row per output, layers stacked
+        stacked = {
+            "ln1_w": [layer.ln1_w for layer in self.layers],
+            "ln1_b": [layer.ln1_b for layer in self.layers],
+            "w_qkv": [layer.w_qkv.T for layer in self.layers],
+            "w_proj": [layer.w_proj.T for layer in self.layers],
+            "ln2_w": [layer.ln2_w for layer in self.layers],
+            "ln2_b": [layer.ln2_b for layer in self.layers],
+            "w_fc": [layer.w_fc.T for layer in self.layers],
+            "w_out": [layer.w_out_rows for layer in self.layers],
+        }
+        self._layer_rows = _hugepage_copies({n: np.stack(a) for n, a in stacked.items()})
+        self._gelu_consts = np.array([_AS_P, _AS_C / _AS_P, *_AS_B], dtype=_F32)
+        self.fused_max_batch = FUSED_MAX_BATCH
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0, *, std: float = 0.02) -> Transformer:
@@ -745,6 +768,16 @@ class Transformer:
         pos = cache.lengths[:B]  # (B,) position of the new token = tokens held so far
         x, h, qkv, y = cache.x[:B], cache.h[:B], cache.qkv[:B], cache.y[:B]
         f, t, u, acc = cache.ff[:, :B]
+        if self.fused_max_batch >= B:
+            w, logits = self._layer_rows, np.empty((B, self.config.vocab_size), dtype=_F32)
+            kern.decode_small_batch(
+                np.ascontiguousarray(tokens, dtype=np.int64), pos, self.wte, self.pe,
+                w["ln1_w"], w["ln1_b"], w["w_qkv"], w["w_proj"], w["ln2_w"], w["ln2_b"],
+                w["w_fc"], w["w_out"], self.ln_f_w, self.ln_f_b, self._canonical["lm_head.weight"],
+                self._gelu_consts, cache.kv, x, h, qkv, y, f, cache.scores, cache.head_acc, logits,
+            )  # fmt: skip
+            cache.lengths[:B] += 1
+            return logits
         np.take(self.wte, tokens, axis=0, out=x)
         x += self.pe[pos]
         for i, layer in enumerate(self.layers):
