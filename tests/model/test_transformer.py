@@ -542,7 +542,7 @@ def _decode_both_paths(model: Transformer, lengths: list[int], steps: int, monke
     return out["compiled"], out["numpy"]
 
 
-@pytest.mark.parametrize("lengths", [[5], [1, 30], [7, 3, 40, 12]])
+@pytest.mark.parametrize("lengths", [[5], [1, 30], [7, 3, 40, 12], [2, 9, 33, 1, 18, 40, 4]])
 def test_compiled_decode_step_gives_the_numpy_paths_logits(model, lengths, monkeypatch):
     compiled, reference = _decode_both_paths(model, lengths, 20, monkeypatch)
     scale = np.abs(reference).max()
@@ -558,7 +558,7 @@ def test_compiled_decode_step_on_the_packaged_model(monkeypatch):
 
     packaged = load_model().transformer
     assert packaged.fused_max_batch == FUSED_MAX_BATCH >= 1
-    lengths = [3, 60, 17, 250, 9, 33, 120, 5][:FUSED_MAX_BATCH]
+    lengths = [3, 60, 17, 250, 9, 33, 120, 5, 80, 1, 44, 300, 12, 7, 150, 26][:FUSED_MAX_BATCH]
     compiled, reference = _decode_both_paths(packaged, lengths, 24, monkeypatch)
     np.testing.assert_allclose(compiled, reference, rtol=0, atol=1e-4)
     assert (compiled.argmax(-1) == reference.argmax(-1)).all()

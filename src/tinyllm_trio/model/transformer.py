@@ -69,7 +69,7 @@ __all__ = [
 _F32 = np.float32
 # Decode steps of up to this many sequences run as one compiled call
 # (`kernels.decode_small_batch`); larger ones as numpy and BLAS calls, which win there.
-FUSED_MAX_BATCH = 4
+FUSED_MAX_BATCH = 16
 
 
 class CacheFullError(RuntimeError):
