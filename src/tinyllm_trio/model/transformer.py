@@ -33,7 +33,7 @@ How the decode step stays cheap (llama2.c's "run state" idea, in numpy):
   of the cache at a time);
 - LayerNorm is one compiled call over all rows (numpy took ~9 passes over short rows); the
   exact-erf GELU is in-place numpy passes on preallocated buffers, with the pass count kept low
-  (see `gelu_`: numpy's SIMD exp beats a compiled loop at batch 8+); a batch-32 step is
+  (see `gelu_`); a batch-32 step is
   dominated by the weight matmuls, then by reading the KV cache from memory;
 - the LM head is one matmul. BLAS threads are the caller's business (a worker runs one per core;
   set OPENBLAS_NUM_THREADS=1 before numpy is imported, as the worker and the bench do).
@@ -68,7 +68,8 @@ __all__ = [
 
 _F32 = np.float32
 # Decode steps of up to this many sequences run as one compiled call
-# (`kernels.decode_small_batch`); larger ones as numpy and BLAS calls, which win there.
+# (`kernels.decode_small_batch`); larger ones as numpy and BLAS calls, which catch up from
+# about 24 (`tinyllm-trio bench model --compare-numpy --batches ...` measures both).
 FUSED_MAX_BATCH = 16
 
 
