@@ -2,7 +2,10 @@
 process that answers /health, /v1/models and streamed /completion (llama-server's events) or
 /v1/completions (OpenAI's), so the command's process handling runs for real without either.
 
-    python stand_in_server.py PORT [--ignore-sigterm] [--exit-at-once]
+    python stand_in_server.py PORT [--ignore-sigterm] [--exit-at-once] [--erase-log FILE]
+
+With --erase-log it also takes llama-server's `POST /slots/{id}?action=erase`, writing each
+path to FILE; without, it refuses them as llama-server does without --slot-save-path.
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path.startswith("/slots/") and self.path.endswith("?action=erase"):
+            if ERASE_LOG is None:  # as llama-server without --slot-save-path
+                self._send(501, b'{"error":"This server does not support slots action."}')
+                return
+            with open(ERASE_LOG, "a") as log:
+                log.write(self.path + "\n")
+            self._send(200, b'{"n_erased":0}')
+            return
         assert all(type(t) is int for t in body["prompt"]), "token-id prompts only"
         llama = self.path == "/completion"
         n = body["n_predict"] if llama else body["max_tokens"]
@@ -60,8 +71,14 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
 
 
+ERASE_LOG: str | None = None
+
+
 def main() -> None:
+    global ERASE_LOG
     port = int(sys.argv[1])
+    if "--erase-log" in sys.argv:
+        ERASE_LOG = sys.argv[sys.argv.index("--erase-log") + 1]
     if "--exit-at-once" in sys.argv:
         print("stand-in: failing at start-up", flush=True)
         raise SystemExit(3)

@@ -5,6 +5,7 @@ that ignores SIGTERM)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import socket
@@ -155,9 +156,16 @@ def test_compare_runs_both_stand_in_servers_and_stops_them(tmp_path: Path) -> No
     """The whole command path but the binaries: start, health wait, warm-up, the alternated
     loads through `bench http`'s load generator (--api llama and openai, token-id prompts),
     the JSON and the plot, and both processes gone afterwards."""
-    specs = [_spec("llama-server", "llama"), _spec("tinyllm-trio", "openai")]
+    erased = tmp_path / "erased.log"
+    specs = [
+        _spec("llama-server", "llama", "--erase-log", str(erased)),
+        _spec("tinyllm-trio", "openai"),
+    ]
+    specs[0].reset_paths = ("/slots/0?action=erase", "/slots/1?action=erase")
     loads = [Load("2 streams", "decode", 2, 16, 8, 4), Load("prefill", "prefill", 2, 40, 2, 4)]
     cmp = compare(specs, loads, 2, tmp_path, HTTPMeasure(timeout=20.0), startup_timeout=20.0)
+    # every slot emptied before each of its 2 loads x 2 rounds (and never during warm-up)
+    assert erased.read_text().splitlines() == list(specs[0].reset_paths) * 4
     assert isinstance(cmp, Comparison)
     for lc in cmp.loads:
         for spec in specs:
@@ -168,6 +176,36 @@ def test_compare_runs_both_stand_in_servers_and_stops_them(tmp_path: Path) -> No
             socket.create_connection(("127.0.0.1", spec.port), timeout=1.0).close()
     assert write_plot(cmp, str(tmp_path / "compare.png"))
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+def test_a_reset_the_server_refuses_stops_the_run(tmp_path: Path) -> None:
+    """llama-server started without --slot-save-path answers the erase with an error: the
+    run stops and says so, rather than measure loads that are not alike."""
+    specs = [_spec("llama-server", "llama"), _spec("tinyllm-trio", "openai")]
+    specs[0].reset_paths = ("/slots/0?action=erase",)
+    loads = [Load("2 streams", "decode", 2, 16, 8, 4)]
+    with pytest.raises(
+        RuntimeError, match=r"llama-server: POST /slots/0\?action=erase answered 501"
+    ):
+        compare(specs, loads, 1, tmp_path, HTTPMeasure(timeout=20.0), startup_timeout=20.0)
+
+
+def test_llama_server_gets_flash_attention_a_slot_path_and_a_reset_per_slot(
+    tmp_path: Path,
+) -> None:
+    from tinyllm_trio.bench.compare import add_arguments, server_specs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--llama-server", "/bin/true", "--parallel", "3"])
+    llama, ours = server_specs(args, tmp_path / "m.gguf", tmp_path)
+    assert "-fa" in llama.command and "-fa" not in ours.command
+    slot_dir = Path(llama.command[llama.command.index("--slot-save-path") + 1])
+    assert slot_dir.is_dir()
+    assert llama.reset_paths == tuple(f"/slots/{i}?action=erase" for i in range(3))
+    assert ours.reset_paths == ()
+    args = parser.parse_args(["--llama-server", "/bin/true", "--no-flash-attn"])
+    assert "-fa" not in server_specs(args, tmp_path / "m.gguf", tmp_path)[0].command
 
 
 def test_servers_are_stopped_when_the_run_fails(tmp_path: Path) -> None:

@@ -114,6 +114,9 @@ class ServerSpec:
     port: int
     host: str = "127.0.0.1"
     health_path: str = "/health"
+    # POSTed before every measured load, so that no load pays for what the one before left
+    # behind (llama-server's slots keep finished requests' cache cells)
+    reset_paths: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -203,6 +206,26 @@ def running(
         for spec, proc, log in zip(specs, procs, logs, strict=True):
             wait_healthy(spec, proc, log, startup_timeout)
         yield procs
+
+
+def reset(spec: ServerSpec) -> None:
+    """POST each of `spec.reset_paths`; RuntimeError on any answer but 2xx (a reset that did
+    not happen would make the load after it unequal, silently)."""
+    for path in spec.reset_paths:
+        conn = http.client.HTTPConnection(spec.host, spec.port, timeout=30.0)
+        try:
+            conn.request("POST", path, body=b"{}", headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            body = response.read()
+        except OSError as exc:
+            raise RuntimeError(f"{spec.name}: POST {path} failed: {exc}") from exc
+        finally:
+            conn.close()
+        if not 200 <= response.status < 300:
+            raise RuntimeError(
+                f"{spec.name}: POST {path} answered {response.status}: "
+                f"{body[:300].decode(errors='replace')}"
+            )
 
 
 Measure = Callable[[ServerSpec, Load], LevelResult]
@@ -355,6 +378,7 @@ def run_compare(
         ordered = list(specs) if r % 2 == 0 else list(reversed(specs))
         for lc in comparisons:
             for spec in ordered:
+                reset(spec)
                 level = measure(spec, lc.load)
                 lc.runs[spec.name].append(level)
                 order.append((r, lc.load.name, spec.name))
@@ -461,9 +485,17 @@ def write_plot(cmp: Comparison, path: str) -> bool:
     return True
 
 
-def server_specs(args: argparse.Namespace, gguf: Path) -> list[ServerSpec]:
-    """llama-server (the baseline) and `tinyllm-trio serve` (the subject) on free ports."""
+def server_specs(args: argparse.Namespace, gguf: Path, log_dir: Path) -> list[ServerSpec]:
+    """llama-server (the baseline) and `tinyllm-trio serve` (the subject) on free ports.
+
+    llama-server gets its fastest settings for this model: flash attention (`-fa`; without it
+    every batch attends over every cell of its one shared KV buffer up to the highest in use),
+    and a slot save path, which its `POST /slots/{id}?action=erase` needs: every slot is
+    erased before each measured load (`ServerSpec.reset_paths`), since a finished request's
+    slot keeps its cells and the loads after it would pay for them."""
     llama_port, our_port = free_port(), free_port()
+    slots = log_dir / "llama-slots"
+    slots.mkdir(parents=True, exist_ok=True)
     llama = [
         args.llama_server,
         "-m",
@@ -478,6 +510,9 @@ def server_specs(args: argparse.Namespace, gguf: Path) -> list[ServerSpec]:
         "127.0.0.1",
         "--port",
         str(llama_port),
+        "--slot-save-path",
+        str(slots),
+        *(["-fa"] if args.flash_attn else []),
         *args.llama_arg,
     ]
     ours = [
@@ -499,7 +534,13 @@ def server_specs(args: argparse.Namespace, gguf: Path) -> list[ServerSpec]:
         *args.serve_arg,
     ]
     return [
-        ServerSpec("llama-server", "llama", llama, llama_port),
+        ServerSpec(
+            "llama-server",
+            "llama",
+            llama,
+            llama_port,
+            reset_paths=tuple(f"/slots/{i}?action=erase" for i in range(args.parallel)),
+        ),
         ServerSpec("tinyllm-trio", "openai", ours, our_port),
     ]
 
@@ -553,6 +594,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="llama-server -t")
     parser.add_argument("--parallel", type=int, default=64, help="llama-server -np (slots)")
+    parser.add_argument(
+        "--flash-attn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pass llama-server -fa (newer builds take `--llama-arg=-fa --llama-arg=on` "
+        "with --no-flash-attn)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="tinyllm-trio serve --workers")
     parser.add_argument(
         "--llama-arg", action="append", default=[], help="extra llama-server argument"
@@ -597,7 +645,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
         gguf = write_gguf(log_dir / "tinyllm.gguf", args.model)
         print(f"wrote {gguf}", file=sys.stderr)
-    specs = server_specs(args, gguf)
+    specs = server_specs(args, gguf, log_dir)
     loads = default_loads(levels, args.prefill_tokens)
     try:
         result = compare(
