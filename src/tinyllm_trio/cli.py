@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time the numpy reference path at the batches the compiled decode step "
         "serves, alternating run by run",
     )
+    b.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="instead of rates: the share of a continuous batcher's decode step spent in "
+        "BLAS, each kernel, GELU, sampling and Python, at each of --batches (cProfile)",
+    )
     b.add_argument("--json", dest="json_path", default=None, help="also write results here")
     b.set_defaults(_run="tinyllm_trio.bench.model:run_cli")
     b = bench.add_parser(

@@ -115,6 +115,43 @@ def test_bench_model_reports_each_row_as_it_finishes(tiny_checkpoint):
     )
 
 
+def test_bench_model_compares_the_compiled_step_with_the_numpy_path(tiny_checkpoint):
+    """--compare-numpy: a numpy row beside each batch the compiled step serves, none beyond."""
+    from tinyllm_trio.bench.model import format_table, run_benchmarks, to_json
+    from tinyllm_trio.model.checkpoint import load_model
+
+    transformer = load_model(tiny_checkpoint).transformer
+    transformer.fused_max_batch = 2
+    results = run_benchmarks(transformer, runs=2, batches=(1, 3), steps=2, compare_numpy=True)
+    assert list(results["decode_numpy"]) == [1] and len(results["decode_numpy"][1].wall) == 2
+    assert transformer.fused_max_batch == 2  # put back after the numpy runs
+    names = [line[:28].strip() for line in format_table(results, 2).splitlines()[1:]]
+    assert names == [
+        "prefill, 128-token prompt",
+        "decode, batch 1",
+        "decode, batch 1, numpy",
+        "decode, batch 3",
+    ]
+    assert set(to_json(results)["decode_numpy"]) == {"1"}
+
+
+def test_bench_model_breakdown_charges_the_step_to_its_parts(tiny_checkpoint):
+    from tinyllm_trio.bench.model import BREAKDOWN_PARTS, format_breakdown, step_breakdown
+    from tinyllm_trio.model.checkpoint import load_model
+
+    loaded = load_model(tiny_checkpoint)
+    transformer = loaded.transformer
+    transformer.fused_max_batch = 2
+    rows = {b: step_breakdown(transformer, loaded.tokenizer, b, steps=6) for b in (1, 4)}
+    for shares in rows.values():
+        assert set(shares) == set(BREAKDOWN_PARTS) and sum(shares.values()) == pytest.approx(1)
+    compiled, blas, attention = BREAKDOWN_PARTS[1], BREAKDOWN_PARTS[0], BREAKDOWN_PARTS[2]
+    assert rows[1][compiled] > 0 and rows[1][blas] == rows[1][attention] == 0
+    assert rows[4][compiled] == 0 and rows[4][blas] > 0 and rows[4][attention] > 0
+    table = format_breakdown(rows).splitlines()
+    assert table[0].split()[-2:] == ["batch", "4"] and len(table) == 1 + len(BREAKDOWN_PARTS)
+
+
 def test_bench_engine_shared_prefix_compares_the_cache_on_and_off(long_checkpoint, tmp_path):
     """The flag's plumbing: two engines (cache on, off), a TTFT and a rate for each."""
     out = tmp_path / "prefix.json"

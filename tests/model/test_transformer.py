@@ -594,9 +594,13 @@ def test_compiled_gelu_matches_the_numpy_gelu():
     def gelu(f, p, cp, b1, b2, b3, b4):
         kernels._gelu_rows(f, p, cp, b1, b2, b3, b4)
 
-    x = np.linspace(-12, 12, 3 * 4001, dtype=np.float32).reshape(3, -1)
+    far = [-1e15, -1e6, -60.0, 60.0, 1e6, 1e15]
+    x = np.concatenate([np.linspace(-12, 12, 3 * 4000), far]).astype(np.float32).reshape(3, -1)
     want = gelu_(x.copy(), *(np.empty_like(x) for _ in range(3)))
     got = x.copy()
     consts = np.array([_AS_P, _AS_C / _AS_P, *_AS_B], dtype=np.float32)
     gelu(got, *consts)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    in_model = x.copy()
+    kernels.gelu(in_model, consts)  # the entry point the model calls
+    np.testing.assert_allclose(in_model, want, rtol=1e-6, atol=1e-7)

@@ -92,13 +92,22 @@ def run_cli(args: argparse.Namespace) -> int:
     from tinyllm_trio.model.checkpoint import CheckpointError
 
     try:
-        transformer, label = _load(args.model, args.attention_scale)
+        transformer, tokenizer, label = _load(args.model, args.attention_scale)
     except CheckpointError as e:
         print(f"tinyllm-trio bench model: {e}", file=sys.stderr)
         return 1
     print(f"model: {label}")
     print(f"BLAS threads: 1 ({', '.join(f'{v}=1' for v in BLAS_THREAD_VARS)})")
     print(f"BLAS kernels: {os.environ.get(CORETYPE_VAR) or 'OpenBLAS default'} ({CORETYPE_VAR})")
+    if args.breakdown:
+        if tokenizer is None:
+            print("--breakdown runs the batcher, which needs a checkpoint", file=sys.stderr)
+            return 2
+        rows = {}
+        for b in batches:
+            rows[b] = step_breakdown(transformer, tokenizer, b)
+        print(format_breakdown(rows), flush=True)
+        return 0
     print(table_head(args.runs), flush=True)
     results = run_benchmarks(
         transformer,
@@ -118,6 +127,7 @@ def run_cli(args: argparse.Namespace) -> int:
 def _rerun_single_threaded(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "tinyllm_trio", "bench", "model", "--runs", str(args.runs)]
     cmd += ["--batches", args.batches] + (["--compare-numpy"] if args.compare_numpy else [])
+    cmd += ["--breakdown"] if args.breakdown else []
     if args.model:
         cmd += ["--model", str(args.model)]
     if args.attention_scale:
@@ -138,8 +148,8 @@ def _load(model: str | None, attention_scale: str | None):
             raise
         config = ModelConfig(attention_scale=attention_scale or "head")
         note = "random weights, default shapes (no trained default checkpoint yet)"
-        return Transformer.random(config), f"{note}: {config}"
-    return loaded.transformer, f"{loaded.path}: {loaded.transformer.config}"
+        return Transformer.random(config), None, f"{note}: {config}"
+    return loaded.transformer, loaded.tokenizer, f"{loaded.path}: {loaded.transformer.config}"
 
 
 def run_benchmarks(
@@ -342,3 +352,74 @@ def format_table(results: dict, runs: int) -> str:
         if b in results.get("decode_numpy", {}):
             rows.append((f"decode, batch {b}, numpy", results["decode_numpy"][b]))
     return "\n".join([table_head(runs), *(table_row(name, r) for name, r in rows)])
+
+
+# ---- where a decode step's time goes ------------------------------------------------------------
+
+BREAKDOWN_PARTS = (
+    "weight matmuls (BLAS)",
+    "compiled step (all layers)",
+    "attention kernel",
+    "LayerNorm kernel",
+    "GELU kernel",
+    "sampling and events",
+    "other Python and numpy",
+)
+
+
+def _part_of(filename: str, funcname: str) -> str:
+    if funcname == "_linear":
+        return BREAKDOWN_PARTS[0]
+    if "decode_small_batch" in funcname:
+        return BREAKDOWN_PARTS[1]
+    if "attend_one_token" in funcname:
+        return BREAKDOWN_PARTS[2]
+    if "layernorm" in funcname:
+        return BREAKDOWN_PARTS[3]
+    if funcname in ("gelu", "gelu_"):
+        return BREAKDOWN_PARTS[4]
+    if (
+        "argmax" in funcname
+        or filename.endswith(("sampling.py", "tokenizer.py"))
+        or (filename.endswith("batching.py") and funcname in ("_accept", "_finish"))
+    ):
+        return BREAKDOWN_PARTS[5]
+    return BREAKDOWN_PARTS[6]
+
+
+def step_breakdown(transformer, tokenizer, batch: int, steps: int = 48) -> dict[str, float]:
+    """Shares (fractions of the total) of a continuous batcher's decode steps at `batch`
+    sequences, by part, from a deterministic profile (cProfile) of `steps` steps: each
+    function's own time is charged to the part it belongs to. The profiler adds a fixed cost
+    per Python call, so the Python parts read somewhat high; the kernels and BLAS calls are
+    timed as they run."""
+    import cProfile
+    import pstats
+
+    from tinyllm_trio.model.batching import ContinuousBatcher
+    from tinyllm_trio.model.sampling import SamplingParams
+
+    batcher = ContinuousBatcher(transformer, tokenizer, batch)
+    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        batcher.submit(i, [2] + [7 + i % 50] * (DECODE_PROMPT - 1), params)
+    while batcher.waiting or batcher.active < batch:
+        batcher.step()  # prompts in; the steps after are decode steps of the whole batch
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(steps):
+        batcher.step()
+    profile.disable()
+    shares = dict.fromkeys(BREAKDOWN_PARTS, 0.0)
+    for (filename, _, funcname), row in pstats.Stats(profile).stats.items():
+        shares[_part_of(filename, funcname)] += row[2]  # tottime: the function's own time
+    total = sum(shares.values()) or 1.0
+    return {part: t / total for part, t in shares.items()}
+
+
+def format_breakdown(rows: dict[int, dict[str, float]]) -> str:
+    head = f"{'share of a decode step':<30}" + "".join(f"{f'batch {b}':>10}" for b in rows)
+    lines = [head]
+    for part in BREAKDOWN_PARTS:
+        lines.append(f"{part:<30}" + "".join(f"{rows[b][part]:>10.0%}" for b in rows))
+    return "\n".join(lines)

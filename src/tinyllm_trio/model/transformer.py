@@ -31,9 +31,9 @@ How the decode step stays cheap (llama2.c's "run state" idea, in numpy):
   only up to its own length (no padding, no mask) with all heads streaming from memory at once,
   and applies an exact softmax (numpy's stacked matmuls waited on one (sequence, head) block
   of the cache at a time);
-- LayerNorm is one compiled call over all rows (numpy took ~9 passes over short rows); the
-  exact-erf GELU is in-place numpy passes on preallocated buffers, with the pass count kept low
-  (see `gelu_`); a batch-32 step is
+- LayerNorm is one compiled call over all rows (numpy took ~9 passes over short rows), and so
+  is the exact-erf GELU (`kernels.gelu`: one vectorised pass where numpy needs 19, see
+  `gelu_`, kept as its reference); a batch-32 step is
   dominated by the weight matmuls, then by reading the KV cache from memory;
 - the LM head is one matmul. BLAS threads are the caller's business (a worker runs one per core;
   set OPENBLAS_NUM_THREADS=1 before numpy is imported, as the worker and the bench do).
@@ -172,7 +172,9 @@ _AS_B = tuple(a / _AS_C ** (i + 1) for i, a in enumerate(_AS_A[:4]))  # b1..b4, 
 
 
 def gelu_(x: np.ndarray, t: np.ndarray, u: np.ndarray, acc: np.ndarray) -> np.ndarray:
-    """Exact (erf) GELU of `x` in place; t, u, acc are scratch arrays of x's shape.
+    """Exact (erf) GELU of `x` in place; t, u, acc are scratch arrays of x's shape. The
+    reference for the compiled `kernels.gelu`, which the model runs (the same evaluation in
+    one vectorised pass).
 
     Every step is one in-place numpy pass over the FFN hidden layer (B x 4C per layer, the
     largest elementwise work of a decode step), so the pass count and each pass's cost matter:
@@ -200,6 +202,12 @@ def gelu_(x: np.ndarray, t: np.ndarray, u: np.ndarray, acc: np.ndarray) -> np.nd
     x *= 0.5  # relu(x), exactly
     x -= acc
     return x
+
+
+def _linear(x: np.ndarray, w: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """x @ w (into `out`): a function of its own so that a profile (`bench model --breakdown`)
+    can tell the weight matmuls apart, np.matmul being a ufunc, which profilers do not see."""
+    return np.matmul(x, w, out=out)
 
 
 def _softmax_(a: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -321,7 +329,7 @@ class KVCache:
         self.h = np.zeros((capacity, C), dtype=_F32)  # LayerNorm output
         self.qkv = np.zeros((capacity, 3 * C), dtype=_F32)
         self.y = np.zeros((capacity, C), dtype=_F32)  # attention output, heads concatenated
-        self.ff = np.zeros((4, capacity, 4 * C), dtype=_F32)  # FFN hidden + 3 GELU scratch
+        self.ff = np.zeros((capacity, 4 * C), dtype=_F32)  # FFN hidden layer
         self.scores = np.zeros((H, T), dtype=_F32)  # attention kernel scratch
         self.head_acc = np.zeros((H, hs), dtype=_F32)
 
@@ -688,7 +696,7 @@ class Transformer:
         h, y = np.empty_like(x), np.empty_like(x)
         longest = max(end - start for start, end in bounds)
         att_max = np.empty((H, longest, 1), dtype=_F32)
-        ff = np.empty((4, N, 4 * C), dtype=_F32)
+        ff = np.empty((N, 4 * C), dtype=_F32)
         span = max(end - start + p for (start, end), p in zip(bounds, past, strict=True))
         causal = np.triu(np.full((span, span), -np.inf, dtype=_F32), k=1)
         for i, layer in enumerate(self.layers):
@@ -705,8 +713,8 @@ class Transformer:
                 y[start:end] = (att @ v[i]).transpose(1, 0, 2).reshape(T, C)
             x += y @ layer.w_proj
             kern.layernorm(x, layer.ln2_w, layer.ln2_b, h)
-            f = np.matmul(h, layer.w_fc, out=ff[0])  # (N, 4C)
-            gelu_(f, ff[1], ff[2], ff[3])
+            f = np.matmul(h, layer.w_fc, out=ff)  # (N, 4C)
+            kern.gelu(f, self._gelu_consts)
             x += f @ layer.w_out
         if last_only:
             last = [end - 1 for _, end in bounds]
@@ -768,7 +776,7 @@ class Transformer:
         B, kern = len(tokens), self._kernels
         pos = cache.lengths[:B]  # (B,) position of the new token = tokens held so far
         x, h, qkv, y = cache.x[:B], cache.h[:B], cache.qkv[:B], cache.y[:B]
-        f, t, u, acc = cache.ff[:, :B]
+        f = cache.ff[:B]
         if self.fused_max_batch >= B:
             w, logits = self._layer_rows, np.empty((B, self.config.vocab_size), dtype=_F32)
             kern.decode_small_batch(
@@ -783,17 +791,17 @@ class Transformer:
         x += self.pe[pos]
         for i, layer in enumerate(self.layers):
             kern.layernorm(x, layer.ln1_w, layer.ln1_b, h)
-            np.matmul(h, layer.w_qkv, out=qkv)  # (B, 3C)
+            _linear(h, layer.w_qkv, qkv)  # (B, 3C)
             # stores this token's keys and values in the cache, y = attention output (B, C)
             kern.attend_one_token(qkv, cache.kv[i], pos, y, cache.scores, cache.head_acc)
-            x += np.matmul(y, layer.w_proj, out=h)
+            x += _linear(y, layer.w_proj, h)
             kern.layernorm(x, layer.ln2_w, layer.ln2_b, h)
-            np.matmul(h, layer.w_fc, out=f)  # (B, 4C)
-            gelu_(f, t, u, acc)
-            x += np.matmul(f, layer.w_out if B > 1 else layer.w_out_rows.T, out=h)
+            _linear(h, layer.w_fc, f)  # (B, 4C)
+            kern.gelu(f, self._gelu_consts)
+            x += _linear(f, layer.w_out if B > 1 else layer.w_out_rows.T, h)
         cache.lengths[:B] += 1
         kern.layernorm(x, self.ln_f_w, self.ln_f_b, h)
-        return h @ self.w_head  # (B, V), a fresh array the caller may keep
+        return _linear(h, self.w_head, None)  # (B, V), a fresh array the caller may keep
 
     # ---- validation --------------------------------------------------------------------------
 
