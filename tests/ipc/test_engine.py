@@ -284,11 +284,13 @@ async def test_drain_finishes_short_requests_and_ends_long_ones(long_checkpoint:
                     finals[name] = event
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, "short", SamplingParams(max_tokens=20, temperature=0))
+            # a grace between the short one's 4 steps and the long one's ~500 (the rest of the
+            # context): it holds for steps of 0.1 to 12 ms
+            nursery.start_soon(run, "short", SamplingParams(max_tokens=4, temperature=0))
             nursery.start_soon(run, "long", SamplingParams(max_tokens=5000, ignore_eos=True))
             await _wait_until(lambda: engine.stats()["running"] == 2)
             t0 = trio.current_time()
-            await engine.drain(grace=0.15)
+            await engine.drain(grace=0.05)
             assert trio.current_time() - t0 < 0.5
             assert not engine.ready and not engine.accepting
             with pytest.raises(ShuttingDownError):
