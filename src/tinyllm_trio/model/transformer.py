@@ -68,9 +68,9 @@ __all__ = [
 
 _F32 = np.float32
 # Decode steps of up to this many sequences run as one compiled call
-# (`kernels.decode_small_batch`); larger ones as numpy and BLAS calls, which catch up from
-# about 24 (`tinyllm-trio bench model --compare-numpy --batches ...` measures both).
-FUSED_MAX_BATCH = 16
+# (`kernels.decode_small_batch`); larger ones as BLAS matmuls around compiled kernels, which
+# catch up at 12 to 16 (`tinyllm-trio bench model --compare-numpy --batches ...` measures both).
+FUSED_MAX_BATCH = 12
 
 
 class CacheFullError(RuntimeError):
