@@ -35,7 +35,8 @@ from tinyllm_trio.ipc.ring import shm_entries
 
 @pytest.fixture(scope="module")
 def slow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """TinyLLM's real shapes (6 layers, 192 wide, context 512): slow enough to catch mid-stream."""
+    """TinyLLM's real shapes (6 layers, 192 wide, context 512): a 400-token stream lasts long
+    enough (~0.1 s or more) to catch it mid-stream."""
     return save_random_checkpoint(tmp_path_factory.mktemp("slow-model"), seed=3)
 
 
@@ -224,13 +225,20 @@ async def serve_process(
         await proc.wait()
 
 
-async def _stream_to_end(port: int, path: str, body: dict, results: list) -> None:
-    """Record (status, body) or, for a stream cut off mid-way, (None, the exception)."""
+async def _stream_to_end(
+    port: int, path: str, body: dict, results: list, streaming: trio.Semaphore | None = None
+) -> None:
+    """Record (status, body) or, for a stream cut off mid-way, (None, the exception);
+    `streaming` is released once the body's first chunk has arrived."""
     try:
         async with await HTTPClient.connect("127.0.0.1", port) as client:
             response = await client.request("POST", path, json=body)
-            data = b"".join([chunk async for chunk in response.chunks()])
-            results.append((response.status, data))
+            chunks = []
+            async for chunk in response.chunks():
+                if not chunks and streaming is not None:
+                    streaming.release()
+                chunks.append(chunk)
+            results.append((response.status, b"".join(chunks)))
     except (h11.RemoteProtocolError, trio.BrokenResourceError, OSError) as exc:
         results.append((None, exc))
 
@@ -239,23 +247,16 @@ async def _signal_under_load(
     server: ServerProcess, signals: list[int], body: dict
 ) -> tuple[list, float]:
     results: list = []
+    streaming = trio.Semaphore(4, max_value=4)
     async with trio.open_nursery() as nursery:
         for _ in range(4):
-            nursery.start_soon(_stream_to_end, server.port, "/v1/completions", body, results)
-        with trio.fail_after(20):
-            while (
-                re.search(
-                    r"tinyllm_num_requests_running 4",
-                    (
-                        await raw_request(
-                            server.port,
-                            b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-                        )
-                    ).decode(),
-                )
-                is None
-            ):
-                await trio.sleep(0.02)
+            await streaming.acquire()
+            nursery.start_soon(
+                _stream_to_end, server.port, "/v1/completions", body, results, streaming
+            )
+        with trio.fail_after(20):  # every stream has sent its head and a first token
+            for _ in range(4):
+                await streaming.acquire()
         start = trio.current_time()
         for signum in signals:
             server.proc.send_signal(signum)
@@ -303,7 +304,8 @@ async def test_sigint_under_load_drains_and_exits_zero(slow_checkpoint, tmp_path
 async def test_sigterm_past_the_grace_period_ends_streams_with_an_error(
     slow_checkpoint, tmp_path
 ) -> None:
-    flags = ("--shutdown-grace", "0.5", "--pin-workers", "false")
+    # a grace far shorter than the 4 x 400 tokens left (the compiled step decodes them in ~0.3 s)
+    flags = ("--shutdown-grace", "0.05", "--pin-workers", "false")
     async with serve_process(slow_checkpoint, tmp_path, *flags) as server:
         await server.wait_ready()
         assert _worker_affinities(server) == [os.sched_getaffinity(0)]  # not pinned
@@ -313,7 +315,7 @@ async def test_sigterm_past_the_grace_period_ends_streams_with_an_error(
     assert len(results) == 4
     for status, data in results:
         events = sse_events(bytearray(), data)
-        assert status == 200 and events[-1] == "[DONE]"
+        assert status == 200 and events[-1] == "[DONE]", (status, data[:400])
         assert "shutting down" in json.loads(events[-2])["error"]["message"]
     assert shm_entries(server.proc.pid) == []
 
