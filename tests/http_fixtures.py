@@ -10,6 +10,7 @@ the worker pool instead.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -278,3 +279,15 @@ def dechunk(body: bytes) -> list[bytes]:
         chunks.append(body[start : start + size])
         assert body[start + size : start + size + 2] == b"\r\n"
         pos = start + size + 2
+
+
+def raw_decode_all(data: bytes) -> list[dict]:
+    """/process's body as the original clients read it: `raw_decode` over the concatenated
+    stream of JSON objects, with no separator between them."""
+    text = data.decode("utf-8")
+    decoder = json.JSONDecoder()
+    objects, pos = [], 0
+    while pos < len(text):
+        obj, pos = decoder.raw_decode(text, pos)
+        objects.append(obj)
+    return objects

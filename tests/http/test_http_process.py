@@ -17,23 +17,13 @@ from http_fixtures import (
     dechunk,
     get,
     post,
+    raw_decode_all,
     raw_request,
     read_until,
     running_server,
     split_response,
 )
 from tinyllm_trio.http.process_api import DEFAULT_MAX_TOKENS, chunk
-
-
-def _raw_decode_all(data: bytes) -> list[dict]:
-    """What the original clients do: raw_decode on the concatenated stream, no whitespace."""
-    text = data.decode("utf-8")
-    decoder = json.JSONDecoder()
-    objects, pos = [], 0
-    while pos < len(text):
-        obj, pos = decoder.raw_decode(text, pos)
-        objects.append(obj)
-    return objects
 
 
 async def test_ping_bytes() -> None:
@@ -85,7 +75,7 @@ async def test_process_eos_stop_ends_with_an_empty_last_chunk() -> None:
         {"chunk": "", "is_last": True},
     ]
     # One JSON object per chunk, no separators: the original clients' raw_decode parses it.
-    objects = _raw_decode_all(b"".join(chunks))
+    objects = raw_decode_all(b"".join(chunks))
     assert "".join(o["chunk"] for o in objects[1:]) == " the cat the"
     assert objects[-1]["is_last"] is True
 
@@ -259,7 +249,7 @@ async def test_curl_sees_process_chunks_as_they_are_generated() -> None:
                 f"http://127.0.0.1:{port}/process",
             ]
         )
-    objects = _raw_decode_all(b"".join(data for _, data in arrivals))
+    objects = raw_decode_all(b"".join(data for _, data in arrivals))
     assert [o["chunk"] for o in objects] == ["Lily"] + [" worried"] * 6
     assert len(arrivals) >= 5  # not one burst at the end
     first_token = next(t for t, data in arrivals if b"worried" in data)

@@ -34,6 +34,7 @@ import pytest
 import trio
 
 from conftest import save_random_checkpoint
+from http_fixtures import raw_decode_all
 from tinyllm_trio.bench.client import HTTPClient, sse_events
 from tinyllm_trio.ipc.ring import shm_entries
 
@@ -323,15 +324,6 @@ async def _append(outcomes: list[Outcome], pending) -> None:
     outcomes.append(await pending)
 
 
-def _json_objects(data: bytes | str) -> list[dict]:
-    text = data.decode() if isinstance(data, bytes) else data
-    decoder, objects, at = json.JSONDecoder(), [], 0
-    while text[at:].strip():
-        obj, at = decoder.raw_decode(text, len(text) - len(text[at:].lstrip()))
-        objects.append(obj)
-    return objects
-
-
 async def test_first_token_arrives_long_before_the_last(fleet: Fleet) -> None:
     """/process sends no X-Accel-Buffering: only `proxy_buffering off` keeps it a stream."""
     async with await HTTPClient.connect("127.0.0.1", fleet.port) as client:
@@ -345,7 +337,7 @@ async def test_first_token_arrives_long_before_the_last(fleet: Fleet) -> None:
             arrivals.append((trio.current_time() - start, chunk))
     assert len(arrivals) > 100  # a chunk per token (a spelled word's letters may share one)
     # nginx forwards what it has read: a chunk can carry two of the server's JSON objects
-    assert _json_objects(arrivals[-1][1])[-1]["is_last"] is True
+    assert raw_decode_all(arrivals[-1][1])[-1]["is_last"] is True
     first, last = arrivals[0][0], arrivals[-1][0]
     assert last > 0.3, last  # the generation takes a while ...
     assert first < 0.2 * last, (first, last)  # ... and its first token is not held back

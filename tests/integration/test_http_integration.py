@@ -27,7 +27,15 @@ import pytest
 import trio
 
 from conftest import save_random_checkpoint
-from http_fixtures import dechunk, post, raw_request, read_until, running_server, split_response
+from http_fixtures import (
+    dechunk,
+    post,
+    raw_decode_all,
+    raw_request,
+    read_until,
+    running_server,
+    split_response,
+)
 from tinyllm_trio.bench.client import HTTPClient, sse_events
 from tinyllm_trio.engine import Engine, open_engine
 from tinyllm_trio.ipc.ring import shm_entries
@@ -47,14 +55,6 @@ async def live(checkpoint: Path, **overrides) -> AsyncIterator[tuple[Engine, int
         running_server(engine, **overrides) as (_, port),
     ):
         yield engine, port
-
-
-def _raw_decode_all(text: str) -> list[dict]:
-    decoder, objects, pos = json.JSONDecoder(), [], 0
-    while pos < len(text):
-        obj, pos = decoder.raw_decode(text, pos)
-        objects.append(obj)
-    return objects
 
 
 async def test_openai_sdk_and_the_original_process_api_on_real_workers(tiny_checkpoint) -> None:
@@ -124,7 +124,7 @@ async def test_openai_sdk_and_the_original_process_api_on_real_workers(tiny_chec
     assert out["too_long"]["code"] == "context_length_exceeded"
     assert status == 200 and headers["content-type"] == "application/json"
     chunks = dechunk(body)
-    objects = _raw_decode_all(b"".join(chunks).decode("utf-8"))
+    objects = raw_decode_all(b"".join(chunks))
     assert len(objects) == len(chunks)  # one object per chunk
     assert objects[0] == {"chunk": "once upon a time", "is_last": False}
     assert objects[-1]["is_last"] is True and not any(o["is_last"] for o in objects[:-1])
