@@ -276,16 +276,16 @@ def _timed_alternately(
 def to_json(results: dict) -> dict:
     """Medians of the wall-clock rates, in the documented JSON shape (plus the machine's
     measured limits when the run measured them)."""
+
+    def medians(by_batch: dict) -> dict[str, float]:
+        return {str(b): round(statistics.median(r.wall), 1) for b, r in by_batch.items()}
+
     out = {
         "prefill_128": round(statistics.median(results["prefill_128"].wall), 1),
-        "decode": {
-            str(b): round(statistics.median(r.wall), 1) for b, r in results["decode"].items()
-        },
+        "decode": medians(results["decode"]),
     }
     if "decode_numpy" in results:
-        out["decode_numpy"] = {
-            str(b): round(statistics.median(r.wall), 1) for b, r in results["decode_numpy"].items()
-        }
+        out["decode_numpy"] = medians(results["decode_numpy"])
     if "machine" in results:
         out["machine"] = results["machine"]
     return out

@@ -547,8 +547,14 @@ class Transformer:
             "w_fc": [layer.w_fc.T for layer in self.layers],
             "w_out": [layer.w_out_rows for layer in self.layers],
         }
-        self._layer_rows = _hugepage_copies({n: np.stack(a) for n, a in stacked.items()})
+        rows = _hugepage_copies({n: np.stack(a) for n, a in stacked.items()})
         self._gelu_consts = np.array([_AS_P, _AS_C / _AS_P, *_AS_B], dtype=_F32)
+        # decode_small_batch's arguments after the tokens and positions, in its order
+        self._fused_weights = (
+            self.wte, self.pe, rows["ln1_w"], rows["ln1_b"], rows["w_qkv"], rows["w_proj"],
+            rows["ln2_w"], rows["ln2_b"], rows["w_fc"], rows["w_out"], self.ln_f_w, self.ln_f_b,
+            canonical["lm_head.weight"], self._gelu_consts,
+        )  # fmt: skip
         self.fused_max_batch = FUSED_MAX_BATCH
 
     @classmethod
@@ -778,12 +784,10 @@ class Transformer:
         x, h, qkv, y = cache.x[:B], cache.h[:B], cache.qkv[:B], cache.y[:B]
         f = cache.ff[:B]
         if self.fused_max_batch >= B:
-            w, logits = self._layer_rows, np.empty((B, self.config.vocab_size), dtype=_F32)
+            logits = np.empty((B, self.config.vocab_size), dtype=_F32)
             kern.decode_small_batch(
-                np.ascontiguousarray(tokens, dtype=np.int64), pos, self.wte, self.pe,
-                w["ln1_w"], w["ln1_b"], w["w_qkv"], w["w_proj"], w["ln2_w"], w["ln2_b"],
-                w["w_fc"], w["w_out"], self.ln_f_w, self.ln_f_b, self._canonical["lm_head.weight"],
-                self._gelu_consts, cache.kv, x, h, qkv, y, f, cache.scores, cache.head_acc, logits,
+                np.ascontiguousarray(tokens, dtype=np.int64), pos, *self._fused_weights,
+                cache.kv, x, h, qkv, y, f, cache.scores, cache.head_acc, logits,
             )  # fmt: skip
             cache.lengths[:B] += 1
             return logits

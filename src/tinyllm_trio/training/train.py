@@ -186,7 +186,7 @@ def run_cli(args: argparse.Namespace) -> int:
         f"held-out {len(heldout_ids):,} tokens; encoded in {time.perf_counter() - t0:.1f}s",
         flush=True,
     )
-    # a resumed run keeps its model shape (the shape flags are ignored then)
+    # a resumed or --init run keeps the model's shape (the shape flags are ignored then)
     if state is not None:
         config = ModelConfig.from_dict(state["config"])
     elif init is not None:
