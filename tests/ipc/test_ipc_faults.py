@@ -236,13 +236,14 @@ async def test_worker_stderr_and_pool_lines_are_json_with_log_format_json(
 
 
 async def test_a_lone_surrogate_stop_through_the_engine_fails_only_that_call(
-    tiny_checkpoint: Path,
+    long_checkpoint: Path,
 ) -> None:
     """The audit's request: refused by the call itself (param "stop"), before anything is
-    queued; a stream already running goes on and the engine keeps serving."""
+    queued; a stream already running goes on and the engine keeps serving. (The long model:
+    on the tiny one, with a 64-token context, the stream could end before it is counted.)"""
     from tinyllm_trio.engine import InvalidParameterError, open_engine
 
-    async with open_engine(tiny_checkpoint, workers=1) as engine:
+    async with open_engine(long_checkpoint, workers=1) as engine:
         async with engine.generate([2, 7], LONG) as running:
             first = await running.__anext__()
             assert isinstance(first, TokenEvent)
