@@ -542,7 +542,12 @@ def _decode_both_paths(model: Transformer, lengths: list[int], steps: int, monke
     return out["compiled"], out["numpy"]
 
 
-@pytest.mark.parametrize("lengths", [[5], [1, 30], [7, 3, 40, 12], [2, 9, 33, 1, 18, 40, 4]])
+# batch sizes that take each of the compiled matvec's blocks: a lone row, a pair, pair + lone,
+# 4 x 4 blocks, and 4 x 4 + pair (+ lone)
+@pytest.mark.parametrize(
+    "lengths",
+    [[5], [1, 30], [8, 2, 21], [7, 3, 40, 12], [4, 11, 2, 30, 6, 19], [2, 9, 33, 1, 18, 40, 4]],
+)
 def test_compiled_decode_step_gives_the_numpy_paths_logits(model, lengths, monkeypatch):
     compiled, reference = _decode_both_paths(model, lengths, 20, monkeypatch)
     scale = np.abs(reference).max()

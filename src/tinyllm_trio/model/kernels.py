@@ -136,75 +136,186 @@ _KV_CACHE = nt.Array(_F32, 6, "C")
 _TOKENS = nt.Array(nt.int64, 1, "C")
 
 
+_ROW_GROUP = 16  # weight rows per pass: 16 running dot products fill the vector registers
+
+
 @numba.njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, error_model="numpy", inline="always")
 def _rows_matvec(x, w, out):  # pragma: no cover - compiled
-    """out[b, o] = x[b] . w[o] for x [B, K], w [N, K]. Each weight row is read once for the
-    whole batch; four rows at a time against four batch rows at a time (16 running dot
-    products, 8 loads for 16 multiply-adds), then the batch rows left over."""
+    """out[b, o] = x[b] . w[o] for x [B, K], w [N, K].
+
+    The weights are taken 16 rows (12 KiB at K=192) at a time, and each group is used by every
+    batch row while it is in L1: blocks of 4 batch rows x 4 weight rows, then a pair of batch
+    rows x 8 weight rows, then a lone row against all 16. Each block keeps 16 running dot
+    products, the most the 32 vector registers hold with their operands. At batch 1 the weights
+    come from L3 (13 MB for the default model), and 16 rows in flight stream them ~15% faster
+    than 4 did; at batch 2 the pair block reads them once instead of twice (~1.5x). The stores
+    are one statement per element: a tuple assigned to a slice compiles to a slower loop."""
     B, K = x.shape
     N = w.shape[0]
     full = B - B % 4
+    pair = B - B % 2
     o = 0
-    while o + 4 <= N:
+    while o + _ROW_GROUP <= N:
         for b in range(0, full, 4):
-            s00 = s01 = s02 = s03 = np.float32(0.0)
-            s10 = s11 = s12 = s13 = np.float32(0.0)
-            s20 = s21 = s22 = s23 = np.float32(0.0)
-            s30 = s31 = s32 = s33 = np.float32(0.0)
-            for i in range(K):
-                w0, w1, w2, w3 = w[o, i], w[o + 1, i], w[o + 2, i], w[o + 3, i]
-                x0, x1, x2, x3 = x[b, i], x[b + 1, i], x[b + 2, i], x[b + 3, i]
-                s00 += x0 * w0
-                s01 += x0 * w1
-                s02 += x0 * w2
-                s03 += x0 * w3
-                s10 += x1 * w0
-                s11 += x1 * w1
-                s12 += x1 * w2
-                s13 += x1 * w3
-                s20 += x2 * w0
-                s21 += x2 * w1
-                s22 += x2 * w2
-                s23 += x2 * w3
-                s30 += x3 * w0
-                s31 += x3 * w1
-                s32 += x3 * w2
-                s33 += x3 * w3
-            out[b, o], out[b, o + 1], out[b, o + 2], out[b, o + 3] = s00, s01, s02, s03
-            out[b + 1, o], out[b + 1, o + 1], out[b + 1, o + 2], out[b + 1, o + 3] = (
-                s10,
-                s11,
-                s12,
-                s13,
-            )
-            out[b + 2, o], out[b + 2, o + 1], out[b + 2, o + 2], out[b + 2, o + 3] = (
-                s20,
-                s21,
-                s22,
-                s23,
-            )
-            out[b + 3, o], out[b + 3, o + 1], out[b + 3, o + 2], out[b + 3, o + 3] = (
-                s30,
-                s31,
-                s32,
-                s33,
-            )
-        for b in range(full, B):
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for i in range(K):
-                xi = x[b, i]
-                s0 += xi * w[o, i]
-                s1 += xi * w[o + 1, i]
-                s2 += xi * w[o + 2, i]
-                s3 += xi * w[o + 3, i]
-            out[b, o], out[b, o + 1], out[b, o + 2], out[b, o + 3] = s0, s1, s2, s3
-        o += 4
-    for r in range(o, N):
+            for q in range(o, o + _ROW_GROUP, 4):
+                _block4x4(x, w, out, b, q)
+        for b in range(full, pair, 2):
+            _block2x8(x, w, out, b, o)
+            _block2x8(x, w, out, b, o + 8)
+        if pair < B:
+            _row16(x, w, out, B - 1, o)
+        o += _ROW_GROUP
+    for r in range(o, N):  # the last N % 16 rows (2 of the 3,266 in the head)
         for b in range(B):
             s = np.float32(0.0)
             for i in range(K):
                 s += x[b, i] * w[r, i]
             out[b, r] = s
+
+
+@numba.njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, error_model="numpy", inline="always")
+def _block4x4(x, w, out, b, o):  # pragma: no cover - compiled
+    """out[b:b+4, o:o+4]: 8 loads feed 16 multiply-adds."""
+    K = x.shape[1]
+    s00 = s01 = s02 = s03 = np.float32(0.0)
+    s10 = s11 = s12 = s13 = np.float32(0.0)
+    s20 = s21 = s22 = s23 = np.float32(0.0)
+    s30 = s31 = s32 = s33 = np.float32(0.0)
+    for i in range(K):
+        x0 = x[b, i]
+        x1 = x[b + 1, i]
+        x2 = x[b + 2, i]
+        x3 = x[b + 3, i]
+        w0 = w[o, i]
+        s00 += x0 * w0
+        s10 += x1 * w0
+        s20 += x2 * w0
+        s30 += x3 * w0
+        w1 = w[o + 1, i]
+        s01 += x0 * w1
+        s11 += x1 * w1
+        s21 += x2 * w1
+        s31 += x3 * w1
+        w2 = w[o + 2, i]
+        s02 += x0 * w2
+        s12 += x1 * w2
+        s22 += x2 * w2
+        s32 += x3 * w2
+        w3 = w[o + 3, i]
+        s03 += x0 * w3
+        s13 += x1 * w3
+        s23 += x2 * w3
+        s33 += x3 * w3
+    out[b, o] = s00
+    out[b, o + 1] = s01
+    out[b, o + 2] = s02
+    out[b, o + 3] = s03
+    out[b + 1, o] = s10
+    out[b + 1, o + 1] = s11
+    out[b + 1, o + 2] = s12
+    out[b + 1, o + 3] = s13
+    out[b + 2, o] = s20
+    out[b + 2, o + 1] = s21
+    out[b + 2, o + 2] = s22
+    out[b + 2, o + 3] = s23
+    out[b + 3, o] = s30
+    out[b + 3, o + 1] = s31
+    out[b + 3, o + 2] = s32
+    out[b + 3, o + 3] = s33
+
+
+@numba.njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, error_model="numpy", inline="always")
+def _block2x8(x, w, out, b, o):  # pragma: no cover - compiled
+    """out[b:b+2, o:o+8]: each weight load feeds both batch rows."""
+    K = x.shape[1]
+    s00 = s01 = s02 = s03 = s04 = s05 = s06 = s07 = np.float32(0.0)
+    s10 = s11 = s12 = s13 = s14 = s15 = s16 = s17 = np.float32(0.0)
+    for i in range(K):
+        x0 = x[b, i]
+        x1 = x[b + 1, i]
+        w0 = w[o, i]
+        s00 += x0 * w0
+        s10 += x1 * w0
+        w1 = w[o + 1, i]
+        s01 += x0 * w1
+        s11 += x1 * w1
+        w2 = w[o + 2, i]
+        s02 += x0 * w2
+        s12 += x1 * w2
+        w3 = w[o + 3, i]
+        s03 += x0 * w3
+        s13 += x1 * w3
+        w4 = w[o + 4, i]
+        s04 += x0 * w4
+        s14 += x1 * w4
+        w5 = w[o + 5, i]
+        s05 += x0 * w5
+        s15 += x1 * w5
+        w6 = w[o + 6, i]
+        s06 += x0 * w6
+        s16 += x1 * w6
+        w7 = w[o + 7, i]
+        s07 += x0 * w7
+        s17 += x1 * w7
+    out[b, o] = s00
+    out[b, o + 1] = s01
+    out[b, o + 2] = s02
+    out[b, o + 3] = s03
+    out[b, o + 4] = s04
+    out[b, o + 5] = s05
+    out[b, o + 6] = s06
+    out[b, o + 7] = s07
+    out[b + 1, o] = s10
+    out[b + 1, o + 1] = s11
+    out[b + 1, o + 2] = s12
+    out[b + 1, o + 3] = s13
+    out[b + 1, o + 4] = s14
+    out[b + 1, o + 5] = s15
+    out[b + 1, o + 6] = s16
+    out[b + 1, o + 7] = s17
+
+
+@numba.njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, error_model="numpy", inline="always")
+def _row16(x, w, out, b, o):  # pragma: no cover - compiled
+    """out[b, o:o+16]: one batch row against 16 weight rows."""
+    K = x.shape[1]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = s10 = s11 = s12 = s13 = s14 = s15 = (
+        np.float32(0.0)
+    )
+    for i in range(K):
+        xi = x[b, i]
+        s0 += xi * w[o + 0, i]
+        s1 += xi * w[o + 1, i]
+        s2 += xi * w[o + 2, i]
+        s3 += xi * w[o + 3, i]
+        s4 += xi * w[o + 4, i]
+        s5 += xi * w[o + 5, i]
+        s6 += xi * w[o + 6, i]
+        s7 += xi * w[o + 7, i]
+        s8 += xi * w[o + 8, i]
+        s9 += xi * w[o + 9, i]
+        s10 += xi * w[o + 10, i]
+        s11 += xi * w[o + 11, i]
+        s12 += xi * w[o + 12, i]
+        s13 += xi * w[o + 13, i]
+        s14 += xi * w[o + 14, i]
+        s15 += xi * w[o + 15, i]
+    out[b, o] = s0
+    out[b, o + 1] = s1
+    out[b, o + 2] = s2
+    out[b, o + 3] = s3
+    out[b, o + 4] = s4
+    out[b, o + 5] = s5
+    out[b, o + 6] = s6
+    out[b, o + 7] = s7
+    out[b, o + 8] = s8
+    out[b, o + 9] = s9
+    out[b, o + 10] = s10
+    out[b, o + 11] = s11
+    out[b, o + 12] = s12
+    out[b, o + 13] = s13
+    out[b, o + 14] = s14
+    out[b, o + 15] = s15
 
 
 @intrinsic
