@@ -370,9 +370,11 @@ async def test_a_client_that_stalls_briefly_gets_its_tokens_written_directly_aga
 async def test_a_client_that_stops_reading_mid_stream_of_a_real_engine_is_dropped(
     long_checkpoint, monkeypatch
 ) -> None:
-    """Tokens written by the engine's delivery task (the token sink) until the socket is full,
-    then the waiting writes under send_timeout: the stalled client is dropped, its generation
-    cancelled, and the server keeps serving."""
+    """Tokens written until the socket is full, then the waiting writes under send_timeout:
+    the stalled client is dropped, its generation cancelled, and the server keeps serving.
+    The socket usually fills on a write of the engine's delivery task (the token sink); on a
+    loaded machine enough tokens can queue before the sink is installed to fill it from the
+    waiting writes alone (the test above holds the sink's own path)."""
     writes = DirectWrites(monkeypatch)
     body = json.dumps(
         {"prompt": "once upon a time", "max_tokens": 490, "ignore_eos": True, "stream": True}
@@ -389,6 +391,6 @@ async def test_a_client_that_stops_reading_mid_stream_of_a_real_engine_is_droppe
             with trio.fail_after(20):  # dropped once a write has waited send_timeout
                 while not cancelled.search((await raw_request(port, get("/metrics"))).decode()):
                     await trio.sleep(0.05)
-        assert True in writes.results and writes.results[-1] is False  # the socket filled up
+        assert not writes.results or writes.results[-1] is False  # a sink stopped at a full socket
         assert engine.stats()["running"] == 0
         await _still_serving(port)

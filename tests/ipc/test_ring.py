@@ -41,8 +41,12 @@ from tinyllm_trio.model.batching import DoneEvent, ErrorEvent, TokenEvent
 from tinyllm_trio.model.sampling import SamplingParams
 
 
-def _ring(n_slots: int = 8, slot_size: int = 128) -> Ring:
-    return Ring.create(new_prefix() + "-t", n_slots=n_slots, slot_size=slot_size)
+def _ring(n_slots: int = 8, slot_size: int = 128, *, doorbell: bool = False) -> Ring:
+    return Ring.create(new_prefix() + "-t", n_slots=n_slots, slot_size=slot_size, doorbell=doorbell)
+
+
+# the pump reads in a thread, or (a ring with a doorbell, as the pool's response rings) in Trio
+pump_kinds = pytest.mark.parametrize("doorbell", [False, True], ids=["thread", "doorbell"])
 
 
 # --- codec -------------------------------------------------------------------------------------
@@ -320,8 +324,9 @@ async def test_trio_send_receive_and_cancel_loses_nothing() -> None:
         ring.destroy()
 
 
-async def test_pump_delivers_in_order_back_pressures_and_cancels_promptly() -> None:
-    ring = _ring(n_slots=4, slot_size=64)
+@pump_kinds
+async def test_pump_delivers_in_order_back_pressures_and_cancels_promptly(doorbell: bool) -> None:
+    ring = _ring(n_slots=4, slot_size=64, doorbell=doorbell)
     got: list = []
     try:
         # cancelled while idle: returns within about one wait slice, takes no count
@@ -353,11 +358,12 @@ async def test_pump_delivers_in_order_back_pressures_and_cancels_promptly() -> N
         ring.destroy()
 
 
-async def test_pump_cancelled_mid_stream_loses_nothing_it_read() -> None:
+@pump_kinds
+async def test_pump_cancelled_mid_stream_loses_nothing_it_read(doorbell: bool) -> None:
     """The pump's thread hands batches over without waiting for them to run; a cancel must
     still deliver every batch it read, in order, before pump returns (the rest stays in the
     ring). Cancelled from inside the first delivery, while the thread keeps reading."""
-    ring = _ring(n_slots=64, slot_size=64)
+    ring = _ring(n_slots=64, slot_size=64, doorbell=doorbell)
     got: list = []
     try:
         for i in range(60):
@@ -377,8 +383,9 @@ async def test_pump_cancelled_mid_stream_loses_nothing_it_read() -> None:
         ring.destroy()
 
 
-async def test_pump_raises_what_deliver_raised_and_stops() -> None:
-    ring = _ring(n_slots=64, slot_size=64)
+@pump_kinds
+async def test_pump_raises_what_deliver_raised_and_stops(doorbell: bool) -> None:
+    ring = _ring(n_slots=64, slot_size=64, doorbell=doorbell)
     calls: list[int] = []
     try:
         for i in range(30):
@@ -396,11 +403,12 @@ async def test_pump_raises_what_deliver_raised_and_stops() -> None:
         ring.destroy()
 
 
-async def test_pump_delivers_in_the_callers_context() -> None:
+@pump_kinds
+async def test_pump_delivers_in_the_callers_context(doorbell: bool) -> None:
     import contextvars
 
     var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
-    ring = _ring()
+    ring = _ring(doorbell=doorbell)
     seen: list[str] = []
     try:
         ring.put(1, 1, b"x")
@@ -413,6 +421,49 @@ async def test_pump_delivers_in_the_callers_context() -> None:
         with trio.CancelScope() as scope:
             await ring.pump(deliver)
         assert seen == ["the reader's"]
+    finally:
+        ring.destroy()
+
+
+PRODUCER = """
+import sys, time
+from tinyllm_trio.ipc.ring import Ring
+ring = Ring.attach(sys.argv[1], doorbell_fd=int(sys.argv[2]))
+for i in range(int(sys.argv[3])):
+    if i % 10 == 0:
+        time.sleep(0.02)  # the reader runs dry and sleeps until the next ring
+    ring.put(1, i, bytes([i % 256]) * (i % 300))  # some split over several slots
+"""
+
+
+async def test_doorbell_pump_wakes_for_another_process_without_a_thread(monkeypatch) -> None:
+    """The pool's response path: a worker process rings the inherited eventfd after each
+    message; the pump sleeps in Trio's epoll loop between bursts and misses no message."""
+
+    def no_threads(*args, **kwargs):
+        raise AssertionError("the doorbell pump must not wait in a thread")
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", no_threads)
+    ring = _ring(n_slots=8, slot_size=128, doorbell=True)
+    n = 200
+    got: list = []
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-c", PRODUCER, ring.name, str(ring.doorbell_fd), str(n)],
+            pass_fds=(ring.doorbell_fd,),
+        )
+
+        def deliver(frames) -> None:
+            got.extend(frames)
+            if len(got) == n:
+                scope.cancel()
+
+        with trio.fail_after(30), trio.CancelScope() as scope:
+            await ring.pump(deliver)
+        assert child.wait(timeout=10) == 0
+        assert [(f.request_id, f.payload) for f in got] == [
+            (i, bytes([i % 256]) * (i % 300)) for i in range(n)
+        ]
     finally:
         ring.destroy()
 

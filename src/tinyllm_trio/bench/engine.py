@@ -32,7 +32,10 @@ Wall-clock rates are honest only on an otherwise idle machine: the workers and t
 share the cores with everything else running. So each rate comes with its CPU cost per token
 (bare: this process's CPU time; engine: the workers' CPU time from /proc/<pid>/schedstat plus
 this process's, i.e. the IPC and routing included), and "1w/bare cpu" compares those: the
-process boundary's price measured in CPU, which a busy machine does not distort.
+process boundary's price measured in CPU, which a busy machine does not distort. "worker
+us/tok" is the worker process's share alone, and "worker/bare" sets it against the bare loop:
+what the same batcher costs inside a worker (messages, the ring, and a decode step slowed by
+the engine's work on the other core).
 
 With `--shared-prefix-words N` it measures the prefix cache instead: every prompt is the same N
 words then the usual short prompt as a distinct tail; two engines (the first `--workers` count
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -270,7 +274,8 @@ def _requests(text: str | None) -> int | str | None:
 # --- measurements --------------------------------------------------------------------------------
 
 
-Measurement = tuple[float, float]  # (tokens per second, CPU microseconds per token)
+Measurement = tuple[float, float, float]
+"""(tokens per second, CPU microseconds per token, of which the worker processes')"""
 
 
 def _cpu_ns(pid: int) -> int:
@@ -317,7 +322,7 @@ class BareLoop:
                     submitted += 1
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         assert tokens == total * load.max_tokens, tokens
-        return tokens / elapsed, cpu / tokens * 1e6
+        return tokens / elapsed, cpu / tokens * 1e6, cpu / tokens * 1e6  # all of it "worker"
 
 
 class BareProcesses:
@@ -367,8 +372,8 @@ class BareProcesses:
                 raise RuntimeError(f"a bare benchmark process exited ({child.wait()})")
             done.append(json.loads(line))
         tokens = sum(d["tokens"] for d in done)
-        cpu_s = sum(d["cpu_s"] for d in done)
-        return tokens / max(d["seconds"] for d in done), cpu_s / tokens * 1e6
+        cpu_us = sum(d["cpu_s"] for d in done) / tokens * 1e6
+        return tokens / max(d["seconds"] for d in done), cpu_us, cpu_us
 
     def close(self) -> None:
         for child in self.children:
@@ -390,7 +395,7 @@ def _bare_child(path: str, attention_scale: str | None, max_batch: int) -> int:
     for line in sys.stdin:
         order = json.loads(line)
         load = Load(order["max_tokens"], order["prompt_words"], order["requests"], max_batch)
-        rate, cpu_us = loop.run(order["c"], load)
+        rate, cpu_us, _ = loop.run(order["c"], load)
         tokens = order["requests"] * order["max_tokens"]
         result = {"tokens": tokens, "seconds": tokens / rate, "cpu_s": cpu_us * tokens / 1e6}
         print(json.dumps(result), flush=True)
@@ -406,9 +411,9 @@ async def _engine_run(engine, c: int, load: Load) -> Measurement:
     t0, cpu0 = time.perf_counter(), time.process_time()
     tokens = await run_on_engine(engine, c, total, load.max_tokens, load.prompt_words)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    cpu += (sum(_cpu_ns(pid) for pid in pids) - workers0) / 1e9
+    worker_cpu = (sum(_cpu_ns(pid) for pid in pids) - workers0) / 1e9
     assert tokens == total * load.max_tokens, tokens
-    return tokens / elapsed, cpu / tokens * 1e6
+    return tokens / elapsed, (cpu + worker_cpu) / tokens * 1e6, worker_cpu / tokens * 1e6
 
 
 def interleaved_measurements(
@@ -623,7 +628,7 @@ import sys
 from tinyllm_trio.ipc.messages import encode
 from tinyllm_trio.ipc.ring import Ring
 from tinyllm_trio.protocol import TokenEvent
-outbox, n = Ring.attach(sys.argv[1]), int(sys.argv[2])
+outbox, n = Ring.attach(sys.argv[1], doorbell_fd=int(sys.argv[3])), int(sys.argv[2])
 frame = encode(TokenEvent(7, [123], " cat"))
 for _ in range(n):
     outbox.put(*frame, timeout=30)
@@ -642,6 +647,10 @@ def ipc_costs(messages: int) -> dict[str, float]:
     base = new_prefix()
     there = Ring.create(base + "-b-there", n_slots=RESPONSE_SLOTS, slot_size=RESPONSE_SLOT_SIZE)
     back = Ring.create(base + "-b-back", n_slots=RESPONSE_SLOTS, slot_size=RESPONSE_SLOT_SIZE)
+    # streamed as the pool reads: a response ring with a doorbell, Ring.pump, decode each one
+    inbox = Ring.create(
+        base + "-b-in", n_slots=RESPONSE_SLOTS, slot_size=RESPONSE_SLOT_SIZE, doorbell=True
+    )
     try:
         rounds = max(1000, messages // 10)
         echo = subprocess.Popen([sys.executable, "-c", _ECHO, there.name, back.name, str(rounds)])
@@ -654,9 +663,12 @@ def ipc_costs(messages: int) -> dict[str, float]:
         round_trip = (time.perf_counter() - t0) / rounds
         echo.wait(timeout=30)
 
-        stream = subprocess.Popen([sys.executable, "-c", _STREAM, there.name, str(messages)])
+        bell = inbox.doorbell_fd
+        stream = subprocess.Popen(
+            [sys.executable, "-c", _STREAM, inbox.name, str(messages), str(bell)], pass_fds=(bell,)
+        )
 
-        async def receive() -> float:  # as the pool reads: Ring.pump, decode each message
+        async def receive() -> float:
             got = 0
             t0 = 0.0
 
@@ -671,7 +683,7 @@ def ipc_costs(messages: int) -> dict[str, float]:
                     scope.cancel()
 
             with trio.CancelScope() as scope:
-                await there.pump(deliver)
+                await inbox.pump(deliver)
             return (time.perf_counter() - t0) / messages
 
         streamed = trio.run(receive)
@@ -679,6 +691,7 @@ def ipc_costs(messages: int) -> dict[str, float]:
     finally:
         there.destroy()
         back.destroy()
+        inbox.destroy()
     return {"round_trip_us": round_trip * 1e6, "streamed_us_per_msg": streamed * 1e6}
 
 
@@ -737,6 +750,7 @@ def _medians(runs: list[Measurement]) -> dict[str, float]:
     return {
         "tokens_per_s": statistics.median(r[0] for r in runs),
         "cpu_us_per_token": statistics.median(r[1] for r in runs),
+        "worker_cpu_us_per_token": statistics.median(r[2] for r in runs),
     }
 
 
@@ -749,7 +763,7 @@ def format_table(results: dict) -> str:
     for w in workers:
         head += [f"engine {w}w tok/s", f"{w}w cpu us/tok"]
         if bare and w == 1:
-            head += ["1w/bare", "1w/bare cpu"]
+            head += ["1w/bare", "1w/bare cpu", "worker us/tok", "worker/bare"]
         if w != 1 and 1 in results["engine"]:
             head.append(f"{w}w/1w")
         if w != 1 and bare:
@@ -766,6 +780,9 @@ def format_table(results: dict) -> str:
                 row.append(f"{_run_ratio(results, '1w/bare', c):.2f}")
                 # efficiency: bare CPU per token / engine CPU per token (1.0 = free IPC)
                 row.append(f"{bare[c]['cpu_us_per_token'] / m['cpu_us_per_token']:.2f}")
+                # the worker process alone against the bare loop (1.0 = a worker costs nothing)
+                worker = m.get("worker_cpu_us_per_token", math.nan)  # older JSON files lack it
+                row += [f"{worker:.0f}", f"{worker / bare[c]['cpu_us_per_token']:.2f}"]
             if w != 1 and 1 in results["engine"]:
                 row.append(f"{_run_ratio(results, f'{w}w/1w', c):.2f}")
             if w != 1 and bare:

@@ -582,8 +582,8 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
             with trio.move_on_after(delay):
                 await self._stop_requested.wait()
 
-    def _new_ring(self, name: str, n_slots: int, slot_size: int) -> Ring:
-        ring = Ring.create(name, n_slots=n_slots, slot_size=slot_size)
+    def _new_ring(self, name: str, n_slots: int, slot_size: int, *, doorbell: bool = False) -> Ring:
+        ring = Ring.create(name, n_slots=n_slots, slot_size=slot_size, doorbell=doorbell)
         self._rings.add(ring)
         return ring
 
@@ -594,6 +594,8 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
     def _command(self, slot: WorkerSlot, requests: Ring, responses: Ring) -> list[str]:
         cmd = [sys.executable, "-m", "tinyllm_trio.ipc.worker"]
         cmd += ["--requests", requests.name, "--responses", responses.name]
+        if responses.doorbell_fd is not None:
+            cmd += ["--responses-doorbell", str(responses.doorbell_fd)]
         cmd += ["--parent-pid", str(os.getpid()), "--index", str(slot.index)]
         cmd += ["--max-batch", str(self.max_batch)]
         if not self.prefix_cache:
@@ -619,7 +621,12 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
                 # posix_ipc's errors (EMFILE, ENOSPC) are not OSError, and whatever fails here
                 # is a failed start of this slot, retried with back-off, never the pool's end.
                 rings.append(self._new_ring(base + "-req", REQUEST_SLOTS, REQUEST_SLOT_SIZE))
-                rings.append(self._new_ring(base + "-resp", RESPONSE_SLOTS, RESPONSE_SLOT_SIZE))
+                # the doorbell: the reader waits in Trio's epoll loop, not in a thread
+                rings.append(
+                    self._new_ring(
+                        base + "-resp", RESPONSE_SLOTS, RESPONSE_SLOT_SIZE, doorbell=True
+                    )
+                )
                 requests, responses = rings
                 process = await trio.lowlevel.open_process(
                     self._command(slot, requests, responses),
@@ -627,6 +634,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
                     stderr=subprocess.PIPE,  # re-logged: every line goes through `logging`
                     start_new_session=True,  # the terminal's Ctrl+C is the server's alone
                     env=single_threaded_env(),  # one BLAS thread: one worker per core
+                    pass_fds=(responses.doorbell_fd,),
                 )
             except Exception as e:  # e.g. EAGAIN, ENOMEM, EMFILE, a full /dev/shm
                 slot.load_error = f"could not start a worker process: {type(e).__name__}: {e}"

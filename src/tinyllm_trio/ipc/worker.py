@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tinyllm_trio.ipc.worker")
     p.add_argument("--requests", required=True, help="request ring name (created by the server)")
     p.add_argument("--responses", required=True, help="response ring name")
+    p.add_argument(
+        "--responses-doorbell",
+        type=int,
+        default=None,
+        help="inherited eventfd to ring after each response message (the server waits on it)",
+    )
     p.add_argument("--parent-pid", type=int, required=True, help="exit when this process dies")
     p.add_argument("--model", default=None, help="checkpoint directory (default: packaged)")
     p.add_argument("--attention-scale", choices=["head", "embd"], default=None)
@@ -190,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return os.getppid() == args.parent_pid
 
     requests = Ring.attach(args.requests)
-    responses = Ring.attach(args.responses)
+    responses = Ring.attach(args.responses, doorbell_fd=args.responses_doorbell)
     try:
         from tinyllm_trio.model.batching import ContinuousBatcher
         from tinyllm_trio.model.checkpoint import load_model
