@@ -542,8 +542,8 @@ def _decode_both_paths(model: Transformer, lengths: list[int], steps: int, monke
     return out["compiled"], out["numpy"]
 
 
-# batch sizes that take each of the compiled matvec's blocks: a lone row, a pair, pair + lone,
-# 4 x 4 blocks, and 4 x 4 + pair (+ lone)
+# batch sizes that take each of the compiled matvec's passes over a tile (1, 2, 3 and 4 rows),
+# and a second pass over the same tile (6, 7)
 @pytest.mark.parametrize(
     "lengths",
     [[5], [1, 30], [8, 2, 21], [7, 3, 40, 12], [4, 11, 2, 30, 6, 19], [2, 9, 33, 1, 18, 40, 4]],

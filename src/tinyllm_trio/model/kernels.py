@@ -26,7 +26,16 @@ from llvmlite import ir
 from numba import types as nt
 from numba.extending import intrinsic
 
-__all__ = ["LN_EPS", "attend_one_token", "decode_small_batch", "gelu", "layernorm"]
+__all__ = [
+    "LN_EPS",
+    "TILE",
+    "TILE_ROWS",
+    "attend_one_token",
+    "decode_small_batch",
+    "gelu",
+    "layernorm",
+    "tile_weights",
+]
 
 LN_EPS = 1e-5
 
@@ -130,192 +139,135 @@ def attend_one_token(qkv, kv, lengths, y, scores, acc):  # pragma: no cover - co
 # ---- the whole decode step of a small batch ------------------------------------------------------
 
 _WEIGHT_ROWS = nt.Array(_F32, 2, "C", readonly=True)  # one matrix, a row per output
-_LAYER_ROWS = nt.Array(_F32, 3, "C", readonly=True)  # [n_layer, out, in]
+_LAYER_TILES = nt.Array(_F32, 2, "C", readonly=True)  # [n_layer, tile_weights(w)]
+_TILES = nt.Array(_F32, 1, "C", readonly=True)  # tile_weights(w)
 _LAYER_PARAMS = nt.Array(_F32, 2, "C", readonly=True)  # [n_layer, C]
 _KV_CACHE = nt.Array(_F32, 6, "C")
 _TOKENS = nt.Array(nt.int64, 1, "C")
 
 
-_ROW_GROUP = 16  # weight rows per pass: 16 running dot products fill the vector registers
+TILE = 64  # outputs per weight tile: four 16-float vectors
+_TILE_VECTORS = TILE // 16
+TILE_ROWS = 4  # batch rows per pass over a tile: 4 x 4 vector accumulators
 
 
-@numba.njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, error_model="numpy", inline="always")
-def _rows_matvec(x, w, out):  # pragma: no cover - compiled
-    """out[b, o] = x[b] . w[o] for x [B, K], w [N, K].
-
-    The weights are taken 16 rows (12 KiB at K=192) at a time, and each group is used by every
-    batch row while it is in L1: blocks of 4 batch rows x 4 weight rows, then a pair of batch
-    rows x 8 weight rows, then a lone row against all 16. Each block keeps 16 running dot
-    products, the most the 32 vector registers hold with their operands. At batch 1 the weights
-    come from L3 (13 MB for the default model), and 16 rows in flight stream them ~15% faster
-    than 4 did; at batch 2 the pair block reads them once instead of twice (~1.5x). The stores
-    are one statement per element: a tuple assigned to a slice compiles to a slower loop."""
-    B, K = x.shape
-    N = w.shape[0]
-    full = B - B % 4
-    pair = B - B % 2
-    o = 0
-    while o + _ROW_GROUP <= N:
-        for b in range(0, full, 4):
-            for q in range(o, o + _ROW_GROUP, 4):
-                _block4x4(x, w, out, b, q)
-        for b in range(full, pair, 2):
-            _block2x8(x, w, out, b, o)
-            _block2x8(x, w, out, b, o + 8)
-        if pair < B:
-            _row16(x, w, out, B - 1, o)
-        o += _ROW_GROUP
-    for r in range(o, N):  # the last N % 16 rows (2 of the 3,266 in the head)
-        for b in range(B):
-            s = np.float32(0.0)
-            for i in range(K):
-                s += x[b, i] * w[r, i]
-            out[b, r] = s
+def tile_weights(w: np.ndarray) -> np.ndarray:
+    """A matrix [N, K] (a row per output) as the compiled step reads it: tiles of 64 outputs,
+    each [K, 64] (input i's 64 weights side by side), flattened; N padded with zero rows to a
+    multiple of 64. Every tile is one sequential stream of K x 256 bytes."""
+    n, k = w.shape
+    padded = np.zeros((-(-n // TILE) * TILE, k), dtype=np.float32)
+    padded[:n] = w
+    tiles = padded.reshape(-1, TILE, k).swapaxes(1, 2)
+    return np.ascontiguousarray(tiles).reshape(-1)
 
 
-@numba.njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, error_model="numpy", inline="always")
-def _block4x4(x, w, out, b, o):  # pragma: no cover - compiled
-    """out[b:b+4, o:o+4]: 8 loads feed 16 multiply-adds."""
-    K = x.shape[1]
-    s00 = s01 = s02 = s03 = np.float32(0.0)
-    s10 = s11 = s12 = s13 = np.float32(0.0)
-    s20 = s21 = s22 = s23 = np.float32(0.0)
-    s30 = s31 = s32 = s33 = np.float32(0.0)
-    for i in range(K):
-        x0 = x[b, i]
-        x1 = x[b + 1, i]
-        x2 = x[b + 2, i]
-        x3 = x[b + 3, i]
-        w0 = w[o, i]
-        s00 += x0 * w0
-        s10 += x1 * w0
-        s20 += x2 * w0
-        s30 += x3 * w0
-        w1 = w[o + 1, i]
-        s01 += x0 * w1
-        s11 += x1 * w1
-        s21 += x2 * w1
-        s31 += x3 * w1
-        w2 = w[o + 2, i]
-        s02 += x0 * w2
-        s12 += x1 * w2
-        s22 += x2 * w2
-        s32 += x3 * w2
-        w3 = w[o + 3, i]
-        s03 += x0 * w3
-        s13 += x1 * w3
-        s23 += x2 * w3
-        s33 += x3 * w3
-    out[b, o] = s00
-    out[b, o + 1] = s01
-    out[b, o + 2] = s02
-    out[b, o + 3] = s03
-    out[b + 1, o] = s10
-    out[b + 1, o + 1] = s11
-    out[b + 1, o + 2] = s12
-    out[b + 1, o + 3] = s13
-    out[b + 2, o] = s20
-    out[b + 2, o + 1] = s21
-    out[b + 2, o + 2] = s22
-    out[b + 2, o + 3] = s23
-    out[b + 3, o] = s30
-    out[b + 3, o + 1] = s31
-    out[b + 3, o + 2] = s32
-    out[b + 3, o + 3] = s33
+def _tile_pass(rows: int):
+    """An LLVM-level kernel for `rows` batch rows against one weight tile (see `_tiles_matvec`).
+
+    Written as IR because numba does not vectorise this loop itself: its vectoriser turns
+    every running sum into a horizontal reduction over the inputs instead. Each step of the
+    loop loads the tile's 64 weights of input i (four 64-byte loads), broadcasts x[b, i] of
+    each row, and issues rows x 4 fused multiply-adds into accumulators that stay in
+    registers; nothing is reduced across lanes, and the tile streams in order. Plain fma, no
+    fast-math flags: the float32 rounding of every product and sum is IEEE's."""
+
+    @intrinsic
+    def tile_pass(typingctx, w, x, b0, tile, out):
+        sig = nt.void(w, x, b0, tile, out)
+
+        def codegen(context, builder, signature, args):
+            w_arr = context.make_array(signature.args[0])(context, builder, args[0])
+            x_arr = context.make_array(signature.args[1])(context, builder, args[1])
+            o_arr = context.make_array(signature.args[4])(context, builder, args[4])
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            v16 = ir.VectorType(ir.FloatType(), 16)
+
+            def c(n):
+                return ir.Constant(i64, n)
+
+            k = builder.extract_value(x_arr.shape, 1)
+            wbase = builder.gep(w_arr.data, [builder.mul(builder.mul(args[3], k), c(TILE))])
+            xbase = builder.gep(x_arr.data, [builder.mul(args[2], k)])
+            fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
+                builder.module, ir.FunctionType(v16, [v16] * 3), "llvm.fma.v16f32"
+            )
+            zero = ir.Constant(v16, [0.0] * 16)
+            broadcast = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
+            entry = builder.basic_block
+            loop = builder.append_basic_block("tile_loop")
+            done = builder.append_basic_block("tile_done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            i = builder.phi(i64)
+            i.add_incoming(c(0), entry)
+            acc = [[builder.phi(v16) for _ in range(_TILE_VECTORS)] for _ in range(rows)]
+            for phi in (p for r in acc for p in r):
+                phi.add_incoming(zero, entry)
+            at = builder.gep(wbase, [builder.mul(i, c(TILE))])
+            wv = [
+                builder.load(
+                    builder.bitcast(builder.gep(at, [c(16 * a)]), v16.as_pointer()), align=4
+                )
+                for a in range(_TILE_VECTORS)
+            ]
+            summed = []
+            for r in range(rows):
+                xi = builder.load(builder.gep(xbase, [builder.add(builder.mul(c(r), k), i)]))
+                xv = builder.insert_element(ir.Constant(v16, ir.Undefined), xi, ir.Constant(i32, 0))
+                xv = builder.shuffle_vector(xv, ir.Constant(v16, ir.Undefined), broadcast)
+                summed.append(
+                    [builder.call(fma, [wv[a], xv, acc[r][a]]) for a in range(_TILE_VECTORS)]
+                )
+            following = builder.add(i, c(1))
+            i.add_incoming(following, loop)
+            for r in range(rows):
+                for a in range(_TILE_VECTORS):
+                    acc[r][a].add_incoming(summed[r][a], loop)
+            builder.cbranch(builder.icmp_unsigned("<", following, k), loop, done)
+            builder.position_at_end(done)
+            for r in range(rows):
+                for a in range(_TILE_VECTORS):
+                    dst = builder.gep(o_arr.data, [c(r * TILE + 16 * a)])
+                    builder.store(summed[r][a], builder.bitcast(dst, v16.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile_pass
 
 
-@numba.njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, error_model="numpy", inline="always")
-def _block2x8(x, w, out, b, o):  # pragma: no cover - compiled
-    """out[b:b+2, o:o+8]: each weight load feeds both batch rows."""
-    K = x.shape[1]
-    s00 = s01 = s02 = s03 = s04 = s05 = s06 = s07 = np.float32(0.0)
-    s10 = s11 = s12 = s13 = s14 = s15 = s16 = s17 = np.float32(0.0)
-    for i in range(K):
-        x0 = x[b, i]
-        x1 = x[b + 1, i]
-        w0 = w[o, i]
-        s00 += x0 * w0
-        s10 += x1 * w0
-        w1 = w[o + 1, i]
-        s01 += x0 * w1
-        s11 += x1 * w1
-        w2 = w[o + 2, i]
-        s02 += x0 * w2
-        s12 += x1 * w2
-        w3 = w[o + 3, i]
-        s03 += x0 * w3
-        s13 += x1 * w3
-        w4 = w[o + 4, i]
-        s04 += x0 * w4
-        s14 += x1 * w4
-        w5 = w[o + 5, i]
-        s05 += x0 * w5
-        s15 += x1 * w5
-        w6 = w[o + 6, i]
-        s06 += x0 * w6
-        s16 += x1 * w6
-        w7 = w[o + 7, i]
-        s07 += x0 * w7
-        s17 += x1 * w7
-    out[b, o] = s00
-    out[b, o + 1] = s01
-    out[b, o + 2] = s02
-    out[b, o + 3] = s03
-    out[b, o + 4] = s04
-    out[b, o + 5] = s05
-    out[b, o + 6] = s06
-    out[b, o + 7] = s07
-    out[b + 1, o] = s10
-    out[b + 1, o + 1] = s11
-    out[b + 1, o + 2] = s12
-    out[b + 1, o + 3] = s13
-    out[b + 1, o + 4] = s14
-    out[b + 1, o + 5] = s15
-    out[b + 1, o + 6] = s16
-    out[b + 1, o + 7] = s17
+_tile_pass1, _tile_pass2, _tile_pass3, _tile_pass4 = (_tile_pass(r) for r in range(1, 5))
 
 
-@numba.njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, error_model="numpy", inline="always")
-def _row16(x, w, out, b, o):  # pragma: no cover - compiled
-    """out[b, o:o+16]: one batch row against 16 weight rows."""
-    K = x.shape[1]
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = s10 = s11 = s12 = s13 = s14 = s15 = (
-        np.float32(0.0)
-    )
-    for i in range(K):
-        xi = x[b, i]
-        s0 += xi * w[o + 0, i]
-        s1 += xi * w[o + 1, i]
-        s2 += xi * w[o + 2, i]
-        s3 += xi * w[o + 3, i]
-        s4 += xi * w[o + 4, i]
-        s5 += xi * w[o + 5, i]
-        s6 += xi * w[o + 6, i]
-        s7 += xi * w[o + 7, i]
-        s8 += xi * w[o + 8, i]
-        s9 += xi * w[o + 9, i]
-        s10 += xi * w[o + 10, i]
-        s11 += xi * w[o + 11, i]
-        s12 += xi * w[o + 12, i]
-        s13 += xi * w[o + 13, i]
-        s14 += xi * w[o + 14, i]
-        s15 += xi * w[o + 15, i]
-    out[b, o] = s0
-    out[b, o + 1] = s1
-    out[b, o + 2] = s2
-    out[b, o + 3] = s3
-    out[b, o + 4] = s4
-    out[b, o + 5] = s5
-    out[b, o + 6] = s6
-    out[b, o + 7] = s7
-    out[b, o + 8] = s8
-    out[b, o + 9] = s9
-    out[b, o + 10] = s10
-    out[b, o + 11] = s11
-    out[b, o + 12] = s12
-    out[b, o + 13] = s13
-    out[b, o + 14] = s14
-    out[b, o + 15] = s15
+@numba.njit(nogil=True, boundscheck=False, error_model="numpy", inline="always")
+def _tiles_matvec(x, tiles, out, scratch):  # pragma: no cover - compiled
+    """out[b, o] = x[b] . w[o] for x [B, K] and w [N, K] given as `tile_weights(w)`.
+
+    Batch rows go over each tile four at a time (16 accumulators), so a tile is read from
+    memory once and from L1/L2 again only for the fifth row on; the results land in
+    `scratch` [4, 64] and are copied out (a tile may run past N). At batch 1 this streams the
+    13 MB of the default model's weights ~25% faster than dot products of weight rows did
+    (which end in a horizontal sum per output), and 1.4-2x faster at batches 2 to 8."""
+    B = x.shape[0]
+    N = out.shape[1]
+    for t in range(-(-N // TILE)):
+        width = min(TILE, N - t * TILE)
+        b = 0
+        while b < B:
+            rows = min(TILE_ROWS, B - b)
+            if rows == 4:
+                _tile_pass4(tiles, x, b, t, scratch)
+            elif rows == 3:
+                _tile_pass3(tiles, x, b, t, scratch)
+            elif rows == 2:
+                _tile_pass2(tiles, x, b, t, scratch)
+            else:
+                _tile_pass1(tiles, x, b, t, scratch)
+            for r in range(rows):
+                for j in range(width):
+                    out[b + r, t * TILE + j] = scratch[r, j]
+            b += rows
 
 
 @intrinsic
@@ -391,15 +343,15 @@ def gelu(f, consts):  # pragma: no cover - compiled
         _WEIGHT_ROWS,  # pe [T, C]
         _LAYER_PARAMS,  # ln1_w
         _LAYER_PARAMS,  # ln1_b
-        _LAYER_ROWS,  # w_qkv [L, 3C, C], queries pre-scaled
-        _LAYER_ROWS,  # w_proj [L, C, C]
+        _LAYER_TILES,  # w_qkv [L, tiles of 3C x C], queries pre-scaled
+        _LAYER_TILES,  # w_proj [L, tiles of C x C]
         _LAYER_PARAMS,  # ln2_w
         _LAYER_PARAMS,  # ln2_b
-        _LAYER_ROWS,  # w_fc [L, 4C, C]
-        _LAYER_ROWS,  # w_out [L, C, 4C]
+        _LAYER_TILES,  # w_fc [L, tiles of 4C x C]
+        _LAYER_TILES,  # w_out [L, tiles of C x 4C]
         _PARAM,  # ln_f_w
         _PARAM,  # ln_f_b
-        _WEIGHT_ROWS,  # w_head [V, C]
+        _TILES,  # w_head: tiles of V x C
         nt.float32[:],  # GELU constants: p, c/p, b1, b2, b3, b4
         _KV_CACHE,  # kv [L, rows, 2, H, T, hs]
         _ROWS,  # x [B, C]
@@ -410,6 +362,7 @@ def gelu(f, consts):  # pragma: no cover - compiled
         _ROWS,  # scores [H, T]
         _ROWS,  # head_acc [H, hs]
         _ROWS,  # logits [B, V] (out)
+        _ROWS,  # matvec scratch [4, TILE]
     ),
     cache=True,
     nogil=True,
@@ -419,7 +372,7 @@ def gelu(f, consts):  # pragma: no cover - compiled
 )
 def decode_small_batch(
     tokens, lengths, wte, pe, ln1_w, ln1_b, w_qkv, w_proj, ln2_w, ln2_b, w_fc, w_out,
-    ln_f_w, ln_f_b, w_head, gelu_consts, kv, x, h, qkv, y, f, scores, head_acc, logits,
+    ln_f_w, ln_f_b, w_head, gelu_consts, kv, x, h, qkv, y, f, scores, head_acc, logits, scratch,
 ):  # pragma: no cover - compiled  # fmt: skip
     """One decode step for cache rows 0..B-1, every layer in one compiled call.
 
@@ -437,14 +390,14 @@ def decode_small_batch(
             x[b, i] = wte[tok, i] + pe[at, i]
     for layer in range(n_layer):
         layernorm(x, ln1_w[layer], ln1_b[layer], h)
-        _rows_matvec(h, w_qkv[layer], qkv)
+        _tiles_matvec(h, w_qkv[layer], qkv, scratch)
         attend_one_token(qkv, kv[layer], lengths, y, scores, head_acc)
-        _rows_matvec(y, w_proj[layer], h)
+        _tiles_matvec(y, w_proj[layer], h, scratch)
         x += h
         layernorm(x, ln2_w[layer], ln2_b[layer], h)
-        _rows_matvec(h, w_fc[layer], f)
+        _tiles_matvec(h, w_fc[layer], f, scratch)
         _gelu_rows(f, p, c_over_p, b1, b2, b3, b4)
-        _rows_matvec(f, w_out[layer], h)
+        _tiles_matvec(f, w_out[layer], h, scratch)
         x += h
     layernorm(x, ln_f_w, ln_f_b, h)
-    _rows_matvec(h, w_head, logits)
+    _tiles_matvec(h, w_head, logits, scratch)

@@ -68,9 +68,10 @@ __all__ = [
 
 _F32 = np.float32
 # Decode steps of up to this many sequences run as one compiled call
-# (`kernels.decode_small_batch`); larger ones as BLAS matmuls around compiled kernels, which
-# catch up at 12 to 16 (`tinyllm-trio bench model --compare-numpy --batches ...` measures both).
-FUSED_MAX_BATCH = 12
+# (`kernels.decode_small_batch`); larger ones as BLAS matmuls around compiled kernels. Its
+# tiled matvecs beat BLAS by 1.6x at 12 sequences, 1.2x at 32 and break even at 64
+# (`tinyllm-trio bench model --compare-numpy --batches ...` measures both).
+FUSED_MAX_BATCH = 64
 
 
 class CacheFullError(RuntimeError):
@@ -332,6 +333,9 @@ class KVCache:
         self.ff = np.zeros((capacity, 4 * C), dtype=_F32)  # FFN hidden layer
         self.scores = np.zeros((H, T), dtype=_F32)  # attention kernel scratch
         self.head_acc = np.zeros((H, hs), dtype=_F32)
+        from tinyllm_trio.model.kernels import TILE, TILE_ROWS  # numba: model processes only
+
+        self.tiles_out = np.zeros((TILE_ROWS, TILE), dtype=_F32)  # the compiled matvec's scratch
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -536,24 +540,28 @@ class Transformer:
         for i, layer in enumerate(self.layers):
             for n in _Layer.DERIVED:
                 setattr(layer, n, derived[f"{i}.{n}"])
-        # the compiled small-batch step reads each matrix a row per output, layers stacked
+        # the compiled small-batch step reads each matrix in tiles of 64 outputs
+        # (`kernels.tile_weights`), layers stacked
+        tiles = kernels.tile_weights
         stacked = {
             "ln1_w": [layer.ln1_w for layer in self.layers],
             "ln1_b": [layer.ln1_b for layer in self.layers],
-            "w_qkv": [layer.w_qkv.T for layer in self.layers],
-            "w_proj": [layer.w_proj.T for layer in self.layers],
+            "w_qkv": [tiles(layer.w_qkv.T) for layer in self.layers],
+            "w_proj": [tiles(layer.w_proj.T) for layer in self.layers],
             "ln2_w": [layer.ln2_w for layer in self.layers],
             "ln2_b": [layer.ln2_b for layer in self.layers],
-            "w_fc": [layer.w_fc.T for layer in self.layers],
-            "w_out": [layer.w_out_rows for layer in self.layers],
+            "w_fc": [tiles(layer.w_fc.T) for layer in self.layers],
+            "w_out": [tiles(layer.w_out_rows) for layer in self.layers],
         }
-        rows = _hugepage_copies({n: np.stack(a) for n, a in stacked.items()})
+        rows = _hugepage_copies(
+            {**{n: np.stack(a) for n, a in stacked.items()}, "w_head": tiles(self.w_head.T)}
+        )
         self._gelu_consts = np.array([_AS_P, _AS_C / _AS_P, *_AS_B], dtype=_F32)
         # decode_small_batch's arguments after the tokens and positions, in its order
         self._fused_weights = (
             self.wte, self.pe, rows["ln1_w"], rows["ln1_b"], rows["w_qkv"], rows["w_proj"],
             rows["ln2_w"], rows["ln2_b"], rows["w_fc"], rows["w_out"], self.ln_f_w, self.ln_f_b,
-            canonical["lm_head.weight"], self._gelu_consts,
+            rows["w_head"], self._gelu_consts,
         )  # fmt: skip
         self.fused_max_batch = FUSED_MAX_BATCH
 
@@ -787,7 +795,7 @@ class Transformer:
             logits = np.empty((B, self.config.vocab_size), dtype=_F32)
             kern.decode_small_batch(
                 np.ascontiguousarray(tokens, dtype=np.int64), pos, *self._fused_weights,
-                cache.kv, x, h, qkv, y, f, cache.scores, cache.head_acc, logits,
+                cache.kv, x, h, qkv, y, f, cache.scores, cache.head_acc, logits, cache.tiles_out,
             )  # fmt: skip
             cache.lengths[:B] += 1
             return logits
