@@ -235,9 +235,9 @@ async def test_server_pid_reports_the_servers_and_its_workers_cpu_per_token() ->
     (level,) = report["_levels"]
     tokens = level.output_tokens_per_s * level.duration_s
     assert level.server_cpu_us_per_token > 0
-    # the child ran on a core of its own for the whole level (2 cores; this process is mostly
-    # waiting on the fake engine's sleeps)
-    assert level.workers_cpu_us_per_token * tokens / 1e6 > 0.5 * level.duration_s
+    # the child burned CPU for the whole level: on an idle 2-core machine a core of its own
+    # (this process mostly waits on the fake engine's sleeps), on a busy one at least a share
+    assert level.workers_cpu_us_per_token * tokens / 1e6 > 0.25 * level.duration_s
     assert "server us/tok" in format_table([level])
     own, _ = process_cpu_seconds(os.getpid())  # the children's share is checked above
     assert own > 0
