@@ -22,6 +22,7 @@ def test_defaults() -> None:
     assert config.max_body_size == 1024 * 1024 and config.shutdown_grace == 10.0
     assert config.workers is None and config.model is None and config.api_key is None
     assert config.pin_workers is True
+    assert config.weights == "float32"
 
 
 def test_flag_beats_environment_beats_default() -> None:
@@ -40,8 +41,10 @@ def test_environment_parsing() -> None:
         "TINYLLM_LOG_FORMAT": "JSON",
         "TINYLLM_MODEL": "/models/x",
         "TINYLLM_PIN_WORKERS": "no",
+        "TINYLLM_WEIGHTS": "BFloat16",
     }
     config = _parse([], env)
+    assert config.weights == config.engine.weights == "bfloat16"
     assert config.max_body_size == 2 * 1024 * 1024 and config.max_header_size == 8192
     assert (config.workers, config.shutdown_grace, config.access_log) == (3, 2.5, False)
     assert (config.log_format, config.model) == ("json", "/models/x")
@@ -57,6 +60,7 @@ def test_environment_parsing() -> None:
         {"TINYLLM_MAX_BATCH": "0"},
         {"TINYLLM_ACCESS_LOG": "maybe"},
         {"TINYLLM_HEADER_TIMEOUT": "0"},
+        {"TINYLLM_WEIGHTS": "int8"},
     ],
 )
 def test_invalid_environment_is_a_clear_error(env: dict[str, str]) -> None:

@@ -36,9 +36,11 @@ PROMPTS = [
 LONG = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)  # ~0.3 s on long_checkpoint
 
 
-def _solo(checkpoint: Path, prompt: str, params: SamplingParams) -> tuple[list[int], str]:
+def _solo(
+    checkpoint: Path, prompt: str, params: SamplingParams, weights: str = "float32"
+) -> tuple[list[int], str]:
     """(token ids, text) of one request run alone in an in-process batcher."""
-    loaded = load_model(checkpoint)
+    loaded = load_model(checkpoint, weights_format=weights)
     batcher = ContinuousBatcher(loaded.transformer, loaded.tokenizer, max_batch=1)
     batcher.submit(1, prompt, params)
     ids, text = [], []
@@ -104,6 +106,23 @@ async def test_complete_returns_text_usage_and_logprobs(tiny_checkpoint: Path) -
         with_lp = await engine.complete([2, 7, 8], max_tokens=4, temperature=0, logprobs=3)
         assert len(with_lp.logprobs) == with_lp.completion_tokens
         assert all(len(lp["top_logprobs"]) == 3 for lp in with_lp.logprobs)
+
+
+async def test_workers_load_bfloat16_weights_when_asked(tiny_checkpoint: Path) -> None:
+    """`weights="bfloat16"` reaches every worker process (each says what it loaded), and
+    their output is the bfloat16 model's; float32 stays the default."""
+    params = SamplingParams(max_tokens=12, temperature=0)
+    async with open_engine(tiny_checkpoint, workers=1) as engine:
+        assert [w["weights"] for w in engine.stats()["workers"]] == ["float32"]
+    async with open_engine(tiny_checkpoint, workers=2, weights="bfloat16") as engine:
+        assert [w["weights"] for w in engine.stats()["workers"]] == ["bfloat16"] * 2
+        for prompt in PROMPTS[:3]:
+            completion = await engine.complete(prompt, params)
+            expected = _solo(tiny_checkpoint, prompt, params, weights="bfloat16")
+            assert (completion.token_ids, completion.text) == expected
+    with pytest.raises(ValueError, match="weights must be one of"):
+        async with open_engine(tiny_checkpoint, workers=1, weights="int8"):
+            pass
 
 
 async def test_invalid_requests_raise_before_any_event(tiny_checkpoint: Path) -> None:

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tinyllm_trio.model.kernels import attend_one_token, layernorm
 from tinyllm_trio.model.transformer import (
@@ -22,6 +24,7 @@ from tinyllm_trio.model.transformer import (
     Transformer,
     expected_shapes,
     gelu_,
+    round_to_bfloat16,
     sinusoidal_positions,
 )
 
@@ -609,3 +612,75 @@ def test_compiled_gelu_matches_the_numpy_gelu():
     in_model = x.copy()
     kernels.gelu(in_model, consts)  # the entry point the model calls
     np.testing.assert_allclose(in_model, want, rtol=1e-6, atol=1e-7)
+
+
+# ---- bfloat16 weights (`weights_format="bfloat16"`, serve --weights bfloat16) --------------
+
+
+# below bfloat16's largest value (3.39e38), where a float32 may round up to infinity
+@given(st.floats(width=32, allow_nan=False, allow_infinity=False).filter(lambda v: abs(v) < 3.3e38))
+def test_round_to_bfloat16_is_the_nearest_bfloat16_ties_to_even(value: float) -> None:
+    x = np.float32(value)
+    r = round_to_bfloat16(np.array([x]))[0]
+    bits = int(np.array([r]).view(np.uint32)[0])
+    assert bits & 0xFFFF == 0  # representable: its upper half is the bfloat16
+    # the two bfloat16 neighbours of x (truncation, and one step away from zero)
+    low = np.array([int(np.array([x]).view(np.uint32)[0]) & 0xFFFF0000], np.uint32).view(
+        np.float32
+    )[0]
+    high = np.array([int(np.array([low]).view(np.uint32)[0]) + 0x10000], np.uint32).view(
+        np.float32
+    )[0]
+    d_low, d_high = abs(float(x) - float(low)), abs(float(high) - float(x))
+    if d_low != d_high:
+        assert r == (low if d_low < d_high else high)
+    else:  # a tie: the even one (lowest bit of the bfloat16 clear)
+        assert (bits >> 16) & 1 == 0
+    assert round_to_bfloat16(np.array([r]))[0] == r  # rounding twice changes nothing
+
+
+def test_round_to_bfloat16_refuses_what_it_cannot_represent() -> None:
+    with pytest.raises(ValueError, match="non-finite"):
+        round_to_bfloat16(np.array([1.0, np.nan], np.float32))
+    with pytest.raises(ValueError, match="range"):
+        round_to_bfloat16(np.array([np.finfo(np.float32).max], np.float32))
+
+
+def test_tiles_of_bfloat16_need_rounded_weights() -> None:
+    from tinyllm_trio.model.kernels import tile_weights
+
+    w = np.random.default_rng(0).standard_normal((70, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match="rounded to bfloat16"):
+        tile_weights(w, bfloat16=True)
+    halves = tile_weights(round_to_bfloat16(w), bfloat16=True)
+    assert halves.dtype == np.uint16 and halves.size == 128 * 16  # 70 rows padded to 2 tiles
+    widened = (halves.astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(widened, tile_weights(round_to_bfloat16(w)))
+
+
+@pytest.mark.parametrize("lengths", [[5], [8, 2, 21], [4, 11, 2, 30, 6, 19]])
+def test_bfloat16_model_compiled_step_gives_the_numpy_paths_logits(lengths, monkeypatch) -> None:
+    """The compiled step reads 16-bit tiles; the numpy path the same rounded values in float32:
+    the same logits and greedy tokens, and every weight the model holds is a bfloat16."""
+    model = Transformer.random(SMALL, seed=1, std=0.2, weights_format="bfloat16")
+    assert model.weights_format == "bfloat16"
+    for w in model.weights().values():
+        assert not (w.view(np.uint32) & 0xFFFF).any()
+    assert model._fused_weights[4].dtype == np.uint16  # the QKV tiles
+    compiled, reference = _decode_both_paths(model, lengths, 12, monkeypatch)
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(compiled, reference, rtol=0, atol=1e-5 * max(scale, 1.0))
+    assert (compiled.argmax(-1) == reference.argmax(-1)).all()
+
+
+def test_bfloat16_model_stays_close_to_the_float32_model() -> None:
+    ids = _ids(40, seed=3)
+    full = Transformer.random(SMALL, seed=2).forward(ids)
+    half = Transformer.random(SMALL, seed=2, weights_format="bfloat16").forward(ids)
+    assert not np.array_equal(full, half)  # the rounding did happen
+    np.testing.assert_allclose(half, full, rtol=0, atol=0.02 * np.abs(full).max())
+
+
+def test_unknown_weights_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="weights_format"):
+        Transformer.random(SMALL, weights_format="int4")

@@ -81,7 +81,8 @@ CONCURRENCY = (1, 8, 32, 64)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `tinyllm-trio bench engine` (the CLI declares them through this)."""
-    add_model_arguments(p)  # as serve declares them
+    # as serve declares them; float32 weights only: this compares processes, not precisions
+    add_model_arguments(p, weights=False)
     p.add_argument(
         "--concurrency",
         default=",".join(map(str, CONCURRENCY)),

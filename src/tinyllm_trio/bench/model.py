@@ -63,17 +63,20 @@ class Work:
     weight_bytes: float
 
 
-def work_per_token(config, tokens_per_pass: float, mean_context: float) -> Work:
+def work_per_token(
+    config, tokens_per_pass: float, mean_context: float, matrix_bytes: int = 4
+) -> Work:
     """Per token: 2 flops per weight of every matmul (QKV, output, FFN, LM head; the embedding
     is a lookup), plus attention, 4 flops per cached position and channel per layer (q.k and
-    the weighted sum of v), at `mean_context` positions; and the bytes of float32 weights a
-    pass streams (every matmul weight and LayerNorm; of the embedding tables only the rows of
-    its tokens) over the tokens that share the pass."""
+    the weighted sum of v), at `mean_context` positions; and the bytes of weights a pass
+    streams (every matmul weight at `matrix_bytes` each, 2 for the compiled step's bfloat16
+    tiles; the float32 LayerNorms; of the embedding tables only the rows of its tokens) over
+    the tokens that share the pass."""
     c, layers = config.n_embd, config.n_layer
     matmul_weights = layers * 12 * c * c + config.vocab_size * c  # 3C^2 + C^2 + 8C^2 a layer
     attention = 4 * mean_context * c * layers
-    streamed = matmul_weights + layers * 4 * c + 2 * c
-    return Work(2 * matmul_weights + attention, 4 * streamed / tokens_per_pass)
+    streamed = matrix_bytes * matmul_weights + 4 * (layers * 4 * c + 2 * c)
+    return Work(2 * matmul_weights + attention, streamed / tokens_per_pass)
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -92,7 +95,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from tinyllm_trio.model.checkpoint import CheckpointError
 
     try:
-        transformer, tokenizer, label = _load(args.model, args.attention_scale)
+        transformer, tokenizer, label = _load(args.model, args.attention_scale, args.weights)
     except CheckpointError as e:
         print(f"tinyllm-trio bench model: {e}", file=sys.stderr)
         return 1
@@ -132,24 +135,26 @@ def _rerun_single_threaded(args: argparse.Namespace) -> int:
         cmd += ["--model", str(args.model)]
     if args.attention_scale:
         cmd += ["--attention-scale", args.attention_scale]
+    cmd += ["--weights", args.weights]
     if args.json_path:
         cmd += ["--json", str(args.json_path)]
     return subprocess.run(cmd, env=single_threaded_env(), check=False).returncode
 
 
-def _load(model: str | None, attention_scale: str | None):
+def _load(model: str | None, attention_scale: str | None, weights: str = "float32"):
     from tinyllm_trio.model.checkpoint import CheckpointError, default_model_path, load_model
     from tinyllm_trio.model.transformer import ModelConfig, Transformer
 
     try:
-        loaded = load_model(model, attention_scale=attention_scale)
+        loaded = load_model(model, attention_scale=attention_scale, weights_format=weights)
     except CheckpointError:
         if model is not None or (default_model_path() / "config.json").exists():
             raise
         config = ModelConfig(attention_scale=attention_scale or "head")
         note = "random weights, default shapes (no trained default checkpoint yet)"
-        return Transformer.random(config), None, f"{note}: {config}"
-    return loaded.transformer, loaded.tokenizer, f"{loaded.path}: {loaded.transformer.config}"
+        return Transformer.random(config, weights_format=weights), None, f"{note}: {config}"
+    label = f"{loaded.path}: {loaded.transformer.config}, {weights} weights"
+    return loaded.transformer, loaded.tokenizer, label
 
 
 def run_benchmarks(
@@ -184,6 +189,7 @@ def run_benchmarks(
     if compare_numpy:
         results["decode_numpy"] = {}
     compiled_up_to = transformer.fused_max_batch
+    bfloat16 = transformer.weights_format == "bfloat16"
     results["prefill_128"].work = work_per_token(cfg, len(prompt), (len(prompt) + 1) / 2)
     report(PREFILL_ROW, results["prefill_128"])
     longest = min(DECODE_PROMPT * 3 // 2, cfg.max_context // 2)
@@ -217,7 +223,8 @@ def run_benchmarks(
         rates = _timed_alternately(paths, batch * steps, runs, repeat=max(1, 16 // batch))
         mean_context = sum(lengths) / batch + (steps + 1) / 2
         for path, r in rates.items():
-            r.work = work_per_token(cfg, batch, mean_context)
+            tiles16 = path == "decode" and batch <= compiled_up_to and bfloat16
+            r.work = work_per_token(cfg, batch, mean_context, 2 if tiles16 else 4)
             results[path][batch] = r
             report(f"decode, batch {batch}{', numpy' if path == 'decode_numpy' else ''}", r)
     return results

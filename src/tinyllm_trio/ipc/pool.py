@@ -196,6 +196,7 @@ class WorkerSlot:
     load_error: str | None = None
     stall_scope: trio.CancelScope | None = None  # its deadline: when a busy worker is hung
     cpu: int | None = None  # the core its process is pinned to (`worker_cpus`)
+    weights: str | None = None  # the precision its process loaded (from its Ready)
     stalled: bool = False  # the last process was killed for not responding
     ready_once: bool = False  # its current process sent Ready
     down: bool = False  # its last start failed; it waits for a retry (see WorkerPool.live)
@@ -240,6 +241,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
         max_batch: int = EngineConfig.max_batch,
         max_queue: int = EngineConfig.max_queue,
         attention_scale: str | None = EngineConfig.attention_scale,
+        weights: str = EngineConfig.weights,
         ready_timeout: float = EngineConfig.ready_timeout,
         stall_timeout: float = EngineConfig.stall_timeout,
         pin_workers: bool = EngineConfig.pin_workers,
@@ -250,12 +252,14 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
             max_batch=max_batch,
             max_queue=max_queue,
             attention_scale=attention_scale,
+            weights=weights,
             stall_timeout=stall_timeout,
         )
         super().__init__(max_batch, max_queue)
         workers = default_workers() if workers is None else workers
         self.model = None if model is None else os.fspath(model)
         self.attention_scale = attention_scale
+        self.weights = weights
         self.ready_timeout = ready_timeout
         self.stall_timeout = stall_timeout
         self.prefix_cache = prefix_cache
@@ -313,6 +317,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
                     "index": s.index,
                     "pid": s.pid,
                     "cpu": s.cpu,
+                    "weights": s.weights,
                     "ready": s.ready,
                     "running": len(s.inflight),
                     # KV positions its running sequences fill (prompt + generated so far)
@@ -606,6 +611,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
             cmd += ["--model", self.model]
         if self.attention_scale is not None:
             cmd += ["--attention-scale", self.attention_scale]
+        cmd += ["--weights", self.weights]
         return cmd
 
     async def _run_worker(self, slot: WorkerSlot) -> None:
@@ -790,6 +796,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
             slot.ready_once = True
             slot.down = False
             slot.pid = msg.pid
+            slot.weights = msg.info.get("weights")
             slot.prefix_blocks.clear()  # a new process: its cache starts empty
             if all(s.ready for s in self.slots):
                 self._all_ready.set()

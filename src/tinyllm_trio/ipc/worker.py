@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=int, required=True, help="exit when this process dies")
     p.add_argument("--model", default=None, help="checkpoint directory (default: packaged)")
     p.add_argument("--attention-scale", choices=["head", "embd"], default=None)
+    p.add_argument("--weights", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH)
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     p.add_argument("--index", type=int, default=0, help="worker number, for messages")
@@ -202,7 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tinyllm_trio.model.checkpoint import load_model
 
         try:
-            loaded = load_model(args.model, attention_scale=args.attention_scale)
+            loaded = load_model(
+                args.model, attention_scale=args.attention_scale, weights_format=args.weights
+            )
         except Exception as e:
             msg = f"{name} could not load the model: {type(e).__name__}: {e}"
             print(f"tinyllm: {msg}", file=sys.stderr)
@@ -222,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker = Worker(requests, responses, make_batcher, alive, name)
         info = {"index": args.index, "max_batch": args.max_batch, "model": str(loaded.path)}
         info["prefix_cache"] = args.prefix_cache
+        info["weights"] = loaded.transformer.weights_format
         worker.send(Ready(os.getpid(), info))
         return worker.run()
     except PeerGoneError:

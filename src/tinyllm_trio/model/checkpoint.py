@@ -60,6 +60,9 @@ ORIGINAL_METADATA_FILE = "metadata.txt"
 ORIGINAL_MAX_CONTEXT = 512
 ORIGINAL_ATTENTION_SCALE = "embd"
 
+# what the two formats' loaders read, before a Transformer is built from it
+_Loaded = tuple[ModelConfig, dict[str, np.ndarray], HybridTokenizer]
+
 
 @dataclass
 class LoadedModel:
@@ -83,16 +86,20 @@ def default_model_path() -> Path:
 
 
 def load_model(
-    path: str | Path | None = None, *, attention_scale: str | None = None
+    path: str | Path | None = None,
+    *,
+    attention_scale: str | None = None,
+    weights_format: str = "float32",
 ) -> LoadedModel:
     """Load our format or the original release from `path` (None: the packaged default).
 
-    `attention_scale` ("head" or "embd") overrides what the checkpoint says.
+    `attention_scale` ("head" or "embd") overrides what the checkpoint says; `weights_format`
+    "bfloat16" runs the model on its weights rounded to bfloat16 (see `Transformer`).
     """
     path, original = _locate(path, attention_scale)
     load = _load_original if original else _load_ours
-    transformer, tokenizer = load(path, attention_scale)
-    return LoadedModel(transformer, tokenizer, path)
+    config, weights, tokenizer = load(path, attention_scale)
+    return LoadedModel(Transformer(config, weights, weights_format=weights_format), tokenizer, path)
 
 
 def read_checkpoint(
@@ -177,12 +184,12 @@ def save_checkpoint(
     tokenizer.save(path / TOKENIZER_FILE)
 
 
-def _load_ours(path: Path, attention_scale: str | None) -> tuple[Transformer, HybridTokenizer]:
+def _load_ours(path: Path, attention_scale: str | None) -> _Loaded:
     config, tokenizer = _read_config_and_tokenizer(path, attention_scale)
     weights = _read_safetensors(path / WEIGHTS_FILE)
     _validate(weights, config, path / WEIGHTS_FILE)
     _check_vocab(tokenizer, config)
-    return Transformer(config, weights), tokenizer
+    return config, weights, tokenizer
 
 
 def _read_config_and_tokenizer(
@@ -281,7 +288,7 @@ def _bin_name(name: str) -> str:
 _METADATA_LINE = re.compile(r"^(\S+)((?:\s+\d+){1,2})\s+(\S+)\s+(\d+)\s*$")
 
 
-def _load_original(path: Path, attention_scale: str | None) -> tuple[Transformer, HybridTokenizer]:
+def _load_original(path: Path, attention_scale: str | None) -> _Loaded:
     tokenizer = _read_tokenizer(path / ORIGINAL_VOCAB_FILE)
     weights_dir = path / ORIGINAL_WEIGHTS_DIR
     weights = _read_original_weights(weights_dir)
@@ -289,7 +296,7 @@ def _load_original(path: Path, attention_scale: str | None) -> tuple[Transformer
     config = _infer_config(shapes, weights_dir, attention_scale or ORIGINAL_ATTENTION_SCALE)
     _validate(weights, config, weights_dir)
     _check_vocab(tokenizer, config)
-    return Transformer(config, weights), tokenizer
+    return config, weights, tokenizer
 
 
 def _read_original_weights(weights_dir: Path) -> dict[str, np.ndarray]:

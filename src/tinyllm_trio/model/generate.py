@@ -35,7 +35,9 @@ def run_cli(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        loaded = load_model(args.model, attention_scale=args.attention_scale)
+        loaded = load_model(
+            args.model, attention_scale=args.attention_scale, weights_format=args.weights
+        )
     except CheckpointError as exc:
         print(f"tinyllm-trio generate: {exc}", file=sys.stderr)
         return 1

@@ -139,8 +139,6 @@ def attend_one_token(qkv, kv, lengths, y, scores, acc):  # pragma: no cover - co
 # ---- the whole decode step of a small batch ------------------------------------------------------
 
 _WEIGHT_ROWS = nt.Array(_F32, 2, "C", readonly=True)  # one matrix, a row per output
-_LAYER_TILES = nt.Array(_F32, 2, "C", readonly=True)  # [n_layer, tile_weights(w)]
-_TILES = nt.Array(_F32, 1, "C", readonly=True)  # tile_weights(w)
 _LAYER_PARAMS = nt.Array(_F32, 2, "C", readonly=True)  # [n_layer, C]
 _KV_CACHE = nt.Array(_F32, 6, "C")
 _TOKENS = nt.Array(nt.int64, 1, "C")
@@ -151,15 +149,23 @@ _TILE_VECTORS = TILE // 16
 TILE_ROWS = 4  # batch rows per pass over a tile: 4 x 4 vector accumulators
 
 
-def tile_weights(w: np.ndarray) -> np.ndarray:
+def tile_weights(w: np.ndarray, *, bfloat16: bool = False) -> np.ndarray:
     """A matrix [N, K] (a row per output) as the compiled step reads it: tiles of 64 outputs,
     each [K, 64] (input i's 64 weights side by side), flattened; N padded with zero rows to a
-    multiple of 64. Every tile is one sequential stream of K x 256 bytes."""
+    multiple of 64. Every tile is one sequential stream of K x 256 bytes.
+
+    With `bfloat16`, each weight as the upper 16 bits of its float32 (uint16; half the bytes
+    to stream): exact only for values already rounded to bfloat16, which is checked."""
     n, k = w.shape
     padded = np.zeros((-(-n // TILE) * TILE, k), dtype=np.float32)
     padded[:n] = w
-    tiles = padded.reshape(-1, TILE, k).swapaxes(1, 2)
-    return np.ascontiguousarray(tiles).reshape(-1)
+    tiles = np.ascontiguousarray(padded.reshape(-1, TILE, k).swapaxes(1, 2)).reshape(-1)
+    if not bfloat16:
+        return tiles
+    bits = tiles.view(np.uint32)
+    if (bits & 0xFFFF).any():
+        raise ValueError("tile_weights(bfloat16=True) needs weights rounded to bfloat16")
+    return (bits >> 16).astype(np.uint16)
 
 
 def _tile_pass(rows: int):
@@ -170,7 +176,9 @@ def _tile_pass(rows: int):
     loop loads the tile's 64 weights of input i (four 64-byte loads), broadcasts x[b, i] of
     each row, and issues rows x 4 fused multiply-adds into accumulators that stay in
     registers; nothing is reduced across lanes, and the tile streams in order. Plain fma, no
-    fast-math flags: the float32 rounding of every product and sum is IEEE's."""
+    fast-math flags: the float32 rounding of every product and sum is IEEE's. Tiles of uint16
+    hold bfloat16 weights: each vector load is 32 bytes, widened to float32 by a shift (the
+    bfloat16 is the float32's upper half), so the same arithmetic gives the same sums."""
 
     @intrinsic
     def tile_pass(typingctx, w, x, b0, tile, out):
@@ -205,12 +213,21 @@ def _tile_pass(rows: int):
             for phi in (p for r in acc for p in r):
                 phi.add_incoming(zero, entry)
             at = builder.gep(wbase, [builder.mul(i, c(TILE))])
-            wv = [
-                builder.load(
-                    builder.bitcast(builder.gep(at, [c(16 * a)]), v16.as_pointer()), align=4
-                )
-                for a in range(_TILE_VECTORS)
-            ]
+            if signature.args[0].dtype == nt.uint16:  # bfloat16 tiles
+                halves, words = ir.VectorType(ir.IntType(16), 16), ir.VectorType(i32, 16)
+                shift = ir.Constant(words, [16] * 16)
+                wv = []
+                for a in range(_TILE_VECTORS):
+                    ptr = builder.bitcast(builder.gep(at, [c(16 * a)]), halves.as_pointer())
+                    wide = builder.shl(builder.zext(builder.load(ptr, align=2), words), shift)
+                    wv.append(builder.bitcast(wide, v16))
+            else:
+                wv = [
+                    builder.load(
+                        builder.bitcast(builder.gep(at, [c(16 * a)]), v16.as_pointer()), align=4
+                    )
+                    for a in range(_TILE_VECTORS)
+                ]
             summed = []
             for r in range(rows):
                 xi = builder.load(builder.gep(xbase, [builder.add(builder.mul(c(r), k), i)]))
@@ -335,23 +352,27 @@ def gelu(f, consts):  # pragma: no cover - compiled
     _gelu_rows(f, consts[0], consts[1], consts[2], consts[3], consts[4], consts[5])
 
 
-@numba.njit(
-    nt.void(
+def _decode_signature(tile: nt.Type):
+    """decode_small_batch's signature with weight tiles of `tile` (float32, or uint16 for
+    bfloat16: see `tile_weights`)."""
+    layer_tiles = nt.Array(tile, 2, "C", readonly=True)  # [n_layer, tile_weights(w)]
+    tiles = nt.Array(tile, 1, "C", readonly=True)
+    return nt.void(
         _TOKENS,  # tokens [B]
         _LENGTHS,  # lengths [B]: each row's position
         _WEIGHT_ROWS,  # wte [V, C]
         _WEIGHT_ROWS,  # pe [T, C]
         _LAYER_PARAMS,  # ln1_w
         _LAYER_PARAMS,  # ln1_b
-        _LAYER_TILES,  # w_qkv [L, tiles of 3C x C], queries pre-scaled
-        _LAYER_TILES,  # w_proj [L, tiles of C x C]
+        layer_tiles,  # w_qkv [L, tiles of 3C x C], queries pre-scaled
+        layer_tiles,  # w_proj [L, tiles of C x C]
         _LAYER_PARAMS,  # ln2_w
         _LAYER_PARAMS,  # ln2_b
-        _LAYER_TILES,  # w_fc [L, tiles of 4C x C]
-        _LAYER_TILES,  # w_out [L, tiles of C x 4C]
+        layer_tiles,  # w_fc [L, tiles of 4C x C]
+        layer_tiles,  # w_out [L, tiles of C x 4C]
         _PARAM,  # ln_f_w
         _PARAM,  # ln_f_b
-        _TILES,  # w_head: tiles of V x C
+        tiles,  # w_head: tiles of V x C
         nt.float32[:],  # GELU constants: p, c/p, b1, b2, b3, b4
         _KV_CACHE,  # kv [L, rows, 2, H, T, hs]
         _ROWS,  # x [B, C]
@@ -363,7 +384,11 @@ def gelu(f, consts):  # pragma: no cover - compiled
         _ROWS,  # head_acc [H, hs]
         _ROWS,  # logits [B, V] (out)
         _ROWS,  # matvec scratch [4, TILE]
-    ),
+    )
+
+
+@numba.njit(
+    [_decode_signature(_F32), _decode_signature(nt.uint16)],
     cache=True,
     nogil=True,
     boundscheck=False,

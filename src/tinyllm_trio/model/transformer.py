@@ -222,6 +222,24 @@ def _softmax_(a: np.ndarray, m: np.ndarray) -> np.ndarray:
     return a
 
 
+WEIGHTS_FORMATS = ("float32", "bfloat16")
+
+
+def round_to_bfloat16(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32: the upper 16
+    bits of each are its bfloat16. Raises ValueError for a value that is not finite before or
+    after (a weight beyond bfloat16's range)."""
+    a = np.ascontiguousarray(a, dtype=_F32)
+    if not np.isfinite(a).all():
+        raise ValueError("cannot round non-finite weights to bfloat16")
+    bits = a.view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    out = bits.astype(np.uint32).view(_F32).reshape(a.shape)
+    if not np.isfinite(out).all():
+        raise ValueError("a weight is beyond bfloat16's range")
+    return out
+
+
 def _zeros_hugepages(shape: tuple[int, ...]) -> np.ndarray:
     """A zeroed float32 array in its own anonymous mapping, with transparent huge pages asked
     for: the decode step reads the KV cache of every sequence every step, and 2 MiB pages cut
@@ -234,19 +252,19 @@ def _zeros_hugepages(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _hugepage_copies(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Read-only float32 copies of `arrays`, all in one mapping with transparent huge pages
-    asked for. Every decode step reads every weight (13 MB for the default model), which in
-    4 KiB pages is ~3,300 pages, more than the TLB holds, so each step walks page tables
-    again (nested ones in a VM); in 2 MiB pages it is 7."""
-    align = 16  # floats: each array starts on a 64-byte boundary
+    """Read-only copies of `arrays` (each keeps its dtype), all in one mapping with transparent
+    huge pages asked for. Every decode step reads every weight (13 MB for the default model),
+    which in 4 KiB pages is ~3,300 pages, more than the TLB holds, so each step walks page
+    tables again (nested ones in a VM); in 2 MiB pages it is 7."""
     offsets, total = {}, 0
     for name, a in arrays.items():
         offsets[name] = total
-        total += -(-a.size // align) * align
-    arena = _zeros_hugepages((max(total, 1),))
+        total += -(-a.nbytes // 64) * 64  # each array starts on a 64-byte boundary
+    arena = _zeros_hugepages((max(total // 4, 1),)).view(np.uint8)
     out = {}
     for name, a in arrays.items():
-        view = arena[offsets[name] : offsets[name] + a.size].reshape(a.shape)
+        a = np.asarray(a)
+        view = arena[offsets[name] : offsets[name] + a.nbytes].view(a.dtype).reshape(a.shape)
         view[...] = a
         view.flags.writeable = False
         out[name] = view
@@ -510,7 +528,20 @@ class Transformer:
     """The TinyLLM forward pass: full-sequence (`forward`, `prefill`) and batched one-token
     (`decode_step`) over a `KVCache`."""
 
-    def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray]):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Mapping[str, np.ndarray],
+        *,
+        weights_format: str = "float32",
+    ):
+        """`weights_format` "bfloat16" rounds every weight to bfloat16 first (`round_to_bfloat16`)
+        and has the compiled step read its matrices as 16-bit tiles: half the bytes a step
+        streams, for the same arithmetic on the rounded values on every path."""
+        if weights_format not in WEIGHTS_FORMATS:
+            raise ValueError(
+                f"weights_format must be one of {WEIGHTS_FORMATS}, got {weights_format!r}"
+            )
         expected = expected_shapes(config)
         missing = [n for n in expected if n not in weights]
         extra = sorted(set(weights) - set(expected))
@@ -525,7 +556,12 @@ class Transformer:
 
         self._kernels = kernels
         # our own float32 copies, in huge pages like everything a decode step reads
-        canonical = _hugepage_copies({name: np.asarray(weights[name]) for name in expected})
+        bf16 = weights_format == "bfloat16"
+        own = {name: np.asarray(weights[name], dtype=_F32) for name in expected}
+        canonical = _hugepage_copies(
+            {n: round_to_bfloat16(w) for n, w in own.items()} if bf16 else own
+        )
+        self.weights_format = weights_format
         self.config = config
         self._canonical = canonical
         self.wte = canonical["token_embedding.weight"]  # (V, C)
@@ -535,14 +571,19 @@ class Transformer:
         derived["w_head"] = canonical["lm_head.weight"].T  # (C, V)
         for i, layer in enumerate(self.layers):
             derived.update({f"{i}.{n}": getattr(layer, n) for n in _Layer.DERIVED})
+        if bf16:  # the query weights with the attention scale folded in: rounded again
+            derived = {n: w if n == "pe" else round_to_bfloat16(w) for n, w in derived.items()}
         derived = _hugepage_copies(derived)  # C-contiguous copies, as x @ W wants them
         self.pe, self.w_head = derived["pe"], derived["w_head"]
         for i, layer in enumerate(self.layers):
             for n in _Layer.DERIVED:
                 setattr(layer, n, derived[f"{i}.{n}"])
+
         # the compiled small-batch step reads each matrix in tiles of 64 outputs
         # (`kernels.tile_weights`), layers stacked
-        tiles = kernels.tile_weights
+        def tiles(w: np.ndarray) -> np.ndarray:
+            return kernels.tile_weights(w, bfloat16=bf16)
+
         stacked = {
             "ln1_w": [layer.ln1_w for layer in self.layers],
             "ln1_b": [layer.ln1_b for layer in self.layers],
@@ -566,7 +607,14 @@ class Transformer:
         self.fused_max_batch = FUSED_MAX_BATCH
 
     @classmethod
-    def random(cls, config: ModelConfig, seed: int = 0, *, std: float = 0.02) -> Transformer:
+    def random(
+        cls,
+        config: ModelConfig,
+        seed: int = 0,
+        *,
+        std: float = 0.02,
+        weights_format: str = "float32",
+    ) -> Transformer:
         """Random weights (normal(0, std) matrices, LayerNorms near identity), for tests and
         benchmarks. A larger `std` (e.g. 0.2) gives peaked attention, which tests prefer."""
         rng = np.random.default_rng(seed)
@@ -579,7 +627,7 @@ class Transformer:
             else:
                 w = std * rng.standard_normal(shape)
             weights[name] = w.astype(_F32)
-        return cls(config, weights)
+        return cls(config, weights, weights_format=weights_format)
 
     def weights(self) -> dict[str, np.ndarray]:
         """The canonical tensors (original names, [out, in] layout), read-only float32."""

@@ -102,12 +102,18 @@ def bigram_nll(train: np.ndarray, heldout: np.ndarray, vocab_size: int) -> tuple
     return -float(np.log(p).sum()), len(nxt)
 
 
-def evaluate(model_path: str | None, data: str | Path, attention_scale: str | None = None) -> dict:
-    """All four numbers (plus token counts and timing) for a checkpoint and a corpus directory."""
+def evaluate(
+    model_path: str | None,
+    data: str | Path,
+    attention_scale: str | None = None,
+    weights: str = "float32",
+) -> dict:
+    """All four numbers (plus token counts and timing) for a checkpoint and a corpus directory;
+    `weights` "bfloat16" evaluates the model as `serve --weights bfloat16` runs it."""
     from tinyllm_trio.model.checkpoint import load_model
 
     data = Path(data)
-    loaded = load_model(model_path, attention_scale=attention_scale)
+    loaded = load_model(model_path, attention_scale=attention_scale, weights_format=weights)
     tok, transformer = loaded.tokenizer, loaded.transformer
     train = encode_stream(tok, read_documents(data / "train.txt"))
     heldout = encode_stream(tok, read_documents(data / "heldout.txt"))
@@ -140,7 +146,12 @@ def run_cli(args: Any) -> int:
                 file=sys.stderr,
             )
             return 1
-    r = evaluate(args.model, data, getattr(args, "attention_scale", None))
+    r = evaluate(
+        args.model,
+        data,
+        getattr(args, "attention_scale", None),
+        getattr(args, "weights", "float32"),
+    )
     if args.json:
         keys = ("heldout_loss", "heldout_ppl", "unigram_ppl", "bigram_ppl")
         print(json.dumps({k: r[k] for k in keys}))
