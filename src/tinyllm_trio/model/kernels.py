@@ -1,4 +1,6 @@
-"""Compiled kernels (numba) for the parts of a decode step numpy does badly: attention, LayerNorm.
+"""Compiled kernels (numba) for the parts of a decode step numpy does badly: attention, LayerNorm,
+GELU, and the whole decode step of up to 64 sequences (`decode_small_batch`, whose products
+with the weights are written as LLVM IR over weight tiles: `tile_weights`, `_tile_pass`).
 
 Why a kernel: a batch-32 decode step reads every sequence's keys and values, ~2.4 MB per layer
 at 48 tokens of context, from memory (the weights and the rest of the cache have pushed them

@@ -38,11 +38,13 @@ How the decode step stays cheap (llama2.c's "run state" idea, in numpy):
 - the LM head is one matmul. BLAS threads are the caller's business (a worker runs one per core;
   set OPENBLAS_NUM_THREADS=1 before numpy is imported, as the worker and the bench do).
 
-Up to `FUSED_MAX_BATCH` sequences, a step is instead one compiled call for all layers
-(`kernels.decode_small_batch`, over row-major copies of the matrices): there the ~90 numpy and
-BLAS calls of the step above cost more in dispatch and in BLAS's small-matrix paths than the
-arithmetic. The numpy path stays the reference the tests hold it to (`fused_max_batch = 0`
-selects it on a model).
+Up to `FUSED_MAX_BATCH` sequences (64), a step is instead one compiled call for all layers
+(`kernels.decode_small_batch`, over copies of the matrices in tiles of 64 outputs,
+`kernels.tile_weights`): at small batches the ~90 numpy and BLAS calls of the step above cost
+more in dispatch and in BLAS's small-matrix paths than the arithmetic, and its hand-written
+vector products beat BLAS up to about 48 sequences. The numpy path stays the reference the
+tests hold it to (`fused_max_batch = 0` selects it on a model). With `weights_format`
+"bfloat16" the weights are rounded once and the compiled step reads 16-bit tiles.
 """
 
 from __future__ import annotations
