@@ -182,8 +182,18 @@ def _tile_pass(rows: int):
     hold bfloat16 weights: each vector load is 32 bytes, widened to float32 by a shift (the
     bfloat16 is the float32's upper half), so the same arithmetic gives the same sums."""
 
+    def contiguous(t: nt.Type, ndim: int, dtypes: tuple) -> bool:
+        return isinstance(t, nt.Array) and t.ndim == ndim and t.layout == "C" and t.dtype in dtypes
+
     @intrinsic
     def tile_pass(typingctx, w, x, b0, tile, out):
+        # the IR below indexes raw pointers: anything but these layouts is a typing error
+        if not (
+            contiguous(w, 1, (nt.float32, nt.uint16))
+            and contiguous(x, 2, (nt.float32,))
+            and contiguous(out, 2, (nt.float32,))
+        ):
+            return None
         sig = nt.void(w, x, b0, tile, out)
 
         def codegen(context, builder, signature, args):
@@ -204,7 +214,7 @@ def _tile_pass(rows: int):
             )
             zero = ir.Constant(v16, [0.0] * 16)
             broadcast = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
-            entry = builder.basic_block
+            entry = builder.basic_block  # the loop runs at least once: K >= 1 (n_embd >= 2)
             loop = builder.append_basic_block("tile_loop")
             done = builder.append_basic_block("tile_done")
             builder.branch(loop)
