@@ -414,6 +414,30 @@ def test_engine_benchmark_closed_loop_runs_every_request(tiny_checkpoint: Path) 
     assert len(measured["bare_procs"][2][3]) == 2  # 2 + 1 clients, 4 + 3 requests, all counted
 
 
+async def test_engine_benchmark_sink_consumer_counts_every_token(
+    tiny_checkpoint: Path, monkeypatch
+) -> None:
+    """`bench engine --consumer sink`: each client installs a token sink after its first token
+    and still counts every token and one TTFT per request."""
+    from tinyllm_trio.bench.workload import run_on_engine
+    from tinyllm_trio.engine import Generation
+
+    installed: list[bool] = []
+    original = Generation.set_token_sink
+
+    def spy(self, sink):
+        installed.append(original(self, sink))
+        return installed[-1]
+
+    monkeypatch.setattr(Generation, "set_token_sink", spy)
+    ttfts: list[float] = []
+    async with open_engine(tiny_checkpoint, workers=1) as engine:
+        tokens = await run_on_engine(engine, 3, 7, 12, 2, ttfts=ttfts, sink=True)
+        assert engine.stats()["outcomes"]["length"] == 7
+    assert tokens == 7 * 12 and len(ttfts) == 7
+    assert installed == [True] * 7  # every request's later tokens went to its sink
+
+
 def test_bare_processes_split_a_level_and_count_every_token(tiny_checkpoint: Path) -> None:
     """The 2p/bare ceiling: each child runs its share at once; a child whose share is empty
     (one stream over two processes) is left out instead of counted as zero."""

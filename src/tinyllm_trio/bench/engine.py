@@ -129,6 +129,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="pin each worker to a core of its own when a core is left over, as serve does "
         "by default (default true)",
     )
+    p.add_argument(
+        "--consumer",
+        choices=("iterate", "sink"),
+        default="iterate",
+        help="how each engine client takes its tokens: iterating the generation (a task "
+        "switch per token, default) or in a token sink after the first, as the HTTP server "
+        "does (Generation.set_token_sink)",
+    )
     p.add_argument("--json", dest="json_path", default=None, help="also write results here")
 
 
@@ -149,7 +157,13 @@ def run_cli(args: argparse.Namespace) -> int:
         print("--shared-prefix-words must be >= 0", file=sys.stderr)
         return 2
     try:
-        load = Load(args.max_tokens, args.prompt_words, _requests(args.requests), args.max_batch)
+        load = Load(
+            args.max_tokens,
+            args.prompt_words,
+            _requests(args.requests),
+            args.max_batch,
+            sink=args.consumer == "sink",
+        )
     except ValueError as e:
         print(f"--requests: {e}", file=sys.stderr)
         return 2
@@ -212,7 +226,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
         out += ["--attention-scale", args.attention_scale]
     if args.skip_bare:
         out.append("--skip-bare")
-    out += ["--pin-workers", args.pin_workers]
+    out += ["--pin-workers", args.pin_workers, "--consumer", args.consumer]
     if args.json_path:
         out += ["--json", str(args.json_path)]
     return out
@@ -250,6 +264,7 @@ class Load:
     prompt_words: int = PROMPT_WORDS
     per_level: int | str | None = None  # None: one wave of c; "auto": bench http's count
     max_batch: int = MAX_BATCH  # sequences decoded together per worker / in the bare loop
+    sink: bool = False  # engine clients take tokens in a token sink instead of iterating
 
     def requests(self, c: int) -> int:
         if self.per_level is None:
@@ -410,7 +425,9 @@ async def _engine_run(engine, c: int, load: Load) -> Measurement:
     pids = [w["pid"] for w in engine.stats()["workers"]]
     workers0 = sum(_cpu_ns(pid) for pid in pids)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    tokens = await run_on_engine(engine, c, total, load.max_tokens, load.prompt_words)
+    tokens = await run_on_engine(
+        engine, c, total, load.max_tokens, load.prompt_words, sink=load.sink
+    )
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     worker_cpu = (sum(_cpu_ns(pid) for pid in pids) - workers0) / 1e9
     assert tokens == total * load.max_tokens, tokens
@@ -716,6 +733,7 @@ def run_benchmarks(
         "runs": runs,
         "concurrency": list(concurrency),
         "pin_workers": pin_workers,
+        "consumer": "sink" if load.sink else "iterate",
     }
     measured = interleaved_measurements(
         path, attention_scale, workers, concurrency, load, runs, bare=bare, pin_workers=pin_workers
@@ -795,7 +813,8 @@ def format_table(results: dict) -> str:
         f"worker, median of {results['runs']} interleaved runs (ratios: median of run "
         f"pairs), "
         f"{results['cpus']} CPUs, BLAS threads 1, workers "
-        f"{'pinned' if results.get('pin_workers', True) else 'not pinned'}"
+        f"{'pinned' if results.get('pin_workers', True) else 'not pinned'}, engine clients "
+        f"{'take tokens in a sink' if results.get('consumer') == 'sink' else 'iterate'}"
     )
     lines = _table(results, about, head, rows)
     ipc = results["ipc"]

@@ -101,12 +101,17 @@ async def run_on_engine(
     *,
     shared_prefix_words: int = 0,
     ttfts: list[float] | None = None,
+    sink: bool = False,
 ) -> int:
     """`requests` generations of `max_tokens` tokens (greedy, EOS ignored) through an Engine,
     `concurrency` client tasks each taking the next request as its last one ends; returns the
     tokens generated (RuntimeError if any generation failed), and appends each request's time
     to its first token (seconds, from its `generate` call) to `ttfts` if given. The in-process
-    twin of one `bench http` level."""
+    twin of one `bench http` level.
+
+    Each client iterates its generation (a task switch per token), or with `sink` counts the
+    tokens after the first in a token sink (`Generation.set_token_sink`), as the HTTP server
+    consumes them."""
     import trio
 
     from tinyllm_trio.model.sampling import SamplingParams
@@ -118,18 +123,25 @@ async def run_on_engine(
 
     async def client() -> None:
         for index in indices:  # shared: each client takes the next request
-            n = 0
+            n = [0]  # tokens so far, counted here or by the sink
+
+            def count(event: TokenEvent, n: list[int] = n) -> None:
+                n[0] += len(event.token_ids)
+
             prompt = prompt_text(index, prompt_words, shared_prefix_words)
             start = trio.current_time()
             async with engine.generate(prompt, params) as events:
                 async for event in events:
                     if isinstance(event, TokenEvent):
-                        if not n and ttfts is not None:
-                            ttfts.append(trio.current_time() - start)
-                        n += len(event.token_ids)
+                        if not n[0]:
+                            if ttfts is not None:
+                                ttfts.append(trio.current_time() - start)
+                            if sink:
+                                events.set_token_sink(count)
+                        count(event)
                     elif not isinstance(event, DoneEvent):
                         raise RuntimeError(f"generation failed: {event}")
-            counts.append(n)
+            counts.append(n[0])
 
     async with trio.open_nursery() as nursery:
         for _ in range(min(concurrency, requests)):
