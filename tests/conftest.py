@@ -106,12 +106,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def long_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model with a 512-token context whose generations last long enough (hundreds of ms)
     that a cancel or a SIGKILL reliably lands while they are still running: 500 tokens take
-    ~0.27 s on the compiled batch-1 step (at 128 wide, ~0.08 s: too short to catch)."""
+    ~0.34 s on the compiled batch-1 step (at 8 layers, since the tiled weight products, 0.21 s;
+    at 128 wide, ~0.08 s: too short to catch)."""
     return save_random_checkpoint(
         tmp_path_factory.mktemp("long-model"),
         seed=11,
         n_embd=192,
         n_head=4,
-        n_layer=8,
+        n_layer=12,
         max_context=512,
     )
