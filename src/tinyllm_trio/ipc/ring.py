@@ -34,9 +34,8 @@ The doorbell: a response ring can be created with an ``eventfd`` (``doorbell=Tru
 producer increments after every whole message (the pool passes the fd to its worker). Then
 ``pump`` needs no thread at all: it waits for the fd to become readable in Trio's own epoll
 loop, so a message costs the server one wake-up of one thread, where the thread pump costs a
-semaphore wake-up, a GIL hand-off and a write to Trio's wake-up socket (about half the CPU per
-message at one stream: `bench engine` prints it). The semaphores still carry the slots, as
-before: the doorbell only says when to look.
+semaphore wake-up, a GIL hand-off and a write to Trio's wake-up socket. The semaphores still
+carry the slots, as before: the doorbell only says when to look.
 
 Names: every object's name starts with ``/tinyllm-<pid>-<random>-``, the owning server's pid and
 a per-instance token, so two servers never collide and ``sweep_stale`` can remove the leftovers
