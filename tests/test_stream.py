@@ -128,3 +128,45 @@ async def test_a_stream_of_several_members_ends_after_each_final_event() -> None
     assert [type(e) for e in got] == [TokenEvent, DoneEvent, TokenEvent, ErrorEvent]
     with pytest.raises(ValueError):
         RequestStream(members=0)
+
+
+async def test_a_cancelled_receive_takes_nothing_and_a_later_one_gets_the_event() -> None:
+    stream = RequestStream()
+    with trio.move_on_after(0.01) as scope:
+        await stream.receive()  # parked: nothing has come
+    assert scope.cancelled_caught
+    stream.deliver(tok(1))  # no task waits any more: it queues
+    assert stream.queued == 1
+    assert await stream.receive() == tok(1)
+
+
+async def test_a_receive_parked_before_the_event_gets_it_and_a_second_receiver_is_refused() -> None:
+    stream = RequestStream()
+    got: list = []
+
+    async def wait() -> None:
+        got.append(await stream.receive())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await stream.receive()
+        stream.deliver(tok(1))
+    assert got == [tok(1)] and stream.queued == 0
+    stream.finish(done(n=1))
+    assert await drain(stream) == [done(n=1)]
+
+
+async def test_the_final_event_wakes_a_parked_receive_and_then_the_stream_ends() -> None:
+    stream = RequestStream()
+    got: list = []
+
+    async def wait() -> None:
+        got.extend(await drain(stream))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        stream.finish(done())
+    assert got == [done()]

@@ -26,7 +26,7 @@ It sits at the package's top level because every backend shares it: `ipc/` (the 
 from __future__ import annotations
 
 import logging
-import math
+from collections import deque
 from collections.abc import Callable
 from typing import Self
 
@@ -42,43 +42,54 @@ TokenSink = Callable[[TokenEvent], None]
 
 
 class RequestStream:
-    """The events of one request (or of one request's n choices) and its token sink."""
+    """The events of one request (or of one request's n choices) and its token sink.
 
-    __slots__ = ("_open", "_receive", "_send", "_sink", "closed", "finished", "queued")
+    The queue is a deque with at most one parked consumer task, woken straight by
+    `trio.lowlevel.reschedule`: an iterating consumer takes every token through here, and a
+    memory channel's bookkeeping for many receivers (a dict and a set per wait, a WouldBlock
+    exception per empty queue) cost about as much again as the wake-up itself.
+    """
+
+    __slots__ = ("_abort", "_open", "_queue", "_sink", "_waiter", "closed", "finished")
 
     def __init__(self, members: int = 1) -> None:
         if members < 1:
             raise ValueError("a stream carries at least one request")
         # Unbounded: bounded in practice by max_tokens, and a slow consumer must never stall
         # the delivery task that serves every other request.
-        self._send, self._receive = trio.open_memory_channel[Event](math.inf)
+        self._queue: deque[Event] = deque()
+        self._waiter: trio.lowlevel.Task | None = None  # the consumer parked in `receive`
+        self._abort = self._aborted  # one bound method for every wait, not one per wait
         self._sink: TokenSink | None = None
         self._open = members  # members whose final event has not been delivered yet
-        self.queued = 0  # events in the channel not yet received: a sink must not pass them
         self.finished = False  # every member's final event was delivered
         self.closed = False  # the consumer left (`close`)
+
+    @property
+    def queued(self) -> int:
+        """Events delivered and not yet received: a sink must not pass them."""
+        return len(self._queue)
 
     # --- the producer's side (a backend's delivery task) ------------------------------------
 
     def deliver(self, event: Event) -> None:
         """Hand over one event: to the sink if one is installed and nothing is queued (a token
         event only), else to the queue. Never blocks, never raises."""
+        if self.closed or self.finished:  # the consumer left, or the stream already ended
+            return
         sink = self._sink
         if sink is not None:
             if type(event) is not TokenEvent:
                 self._sink = None  # a final event: queued, after every token the sink took
-            elif not self.queued:
+            elif not self._queue:
                 try:
                     sink(event)
                     return
                 except Exception as exc:  # a bug in the sink: this event and the rest queue
                     log.error("request %d's token sink failed: %r", event.request_id, exc)
                     self._sink = None
-        try:
-            self._send.send_nowait(event)
-            self.queued += 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the consumer left (`close`)
+        self._queue.append(event)
+        self._wake()
 
     def finish(self, event: DoneEvent | ErrorEvent) -> None:
         """Deliver a member's final event (queued, see `deliver`); after the last member's,
@@ -87,7 +98,13 @@ class RequestStream:
         self._open -= 1
         if self._open <= 0 and not self.finished:
             self.finished = True
-            self._send.close()
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
 
     # --- the consumer's side ------------------------------------------------------------------
 
@@ -104,17 +121,34 @@ class RequestStream:
 
     async def receive(self) -> Event:
         """The next queued event. Raises trio.EndOfChannel after the last one, and
-        trio.ClosedResourceError if `close` was called (also while waiting here)."""
-        event = await self._receive.receive()
-        self.queued -= 1
-        return event
+        trio.ClosedResourceError if `close` was called (also while waiting here); one task
+        at a time may wait (trio.BusyResourceError otherwise)."""
+        if self._queue and not self.closed:
+            # Something is there: still a checkpoint, as every Trio receive is one.
+            await trio.lowlevel.checkpoint()
+        while True:
+            if self.closed:
+                raise trio.ClosedResourceError("the stream was closed")
+            if self._queue:
+                return self._queue.popleft()
+            if self.finished:
+                raise trio.EndOfChannel
+            if self._waiter is not None:
+                raise trio.BusyResourceError("another task is already receiving on this stream")
+            self._waiter = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _aborted(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        self._waiter = None  # cancelled while parked: nothing was taken from the queue
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def close(self) -> None:
         """The consumer stopped listening: drop the sink, discard what comes later, and wake a
         task waiting in `receive` (synchronous: callable from a `finally` block)."""
         self._sink = None
         self.closed = True
-        self._receive.close()
+        self._queue.clear()
+        self._wake()
 
     def __aiter__(self) -> Self:
         return self

@@ -30,6 +30,7 @@ from tinyllm_trio.ipc.messages import (
 )
 from tinyllm_trio.ipc.ring import (
     FRAME_HEADER_SIZE,
+    PUMP_BATCHES_PER_CHECKPOINT,
     MessageTooLargeError,
     Ring,
     RingError,
@@ -399,6 +400,43 @@ async def test_pump_raises_what_deliver_raised_and_stops(doorbell: bool) -> None
         with trio.fail_after(5), pytest.raises(ValueError, match="consumer bug"):
             await ring.pump(deliver, max_messages=2)
         assert len(calls) == 2  # nothing delivered after the failure
+    finally:
+        ring.destroy()
+
+
+@pump_kinds
+async def test_pump_lets_other_tasks_run_while_the_producer_never_pauses(doorbell: bool) -> None:
+    """A batch that empties the ring skips its own checkpoint (the wait for the bell is one),
+    so a producer that always has the next message ready must not starve the other tasks:
+    the engine's clients and the HTTP server run in the same thread as the pump."""
+    ring = _ring(n_slots=8, slot_size=64, doorbell=doorbell)
+    delivered = 0
+    ticks = 0
+    try:
+        ring.put(1, 0, b"x")
+
+        def deliver(frames) -> None:
+            nonlocal delivered
+            delivered += len(frames)
+            if delivered >= 400:
+                scope.cancel()
+            else:
+                ring.put(1, delivered, b"x")  # the next one is always there
+
+        async def other_task() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await trio.lowlevel.checkpoint()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(other_task)
+                with trio.CancelScope() as scope:
+                    await ring.pump(deliver, max_messages=1)
+                nursery.cancel_scope.cancel()
+        assert delivered == 400
+        assert ticks >= 400 // PUMP_BATCHES_PER_CHECKPOINT // 2, ticks
     finally:
         ring.destroy()
 

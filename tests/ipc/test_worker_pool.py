@@ -5,6 +5,7 @@ of a SIGKILLed server."""
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import signal
 import subprocess
@@ -12,13 +13,15 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
+import trio.testing
 
 from tinyllm_trio.engine import OverloadedError, WorkerStartError
 from tinyllm_trio.ipc.messages import Batch, Ready, Shutdown, Submit, decode, encode
-from tinyllm_trio.ipc.pool import WorkerPool, worker_cpus
+from tinyllm_trio.ipc.pool import STALL_SLACK, WorkerPool, worker_cpus
 from tinyllm_trio.ipc.ring import Ring, new_prefix, shm_entries
 from tinyllm_trio.model.batching import ContinuousBatcher, DoneEvent, ErrorEvent, TokenEvent
 from tinyllm_trio.model.checkpoint import load_model
@@ -317,6 +320,27 @@ async def test_a_hung_worker_is_killed_after_the_stall_timeout_and_replaced(
             assert isinstance(events[-1], DoneEvent)
         finally:
             await pool.aclose()
+
+
+async def test_a_busy_workers_stall_deadline_stays_at_least_the_timeout_ahead(
+    tiny_checkpoint: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """A busy worker speaks every decode step; the deadline follows it coarsely (a move per
+    step would cost a heap push per token) but is never less than `stall_timeout` ahead of
+    the last message, so a worker that keeps speaking is never killed early."""
+    pool = WorkerPool(tiny_checkpoint, workers=1, stall_timeout=2.0)
+    slot = SimpleNamespace(stall_scope=trio.CancelScope(deadline=math.inf), inflight={1: None})
+    deadlines = set()
+    for _ in range(1000):  # 3 s of 3 ms steps
+        mock_clock.jump(0.003)
+        pool._heard_from(slot)
+        ahead = slot.stall_scope.deadline - trio.current_time()
+        assert 2.0 <= ahead <= 2.0 * STALL_SLACK, ahead
+        deadlines.add(slot.stall_scope.deadline)
+    assert len(deadlines) < 20, len(deadlines)  # moved a few times, not once a step
+    slot.inflight.clear()  # idle: silent by right
+    pool._heard_from(slot)
+    assert slot.stall_scope.deadline == math.inf
 
 
 def test_stall_timeout_must_be_positive(tiny_checkpoint: Path) -> None:

@@ -12,10 +12,11 @@ of kind ``worker_died``, both rings are unlinked, and (unless the pool is stoppi
 replacement starts, after an exponential back-off if workers keep dying young.
 
 A worker that hangs without dying (a stuck BLAS call, a SIGSTOP, a deadlock) would hold its
-requests forever, so a fourth task watches it: while the worker holds requests, every message
-it sends pushes a cancel-scope deadline `stall_timeout` seconds ahead (a busy worker sends one
-per decode step, milliseconds apart); when the deadline passes, the worker is SIGKILLed and
-its requests end as for any other death, with a message that says it stopped responding.
+requests forever, so a fourth task watches it: while the worker holds requests, the messages
+it sends keep a cancel-scope deadline at least `stall_timeout` seconds ahead (a busy worker
+sends one per decode step, milliseconds apart); when the deadline passes, the worker is
+SIGKILLed and its requests end as for any other death, with a message that says it stopped
+responding.
 
 Admission: a request goes at once to the least-loaded ready worker with a free batch slot
 (fewest requests in flight, then lowest index). When every slot is busy it waits in a bounded
@@ -95,6 +96,7 @@ RESPONSE_SLOT_SIZE = 4096  # a step's batch of 32 token events is ~1.5 KB; logpr
 BACKOFF_FIRST = 0.25  # seconds before restarting a worker that died young
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0  # a worker that lived this long resets the back-off
+STALL_SLACK = 1.125  # a silent busy worker is killed after 1 to this many x stall_timeout
 AFFINITY_SLACK = 4  # requests beyond the least-loaded worker's that prefix affinity may add
 PREFIX_TABLE_BLOCKS = 4096  # block hashes remembered per worker (~64 K prompt tokens)
 
@@ -463,11 +465,23 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
             scope.deadline = trio.current_time() + self.stall_timeout
 
     def _heard_from(self, slot: WorkerSlot) -> None:
-        """The worker just spoke: a busy one gets `stall_timeout` more, an idle one forever."""
+        """The worker just spoke: a busy one gets at least `stall_timeout` more, an idle one
+        forever.
+
+        A busy worker speaks every decode step, and moving a deadline costs Trio a heap push,
+        so the deadline moves only once less than `stall_timeout` is left, and then to
+        STALL_SLACK x `stall_timeout` ahead: a worker is killed after between 1 and
+        STALL_SLACK times `stall_timeout` of silence, and the deadline moves a few times a
+        second instead of once a token."""
         scope = slot.stall_scope
-        if scope is not None:
-            busy = bool(slot.inflight)
-            scope.deadline = trio.current_time() + self.stall_timeout if busy else math.inf
+        if scope is None:
+            return
+        if not slot.inflight:
+            scope.deadline = math.inf
+            return
+        now = trio.current_time()
+        if not now + self.stall_timeout <= scope.deadline < math.inf:
+            scope.deadline = now + self.stall_timeout * STALL_SLACK
 
     async def _watch_stall(self, slot: WorkerSlot, process: trio.Process) -> None:
         with trio.CancelScope(deadline=math.inf) as scope:

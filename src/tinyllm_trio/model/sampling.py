@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -225,8 +225,9 @@ class SamplingParams:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (for the IPC submit message)."""
-        d = asdict(self)
+        """A JSON-able dict (for the IPC submit message). Shallow: every field is a scalar
+        but the three below (`dataclasses.asdict` deep-copies each value, a cost per request)."""
+        d = {name: getattr(self, name) for name in self.__dataclass_fields__}
         d["stop"] = list(self.stop)
         d["logit_bias"] = {str(i): b for i, b in self.logit_bias}
         d["stop_token_ids"] = list(self.stop_token_ids)
