@@ -111,6 +111,10 @@ def encode(msg: Message) -> tuple[int, int, bytes]:
     """(message type, request id, payload) for one message."""
     if isinstance(msg, TokenEvent):
         text = _utf8(msg.text)
+        ids = msg.token_ids
+        if len(ids) == 1 and not msg.finish_reason and msg.logprobs is None:
+            # The hot path, once per token in the worker: one id, nothing else.
+            return MsgType.TOKEN, msg.request_id, _TOKEN1_HEAD.pack(1, len(text), 0, ids[0]) + text
         reason = _utf8(msg.finish_reason or "")
         payload = b"".join(
             (

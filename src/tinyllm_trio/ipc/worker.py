@@ -37,6 +37,7 @@ for _var, _value in blas_env().items():  # before anything imports numpy
 import argparse  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 
@@ -55,6 +56,7 @@ from tinyllm_trio.ipc.ring import Frame, PeerGoneError, Ring  # noqa: E402
 from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind  # noqa: E402
 
 EXIT_LOAD_FAILED = 3
+ALIVE_EVERY = 0.02  # seconds between checks of the parent while computing
 
 
 class Worker:
@@ -82,12 +84,17 @@ class Worker:
 
     def run(self) -> int:
         """Serve until a Shutdown message (returns 0); PeerGoneError if the server dies."""
+        next_check = 0.0
         while True:
             for frame in self._incoming(block=self.batcher.idle):
                 if not self._handle(frame):
                     return 0
-            if not self.alive():  # checked every step too: an orphan must not keep computing
-                raise PeerGoneError("the server is gone")
+            # Checked while computing too, so an orphan stops; every ALIVE_EVERY seconds, not
+            # every step, as it costs a system call and a step can take a fraction of a ms.
+            if (now := time.monotonic()) >= next_check:
+                if not self.alive():
+                    raise PeerGoneError("the server is gone")
+                next_check = now + ALIVE_EVERY
             if not self.batcher.idle:
                 self._step()
 
