@@ -90,6 +90,57 @@ def test_scaling_ceiling_script_prints_each_round_and_the_median(tiny_checkpoint
     assert label == "median two/one:" and float(median) == pytest.approx(sum(ratios) / 2)
 
 
+NEIGHBOUR_SCRIPT = os.path.join(os.path.dirname(__file__), "../../scripts/neighbour_cost.py")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the script needs two cores")
+def test_neighbour_cost_script_prints_a_row_per_work_value(tiny_checkpoint):
+    """scripts/neighbour_cost.py (the README's account of worker/bare at one stream) runs the
+    bare loop alone and beside a woken neighbour and prints both and their ratio per value."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            NEIGHBOUR_SCRIPT,
+            "--work",
+            "0,20",
+            "--rounds",
+            "2",
+            "--requests",
+            "1",
+            "--model",
+            str(tiny_checkpoint),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    head, *rows = proc.stdout.splitlines()
+    assert head.split()[:2] == ["neighbour", "us/token"]
+    assert [int(r.split()[0]) for r in rows] == [0, 20]
+    for row in rows:
+        _, alone, beside, ratio, spread = row.split()
+        low, high = map(float, spread.split("-"))
+        assert float(alone) > 0 and float(beside) > 0 and low <= float(ratio) <= high
+
+
+def test_neighbour_cost_script_refuses_one_core_and_bad_arguments(tiny_checkpoint):
+    one_core = subprocess.run(
+        [sys.executable, NEIGHBOUR_SCRIPT, "--model", str(tiny_checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+    )
+    assert one_core.returncode == 2 and "needs two cores" in one_core.stdout
+    bad = subprocess.run(
+        [sys.executable, NEIGHBOUR_SCRIPT, "--work", "x"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--work" in bad.stderr
+
+
 def test_bench_model_reports_each_row_as_it_finishes(tiny_checkpoint):
     from tinyllm_trio.bench.model import format_table, run_benchmarks, table_head, table_row
     from tinyllm_trio.model.checkpoint import load_model
