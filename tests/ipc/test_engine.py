@@ -296,24 +296,26 @@ async def test_complete_raises_worker_died_and_the_engine_recovers(long_checkpoi
 async def test_drain_finishes_short_requests_and_ends_long_ones(long_checkpoint: Path) -> None:
     async with open_engine(long_checkpoint, workers=1) as engine:
         finals: dict[str, object] = {}
-        short_started = trio.Event()
+        started = {"short": trio.Event(), "long": trio.Event()}
 
         async def run(name: str, params: SamplingParams) -> None:
             async for event in engine.generate("once upon a time", params):
                 if not isinstance(event, TokenEvent):
                     finals[name] = event
-                elif name == "short":
-                    short_started.set()
+                else:
+                    started[name].set()
 
         async with trio.open_nursery() as nursery:
             # a grace between the short one's 11 steps left and the long one's ~500 (the rest
             # of the context, ~0.35 s idle): it holds for steps of 0.3 to 13 ms, and the drain
-            # starts once the short one runs in the worker, not while its prompt may be queued
+            # starts once both run in the worker, not while a prompt may be queued. (Not by
+            # polling stats()["running"] == 2: the short one's ~15 ms there can fall between
+            # two polls on a loaded machine.)
             nursery.start_soon(run, "short", SamplingParams(max_tokens=12, temperature=0))
             nursery.start_soon(run, "long", SamplingParams(max_tokens=5000, ignore_eos=True))
-            await _wait_until(lambda: engine.stats()["running"] == 2)
             with trio.fail_after(5):
-                await short_started.wait()
+                await started["short"].wait()
+                await started["long"].wait()
             t0 = trio.current_time()
             await engine.drain(grace=0.15)
             assert trio.current_time() - t0 < 0.5
