@@ -14,7 +14,9 @@ the neighbour alone explains, with no worker code at all: it runs the bare one-s
   (W = 0: the wake alone),
 
 and prints the loop's CPU per token both ways and their ratio, the median over alternated
-rounds (the machine drifts), for each W.
+rounds (the machine drifts), for each W, and how long the eventfd write itself took (the
+median): on a VM, waking a sleeping vCPU is an inter-processor interrupt that exits to the
+hypervisor, and the writer waits for it.
 
     python scripts/neighbour_cost.py [--work 0,35,70] [--rounds 6] [--requests 12] [--model DIR]
 """
@@ -103,6 +105,8 @@ def measure(args: argparse.Namespace, works: list[int], bell: int, shared: mmap.
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     next_id = 0
 
+    writes: list[float] = []  # seconds per eventfd write, the neighbour asleep
+
     def run(ring: bool) -> float:
         """CPU us per token of `args.requests` requests, one at a time."""
         nonlocal next_id
@@ -116,22 +120,29 @@ def measure(args: argparse.Namespace, works: list[int], bell: int, shared: mmap.
                     if type(event) is TokenEvent:
                         tokens += len(event.token_ids)
                         if ring:
+                            t = time.perf_counter()
                             os.eventfd_write(bell, 1)
+                            writes.append(time.perf_counter() - t)
         return (time.process_time() - cpu0) / tokens * 1e6
 
     run(False)  # warm: the compiled step's first call, the KV cache's pages
-    print("neighbour us/token  alone us/tok  with neighbour us/tok  ratio (median)  range")
+    print(
+        "neighbour us/token  alone us/tok  with neighbour us/tok  ratio (median)  range"
+        "  wake write us (median)"
+    )
     for work in works:
         WORD.pack_into(shared, 0, work)
         alone: list[float] = []
         beside: list[float] = []
+        writes.clear()
         for r in range(args.rounds):
             for ring in (False, True) if r % 2 == 0 else (True, False):
                 (beside if ring else alone).append(run(ring))
         ratios = [b / a for a, b in zip(alone, beside, strict=True)]
         print(
             f"{work:18d}  {statistics.median(alone):12.1f}  {statistics.median(beside):21.1f}"
-            f"  {statistics.median(ratios):14.2f}  {min(ratios):.2f}-{max(ratios):.2f}",
+            f"  {statistics.median(ratios):14.2f}  {min(ratios):.2f}-{max(ratios):.2f}"
+            f"  {statistics.median(writes) * 1e6:22.1f}",
             flush=True,
         )
     return 0

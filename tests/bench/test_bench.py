@@ -120,9 +120,10 @@ def test_neighbour_cost_script_prints_a_row_per_work_value(tiny_checkpoint):
     assert head.split()[:2] == ["neighbour", "us/token"]
     assert [int(r.split()[0]) for r in rows] == [0, 20]
     for row in rows:
-        _, alone, beside, ratio, spread = row.split()
+        _, alone, beside, ratio, spread, write = row.split()
         low, high = map(float, spread.split("-"))
         assert float(alone) > 0 and float(beside) > 0 and low <= float(ratio) <= high
+        assert 0 < float(write) < 1e4
 
 
 def test_neighbour_cost_script_refuses_one_core_and_bad_arguments(tiny_checkpoint):
