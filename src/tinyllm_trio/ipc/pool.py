@@ -5,7 +5,7 @@ it (re)starts a worker it creates a fresh pair of rings (new names: a dead worke
 a half-written message behind), spawns ``python -m tinyllm_trio.ipc.worker`` through
 ``trio.lowlevel.open_process`` and runs three things in one nursery: a writer task (the only
 producer of the request ring, fed by the slot's outbox channel), a reader task (the only
-consumer of the response ring, routing each event to its request's channel) and the wait for
+consumer of the response ring, routing each event to its request's stream) and the wait for
 the process to exit. When the process exits, for whatever reason, the nursery is cancelled,
 events still in the ring are routed, the slot's in-flight requests end with an `ErrorEvent`
 of kind ``worker_died``, both rings are unlinked, and (unless the pool is stopping) a
@@ -28,9 +28,9 @@ dropped it (within one decode step), and `stats()` shows exactly what the worker
 Everything that changes routing state is synchronous (no await between check and update), so
 Trio's single thread makes it atomic. Messages to a worker go through its unbounded outbox
 (`send_nowait`): a cancel can therefore be sent from a `finally` block or a garbage-collected
-generator without awaiting. Each request's event channel is unbounded too; it is bounded in
-practice by `max_tokens`, and an unbounded channel means one slow consumer can never stall the
-reader that serves every other request on that worker.
+generator without awaiting. Each request's event queue (its `RequestStream`) is unbounded too;
+it is bounded in practice by `max_tokens`, and an unbounded queue means one slow consumer can
+never stall the reader that serves every other request on that worker.
 
 Shutdown (`aclose`) is ordered: stop admitting, end queued and running requests with
 ``shutting_down`` errors, send each worker `Shutdown`, wait up to a timeout, SIGKILL stragglers,
