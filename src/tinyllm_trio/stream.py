@@ -47,7 +47,7 @@ class RequestStream:
     The queue is a deque with at most one parked consumer task, woken straight by
     `trio.lowlevel.reschedule`: an iterating consumer takes every token through here, and a
     memory channel's bookkeeping for many receivers (a dict and a set per wait, a WouldBlock
-    exception per empty queue) cost about as much again as the wake-up itself.
+    exception per empty queue) is per-token work that one consumer does not need.
     """
 
     __slots__ = ("_abort", "_open", "_queue", "_sink", "_waiter", "closed", "finished")
