@@ -405,8 +405,28 @@ def test_engine_benchmark_runs_and_reports(tiny_checkpoint: Path) -> None:
     assert "1w/bare" in table and "2w/1w" in table and "2p/bare" in table
     assert "worker/bare" in table
     assert "round trip" in table and "one wave" in table
-    assert set(results["ratios"]) == {"1w/bare", "2w/1w", "2p/bare"}
-    assert results["ratios"]["2w/1w"][4] > 0 and results["ratios"]["2p/bare"][4] > 0
+    ratios = results["ratios"]
+    assert set(ratios) == {"1w/bare", "2w/1w", "2p/bare", "2w/1w of 2p/bare"}
+    assert ratios["2w/1w"][4] > 0 and ratios["2p/bare"][4] > 0
+    # one run: the share of the ceiling is that run's 2w/1w over its 2p/bare
+    assert ratios["2w/1w of 2p/bare"][4] == pytest.approx(ratios["2w/1w"][4] / ratios["2p/bare"][4])
+    assert "2w/1w of 2p" in table
+
+
+def test_the_share_of_the_ceiling_is_taken_run_by_run() -> None:
+    """bench engine's "2w/1w of 2p": each run's 2w/1w over the same run's 2p/bare, then the
+    median, so a phase of the machine that moves both ratios of a run cancels out of it."""
+    from tinyllm_trio.bench.engine import _share_of_ceiling
+
+    def runs(*rates: float) -> list[tuple[float, float, float]]:
+        return [(r, 1.0, 1.0) for r in rates]
+
+    # per run, 2w/1w = 1.4, 1.6, 1.5 and 2p/bare = 1.5, 1.7, 1.7: their quotients' median is
+    # 1.4/1.5; the quotient of the two medians (1.5/1.7) would mix runs
+    share = _share_of_ceiling(
+        runs(14, 16, 15), runs(10, 10, 10), runs(15, 17, 17), runs(10, 10, 10)
+    )
+    assert share == pytest.approx(1.4 / 1.5)
 
 
 def test_engine_benchmark_closed_loop_runs_every_request(tiny_checkpoint: Path) -> None:

@@ -627,6 +627,22 @@ def _by_level(by_c: dict, c: int):
     return by_c[c] if c in by_c else by_c[str(c)]
 
 
+def _share_of_ceiling(
+    w_engine: list[Measurement],
+    one: list[Measurement],
+    w_bare: list[Measurement],
+    bare: list[Measurement],
+) -> float:
+    """Median over runs of (wW/1w) / (wP/bare), each run's four configurations measured in
+    turn: how much of what w bare processes gain over one the engine's w workers gain over
+    its one. Taken run by run, so the drift that moves both ratios of a run cancels, which
+    the quotient of the two medians would not do."""
+    return statistics.median(
+        (e[0] / o[0]) / (p[0] / b[0])
+        for e, o, p, b in zip(w_engine, one, w_bare, bare, strict=True)
+    )
+
+
 def _ratio(num: list[Measurement], den: list[Measurement]) -> float:
     """Median over runs of num/den tokens per second, each run against its neighbour."""
     return statistics.median(a[0] / b[0] for a, b in zip(num, den, strict=True))
@@ -759,6 +775,13 @@ def run_benchmarks(
                 ratios.setdefault(f"{w}p/bare", {})[c] = _ratio(
                     measured["bare_procs"][w][c], measured["bare"][c]
                 )
+            if one and bare and w != 1:
+                ratios.setdefault(f"{w}w/1w of {w}p/bare", {})[c] = _share_of_ceiling(
+                    measured["engine"][w][c],
+                    one[c],
+                    measured["bare_procs"][w][c],
+                    measured["bare"][c],
+                )
     results["ratios"] = ratios
     results["ipc"] = ipc_costs(ipc_messages)
     results["cpus"] = len(os.sched_getaffinity(0))
@@ -787,6 +810,8 @@ def format_table(results: dict) -> str:
             head.append(f"{w}w/1w")
         if w != 1 and bare:
             head.append(f"{w}p/bare")
+        if w != 1 and bare and 1 in results["engine"]:
+            head.append(f"{w}w/1w of {w}p")
     rows = []
     for c in results["concurrency"]:
         row = [str(c)]
@@ -806,6 +831,8 @@ def format_table(results: dict) -> str:
                 row.append(f"{_run_ratio(results, f'{w}w/1w', c):.2f}")
             if w != 1 and bare:
                 row.append(f"{_run_ratio(results, f'{w}p/bare', c):.2f}")
+            if w != 1 and bare and 1 in results["engine"]:
+                row.append(f"{_run_ratio(results, f'{w}w/1w of {w}p/bare', c):.2f}")
         rows.append(row)
     about = (
         f"{results['max_tokens']} tokens per generation after {results['prompt_words']}-word "
