@@ -6,7 +6,7 @@ on the other core, which then does its own work for that token (read the ring, r
 token, hand it to the client). `bench engine` shows the worker spending more CPU per token
 than the bare loop in a process of its own ("worker/bare"). This script asks how much of that
 the neighbour alone explains, with no worker code at all: it runs the bare one-stream loop
-(a `ContinuousBatcher`, as `bench engine` does) pinned to one core, in turn
+(`bench engine`'s `BareLoop`) pinned to one core, in turn
 
 - alone, and
 - ringing an eventfd after each token, which a process pinned to the other core waits for
@@ -18,7 +18,8 @@ rounds (the machine drifts), for each W, and how long the eventfd write itself t
 median): on a VM, waking a sleeping vCPU is an inter-processor interrupt that exits to the
 hypervisor, and the writer waits for it.
 
-    python scripts/neighbour_cost.py [--work 0,35,70] [--rounds 6] [--requests 12] [--model DIR]
+    python scripts/neighbour_cost.py [--work 0,35,70] [--rounds 6] [--requests 12]
+        [--max-tokens 64] [--model DIR]
 """
 
 from __future__ import annotations
@@ -62,15 +63,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="0,35,70", help="neighbour's us of work per token, listed")
     p.add_argument("--rounds", type=int, default=6, help="alternated rounds per value")
-    p.add_argument("--requests", type=int, default=12, help="64-token requests per measurement")
+    p.add_argument("--requests", type=int, default=12, help="requests per measurement")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
     p.add_argument("--model", default=None, help="checkpoint directory (default: packaged)")
     args = p.parse_args()
     try:
         works = [int(w) for w in args.work.split(",")]
     except ValueError:
         p.error("--work takes comma-separated whole microseconds")
-    if min(works) < 0 or args.rounds < 1 or args.requests < 1:
-        p.error("--work must be >= 0, --rounds and --requests >= 1")
+    if min(works) < 0 or min(args.rounds, args.requests, args.max_tokens) < 1:
+        p.error("--work must be >= 0, --rounds, --requests and --max-tokens >= 1")
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         print("neighbour_cost.py needs two cores (the loop on one, the neighbour on another)")
@@ -94,36 +96,20 @@ def main() -> int:
 
 
 def measure(args: argparse.Namespace, works: list[int], bell: int, shared: mmap.mmap) -> int:
-    from tinyllm_trio.bench.workload import prompt_text
-    from tinyllm_trio.model.batching import ContinuousBatcher
-    from tinyllm_trio.model.checkpoint import load_model
-    from tinyllm_trio.model.sampling import SamplingParams
-    from tinyllm_trio.protocol import TokenEvent
+    from tinyllm_trio.bench.engine import BareLoop, Load
 
-    loaded = load_model(args.model)
-    batcher = ContinuousBatcher(loaded.transformer, loaded.tokenizer)
-    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-    next_id = 0
-
+    loop = BareLoop(args.model, None, Load().max_batch)  # `bench engine`'s bare loop
+    load = Load(max_tokens=args.max_tokens, per_level=args.requests)  # after 15-word prompts
     writes: list[float] = []  # seconds per eventfd write, the neighbour asleep
+
+    def wake() -> None:
+        t = time.perf_counter()
+        os.eventfd_write(bell, 1)
+        writes.append(time.perf_counter() - t)
 
     def run(ring: bool) -> float:
         """CPU us per token of `args.requests` requests, one at a time."""
-        nonlocal next_id
-        tokens = 0
-        cpu0 = time.process_time()
-        for i in range(args.requests):
-            batcher.submit(next_id, prompt_text(i, 15, 0), params)
-            next_id += 1
-            while not batcher.idle:
-                for event in batcher.step():
-                    if type(event) is TokenEvent:
-                        tokens += len(event.token_ids)
-                        if ring:
-                            t = time.perf_counter()
-                            os.eventfd_write(bell, 1)
-                            writes.append(time.perf_counter() - t)
-        return (time.process_time() - cpu0) / tokens * 1e6
+        return loop.run(1, load, wake if ring else None)[1]
 
     run(False)  # warm: the compiled step's first call, the KV cache's pages
     print(

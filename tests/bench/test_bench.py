@@ -107,6 +107,8 @@ def test_neighbour_cost_script_prints_a_row_per_work_value(tiny_checkpoint):
             "2",
             "--requests",
             "1",
+            "--max-tokens",
+            "8",
             "--model",
             str(tiny_checkpoint),
         ],

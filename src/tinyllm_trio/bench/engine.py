@@ -60,7 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,9 +313,10 @@ class BareLoop:
         self.batcher = ContinuousBatcher(loaded.transformer, loaded.tokenizer, max_batch=max_batch)
         self._next_id = 0
 
-    def run(self, c: int, load: Load) -> Measurement:
+    def run(self, c: int, load: Load, on_token: Callable[[], object] | None = None) -> Measurement:
         """`load.requests(c)` requests, C at once, the next submitted as one finishes; step
-        until idle."""
+        until idle. `on_token` is called after each token event (scripts/neighbour_cost.py
+        wakes a process on another core there)."""
         from tinyllm_trio.model.sampling import SamplingParams
         from tinyllm_trio.protocol import DoneEvent, TokenEvent
 
@@ -333,6 +334,8 @@ class BareLoop:
             for event in batcher.step():
                 if isinstance(event, TokenEvent):
                     tokens += len(event.token_ids)
+                    if on_token is not None:
+                        on_token()
                 elif isinstance(event, DoneEvent) and submitted < total:
                     batcher.submit(base + submitted, load.prompt(submitted), params)
                     submitted += 1
