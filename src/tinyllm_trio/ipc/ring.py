@@ -49,6 +49,7 @@ import contextlib
 import contextvars
 import mmap
 import os
+import platform
 import re
 import secrets
 import struct
@@ -60,11 +61,16 @@ from dataclasses import dataclass
 import posix_ipc
 import trio
 
+from tinyllm_trio.ipc.coast import Coast
+
 NAME_ROOT = "tinyllm"
 SHM_DIR = "/dev/shm"
 MAGIC = b"TLRING01"
 RING_HEADER = struct.Struct("<8sII")  # magic, slot_size, n_slots
 RING_HEADER_SIZE = 64
+BELL_WANTED = 16  # header byte: 1 = ring the doorbell after each message, 0 = the reader coasts
+PUBLISHED = struct.Struct("<Q")  # header word at PUBLISHED_AT: the producer's last post, in ns
+PUBLISHED_AT = 24
 FRAME_HEADER = struct.Struct("<BBHIQ")  # type, flags, reserved, payload length, request id
 FRAME_HEADER_SIZE = FRAME_HEADER.size  # 16
 PUMP_BATCHES_PER_CHECKPOINT = 8  # the doorbell pump's reads in a row without a wait
@@ -73,6 +79,9 @@ FLAG_MORE = 0x01
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 WAIT_SLICE = 0.05  # seconds per bounded semaphore wait
 MIN_SLOT_SIZE = 64
+# Coasting needs a store-load fence between two processes, which a locked instruction gives on
+# x86 (glibc's sem_post is one); elsewhere the producer always rings.
+COASTING = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 _STALE_RE = re.compile(rf"^(?:sem\.)?{NAME_ROOT}-(\d+)-[0-9a-f]+-")
 
@@ -250,6 +259,8 @@ class Ring:
         self._partial: list[bytes] = []  # frames of a message being reassembled
         self._torn = False  # a split message was abandoned half-written
         self._closed = False
+        self.coast: Coast | None = None  # the doorbell `pump`'s timer and pace, if it coasts
+        self.doorbell_rings = 0  # this producer's writes to the doorbell
 
     # names of the three objects, as posix_ipc wants them
     @staticmethod
@@ -278,6 +289,7 @@ class Ring:
             finally:
                 shm.close_fd()
             RING_HEADER.pack_into(mm, 0, MAGIC, slot_size, n_slots)
+            mm[BELL_WANTED] = 1  # until a reader says it coasts (`_pump_on_doorbell`)
             items = posix_ipc.Semaphore(items_name, posix_ipc.O_CREX, mode=0o600, initial_value=0)
             created.append(lambda: posix_ipc.unlink_semaphore(items_name))
             space = posix_ipc.Semaphore(
@@ -334,6 +346,8 @@ class Ring:
         start = off + FRAME_HEADER_SIZE
         self._mm[start : start + len(chunk)] = chunk
         self._write_pos = (self._write_pos + 1) % self.n_slots
+        if self._doorbell is not None and not flags & FLAG_MORE:  # a whole message: its time
+            PUBLISHED.pack_into(self._mm, PUBLISHED_AT, time.monotonic_ns())
         self._items.release()
 
     def _read_slot(self) -> Frame | None:
@@ -386,9 +400,11 @@ class Ring:
         self._ring_doorbell()
 
     def _ring_doorbell(self) -> None:
-        # after the semaphore posts: a reader woken by it finds the whole message
-        if self._doorbell is not None:
+        # After the semaphore posts: a reader woken by it finds the whole message. The post is a
+        # locked instruction, so the flag is read after it (see `_pump_on_doorbell`).
+        if self._doorbell is not None and self._mm[BELL_WANTED]:
             os.eventfd_write(self._doorbell, 1)
+            self.doorbell_rings += 1
 
     def get(
         self, *, timeout: float | None = None, alive: Callable[[], bool] | None = None
@@ -465,6 +481,7 @@ class Ring:
         *,
         max_messages: int = 256,
         limiter: trio.CapacityLimiter | None = None,
+        coast: Callable[[], bool] | None = None,
     ) -> None:
         """Receive until cancelled, handing each batch of whole messages to `deliver`.
 
@@ -480,9 +497,13 @@ class Ring:
         in, first out, and `to_thread` reports its own end the same way). A cancel is honoured
         within one wait slice. If `deliver` raises, the pump stops and raises it here; batches
         already handed over after the failing one are dropped.
+
+        A ring with a doorbell is read without a thread (`_pump_on_doorbell`), and may coast
+        (`tinyllm_trio.ipc.coast`) whenever `coast()`, asked before each sleep, is True; with
+        `coast` None it is woken by the bell for every message.
         """
         if self._doorbell is not None:
-            await self._pump_on_doorbell(self._doorbell, deliver, max_messages)
+            await self._pump_on_doorbell(self._doorbell, deliver, max_messages, coast)
             return
         token = trio.lowlevel.current_trio_token()
         context = contextvars.copy_context()  # entered by one callback at a time, never nested
@@ -507,36 +528,73 @@ class Ring:
             raise failure[0]
 
     async def _pump_on_doorbell(
-        self, bell: int, deliver: Callable[[list[Frame]], None], max_messages: int
+        self,
+        bell: int,
+        deliver: Callable[[list[Frame]], None],
+        max_messages: int,
+        coast: Callable[[], bool] | None,
     ) -> None:
-        """`pump` without a thread: read what is there, else sleep until the producer rings.
+        """`pump` without a thread: read what is there, else sleep until the next message.
 
-        No wake-up can be lost: the bell is cleared before the ring is read, and a producer
-        rings after posting, so a message posted after the last read rang after the clear.
         `deliver` runs right after each read, in this task, so every batch read is delivered
-        before a cancel or a failure of `deliver` ends the loop.
+        before a cancel or a failure of `deliver` ends the loop. A batch that empties the ring
+        goes straight to the next wait instead of through a checkpoint of its own first, which
+        would cost one more pass of Trio's scheduler per batch, that is per token at one
+        stream. A producer that never lets the ring empty still gets a checkpoint every
+        PUMP_BATCHES_PER_CHECKPOINT batches.
 
-        The wait for the bell is this loop's checkpoint; a batch that empties the ring goes
-        straight to it instead of through a checkpoint of its own first, which would cost
-        one more pass of Trio's scheduler per batch, that is per token at one stream. A
-        producer that never lets the ring empty still gets a checkpoint every
-        PUMP_BATCHES_PER_CHECKPOINT batches."""
+        Two ways to sleep (`tinyllm_trio.ipc.coast` has the why and the policy): on the bell,
+        or, with `coast` while the producer posts at a steady pace, on a timer at its pace, with
+        BELL_WANTED cleared so that the producer does not ring, while `coast()` says so. A timer
+        that finds the ring empty sends the reader back to the bell.
+
+        No wake-up can be lost. The bell is cleared before the ring is read, and a producer
+        rings after posting, so a message posted after the last read rang after the clear. When
+        the reader asks for the bell again, it sets BELL_WANTED, then runs a locked instruction
+        (a post and a take of its own `items` count), then reads the ring; the producer posts
+        (sem_post: a locked instruction), then reads BELL_WANTED. Either the reader sees the
+        message or the producer sees the flag. Where a locked instruction is not a full fence
+        (COASTING false: not x86) the flag stays set and the producer always rings."""
+        self.coast = coaster = Coast.open() if coast is not None and COASTING else None
+        wanted = True  # BELL_WANTED as this reader last set it
         batches = 0
-        while True:
-            if _try_acquire(self._items):
+        try:
+            while True:
+                if not _try_acquire(self._items):
+                    batches = 0
+                    if coaster is not None:
+                        if coaster.steady and coast():  # type: ignore[misc]
+                            if wanted:
+                                self._mm[BELL_WANTED] = wanted = 0
+                            await coaster.sleep()
+                            continue
+                        coaster.stop()
+                    if not wanted:
+                        self._mm[BELL_WANTED] = wanted = 1
+                        self._items.release()  # the fence (see above); nobody else takes
+                        self._items.acquire(0)
+                    if not _try_acquire(self._items):
+                        await trio.lowlevel.wait_readable(bell)
+                        with contextlib.suppress(BlockingIOError):  # already cleared
+                            os.eventfd_read(bell)
+                        continue
+                # holding an `items` count
                 frames: list[Frame] = []
                 self._read_ready(frames, max_messages)
                 if frames:
                     deliver(frames)
+                    if coaster is not None:
+                        published = PUBLISHED.unpack_from(self._mm, PUBLISHED_AT)[0]
+                        coaster.arrived(published, len(frames))
                 batches += 1
                 if batches >= PUMP_BATCHES_PER_CHECKPOINT:
                     batches = 0
                     await trio.lowlevel.checkpoint()
-                continue
-            batches = 0
-            await trio.lowlevel.wait_readable(bell)
-            with contextlib.suppress(BlockingIOError):  # another wake-up already cleared it
-                os.eventfd_read(bell)
+        finally:
+            if coaster is not None:
+                coaster.close()
+            if not self._closed:
+                self._mm[BELL_WANTED] = 1
 
     def _pump_in_thread(
         self,

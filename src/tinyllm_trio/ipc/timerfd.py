@@ -1,0 +1,102 @@
+"""A CLOCK_MONOTONIC timerfd: a wake-up at a chosen microsecond that Trio's epoll loop can wait on.
+
+Trio's own timeouts reach epoll in whole milliseconds (CPython rounds a poll timeout up to the
+next one), too coarse to aim at a decode step that takes a fraction of a millisecond. A timerfd
+becomes readable at its deadline to the nanosecond, and `trio.lowlevel.wait_readable` waits on
+it like on any fd. Python 3.11 has no ``os.timerfd_create`` (3.13 does), so this calls libc
+through ctypes; `TimerFd.open` returns None where libc has no timerfd (not Linux), and the
+caller does without.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Self
+
+CLOCK_MONOTONIC = 1  # the clock of time.monotonic_ns on Linux
+TFD_TIMER_ABSTIME = 1
+_NS = 1_000_000_000
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+def _libc_functions() -> tuple[object, object] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        create, settime = libc.timerfd_create, libc.timerfd_settime
+    except (OSError, AttributeError):
+        return None
+    create.argtypes = [ctypes.c_int, ctypes.c_int]
+    create.restype = ctypes.c_int
+    settime.argtypes = [
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.POINTER(_Itimerspec),
+        ctypes.POINTER(_Itimerspec),
+    ]
+    settime.restype = ctypes.c_int
+    return create, settime
+
+
+_FUNCTIONS = _libc_functions()
+
+
+class TimerFd:
+    """One non-blocking, close-on-exec timerfd on the monotonic clock, armed one shot at a time."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._spec = _Itimerspec()  # reused by every `arm_at`: no allocation per wake-up
+        self._spec_ref = ctypes.byref(self._spec)
+
+    @classmethod
+    def open(cls) -> Self | None:
+        """A new timer, or None where this platform has none."""
+        if _FUNCTIONS is None:
+            return None
+        create, _ = _FUNCTIONS
+        fd = create(CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)  # TFD_NONBLOCK | TFD_CLOEXEC
+        if fd < 0:
+            return None
+        return cls(fd)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def arm_at(self, deadline_ns: int, interval_ns: int = 0) -> None:
+        """Become readable at `deadline_ns` on time.monotonic_ns's clock (at once if it passed),
+        and then every `interval_ns` after it if that is not 0."""
+        spec = self._spec
+        spec.it_value.tv_sec, spec.it_value.tv_nsec = divmod(max(deadline_ns, 1), _NS)  # 0: off
+        spec.it_interval.tv_sec, spec.it_interval.tv_nsec = divmod(interval_ns, _NS)
+        self._settime()
+
+    def disarm(self) -> None:
+        """No more expiries until the next `arm_at`."""
+        spec = self._spec
+        spec.it_value.tv_sec = spec.it_value.tv_nsec = 0
+        spec.it_interval.tv_sec = spec.it_interval.tv_nsec = 0
+        self._settime()
+
+    def _settime(self) -> None:
+        _, settime = _FUNCTIONS  # type: ignore[misc]
+        if settime(self._fd, TFD_TIMER_ABSTIME, self._spec_ref, None) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+
+    def clear(self) -> int:
+        """Consume the expiries so far (their number), so the fd is not readable until the next."""
+        try:
+            return int.from_bytes(os.read(self._fd, 8), "little")
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        os.close(self._fd)
