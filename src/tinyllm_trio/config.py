@@ -43,6 +43,7 @@ class EngineConfig:
     max_queue: int = 256
     pin_workers: bool = True
     prefix_cache: bool = True
+    coast: bool = True
     stall_timeout: float = 5.0
     ready_timeout: float = 120.0
     shutdown_timeout: float = 5.0
@@ -86,6 +87,7 @@ class ServerConfig:
     max_queue: int = EngineConfig.max_queue
     pin_workers: bool = EngineConfig.pin_workers
     prefix_cache: bool = EngineConfig.prefix_cache
+    coast: bool = EngineConfig.coast
     worker_stall_timeout: float = EngineConfig.stall_timeout
     # what the server makes of the model's output
     model_name: str | None = None
@@ -175,6 +177,7 @@ class ServerConfig:
             max_queue=self.max_queue,
             pin_workers=self.pin_workers,
             prefix_cache=self.prefix_cache,
+            coast=self.coast,
             stall_timeout=self.worker_stall_timeout,
         )
 
@@ -309,6 +312,17 @@ _OPTIONS: tuple[_Option, ...] = (
         _to_bool,
         "keep the keys and values of finished sequences and reuse a prompt's longest cached "
         "prefix; route requests to the worker holding their prefix (--no-prefix-cache: off)",
+        metavar="BOOL",
+        negatable=True,
+    ),
+    _Option(
+        "--coast",
+        "coast",
+        _to_bool,
+        "while a worker sends its decode steps at a steady pace (under 2 ms apart), read them "
+        "on a timer at that pace instead of having the worker wake this process after each "
+        "one, which on a virtual machine costs the worker an interrupt per step "
+        "(--no-coast: always woken)",
         metavar="BOOL",
         negatable=True,
     ),

@@ -505,6 +505,7 @@ async def open_engine(
     stall_timeout: float = EngineConfig.stall_timeout,
     pin_workers: bool = EngineConfig.pin_workers,
     prefix_cache: bool = EngineConfig.prefix_cache,
+    coast: bool = EngineConfig.coast,
 ) -> AsyncIterator[Engine]:
     """Start `workers` worker processes (default: one per CPU) and yield an Engine.
 
@@ -528,6 +529,10 @@ async def open_engine(
     `prefix_cache` lets each worker keep the keys and values of finished sequences and reuse
     a prompt's longest cached prefix (`tinyllm_trio.model.prefix_cache`); the pool then sends
     a request to the worker that most likely holds its prefix. Outputs do not change.
+
+    `coast` lets this process read a worker's messages on a timer at the worker's pace while
+    it decodes at a steady one, so that the worker does not have to wake this process's core
+    after every step (`tinyllm_trio.ipc.coast`). Outputs do not change.
 
     `weights` "bfloat16" has every worker round the weights to bfloat16 at load
     (`tinyllm_trio.model.transformer.Transformer`): outputs change a little (the README gives
@@ -553,6 +558,7 @@ async def open_engine(
         stall_timeout=stall_timeout,
         pin_workers=pin_workers,
         prefix_cache=prefix_cache,
+        coast=coast,
     )
     async with _serving(Engine(pool, info.tokenizer, info.config, path), shutdown_timeout) as e:
         yield e

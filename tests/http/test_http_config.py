@@ -23,6 +23,7 @@ def test_defaults() -> None:
     assert config.workers is None and config.model is None and config.api_key is None
     assert config.pin_workers is True
     assert config.weights == "float32"
+    assert config.coast is True and config.engine.coast is True
 
 
 def test_flag_beats_environment_beats_default() -> None:
@@ -49,6 +50,12 @@ def test_environment_parsing() -> None:
     assert (config.workers, config.shutdown_grace, config.access_log) == (3, 2.5, False)
     assert (config.log_format, config.model) == ("json", "/models/x")
     assert config.pin_workers is False
+
+
+def test_coasting_can_be_turned_off_by_flag_or_environment() -> None:
+    assert _parse(["--no-coast"]).engine.coast is False
+    assert _parse([], {"TINYLLM_COAST": "false"}).engine.coast is False
+    assert _parse(["--coast", "true"], {"TINYLLM_COAST": "false"}).engine.coast is True
 
 
 @pytest.mark.parametrize(

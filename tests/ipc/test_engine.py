@@ -145,6 +145,34 @@ async def test_invalid_requests_raise_before_any_event(tiny_checkpoint: Path) ->
         assert engine.stats()["outcomes"] == {}  # nothing reached a worker
 
 
+async def test_the_engine_coasts_on_a_steady_worker_and_can_be_told_not_to(
+    long_checkpoint: Path, monkeypatch
+) -> None:
+    """A one-stream generation's steps come at a steady pace: the engine reads them on its
+    timer (`tinyllm_trio.ipc.coast`), and every token still arrives, the same ones as when
+    it is woken by the worker for each (`coast=False`, serve --no-coast)."""
+    from tinyllm_trio.ipc.coast import Coast
+
+    sleeps: list[int] = []
+    original = Coast.sleep
+
+    async def counted(self: Coast) -> None:
+        sleeps.append(1)
+        await original(self)
+
+    monkeypatch.setattr(Coast, "sleep", counted)
+    params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+    outputs = {}
+    for coast in (True, False):
+        sleeps.clear()
+        async with open_engine(long_checkpoint, workers=1, coast=coast) as engine:
+            result = await engine.complete("the cat", params)
+        assert len(result.token_ids) == 120
+        outputs[coast] = result.token_ids
+        assert (len(sleeps) > 0) is coast
+    assert outputs[True] == outputs[False]
+
+
 async def test_cancel_mid_generation_frees_the_slot(long_checkpoint: Path) -> None:
     """Each way of leaving a stream early (async with, cancel scope, break) cancels the request
     in its worker: the worker reports the request "cancelled" (had the cancel arrived after the

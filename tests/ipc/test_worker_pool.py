@@ -479,3 +479,17 @@ async def test_workers_pin_blas_ignore_sigint_and_inherit_no_sockets(tiny_checkp
                 await pool.aclose()
     finally:
         listener.close()
+
+
+def test_readers_coast_only_while_a_core_is_left_to_the_server() -> None:
+    """Coasting moves the wake-up from the worker to a timer in this process; with every core
+    busy with a worker, that timer would take a worker's core, so the pool says no."""
+    pool = WorkerPool("/nonexistent", workers=3, pin_workers=False)
+    pool._cores = 2
+    assert pool._core_to_spare()  # all idle
+    pool.slots[0].inflight[1] = SimpleNamespace()
+    assert pool._core_to_spare()  # one busy worker, two cores
+    pool.slots[2].inflight[2] = SimpleNamespace()
+    assert not pool._core_to_spare()  # two busy workers take both cores
+    pool.slots[0].inflight.clear()
+    assert pool._core_to_spare()

@@ -130,6 +130,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "by default (default true)",
     )
     p.add_argument(
+        "--coast",
+        choices=("true", "false"),
+        default="true",
+        help="let the engine read each worker's steady steps on a timer instead of being woken "
+        "by the worker after each, as serve does by default (default true; false: serve "
+        "--no-coast)",
+    )
+    p.add_argument(
         "--consumer",
         choices=("iterate", "sink"),
         default="iterate",
@@ -192,6 +200,7 @@ def run_cli(args: argparse.Namespace) -> int:
                 runs=args.runs,
                 shared_prefix_words=args.shared_prefix_words,
                 pin_workers=args.pin_workers == "true",
+                coast=args.coast == "true",
             )
         else:
             results = run_benchmarks(
@@ -204,6 +213,7 @@ def run_cli(args: argparse.Namespace) -> int:
                 ipc_messages=args.ipc_messages,
                 bare=not args.skip_bare,
                 pin_workers=args.pin_workers == "true",
+                coast=args.coast == "true",
             )
     results["model"] = label
     print(show(results))
@@ -226,7 +236,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
         out += ["--attention-scale", args.attention_scale]
     if args.skip_bare:
         out.append("--skip-bare")
-    out += ["--pin-workers", args.pin_workers, "--consumer", args.consumer]
+    out += ["--pin-workers", args.pin_workers, "--coast", args.coast]
+    out += ["--consumer", args.consumer]
     if args.json_path:
         out += ["--json", str(args.json_path)]
     return out
@@ -447,6 +458,7 @@ def interleaved_measurements(
     *,
     bare: bool = True,
     pin_workers: bool = True,
+    coast: bool = True,
 ) -> dict[str, dict]:
     """Every configuration's runs, taken in turn: for each level and run, the bare loop, then
     the engine with each worker count (all engines started once, up front, and idle while
@@ -474,6 +486,7 @@ def interleaved_measurements(
                         max_queue=max(concurrency),  # beyond the max batch they wait, as in serve
                         attention_scale=attention_scale,
                         pin_workers=pin_workers,
+                        coast=coast,
                     )
                 )
                 # warm-up: every batch slot once, so no measured run faults in KV cache pages
@@ -511,6 +524,7 @@ def prefix_cache_comparison(
     runs: int,
     shared_prefix_words: int,
     pin_workers: bool = True,
+    coast: bool = True,
 ) -> dict:
     """TTFT and tokens/s of the same shared-prefix load on two engines, prefix cache on and
     off, run alternately (see the module docstring); medians over `runs`."""
@@ -548,6 +562,7 @@ def prefix_cache_comparison(
                         max_queue=max(concurrency),
                         attention_scale=attention_scale,
                         pin_workers=pin_workers,
+                        coast=coast,
                         prefix_cache=cache,
                     )
                 )
@@ -743,6 +758,7 @@ def run_benchmarks(
     ipc_messages: int = 20000,
     bare: bool = True,
     pin_workers: bool = True,
+    coast: bool = True,
 ) -> dict:
     results: dict = {
         "max_tokens": load.max_tokens,
@@ -752,10 +768,19 @@ def run_benchmarks(
         "runs": runs,
         "concurrency": list(concurrency),
         "pin_workers": pin_workers,
+        "coast": coast,
         "consumer": "sink" if load.sink else "iterate",
     }
     measured = interleaved_measurements(
-        path, attention_scale, workers, concurrency, load, runs, bare=bare, pin_workers=pin_workers
+        path,
+        attention_scale,
+        workers,
+        concurrency,
+        load,
+        runs,
+        bare=bare,
+        pin_workers=pin_workers,
+        coast=coast,
     )
     if bare:
         results["bare"] = {c: _medians(v) for c, v in measured["bare"].items()}
@@ -843,7 +868,8 @@ def format_table(results: dict) -> str:
         f"worker, median of {results['runs']} interleaved runs (ratios: median of run "
         f"pairs), "
         f"{results['cpus']} CPUs, BLAS threads 1, workers "
-        f"{'pinned' if results.get('pin_workers', True) else 'not pinned'}, engine clients "
+        f"{'pinned' if results.get('pin_workers', True) else 'not pinned'}, "
+        f"{'coasting' if results.get('coast', True) else 'not coasting'}, engine clients "
         f"{'take tokens in a sink' if results.get('consumer') == 'sink' else 'iterate'}"
     )
     lines = _table(results, about, head, rows)

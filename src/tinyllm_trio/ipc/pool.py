@@ -248,6 +248,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
         stall_timeout: float = EngineConfig.stall_timeout,
         pin_workers: bool = EngineConfig.pin_workers,
         prefix_cache: bool = EngineConfig.prefix_cache,
+        coast: bool = EngineConfig.coast,
     ) -> None:
         EngineConfig(  # validates every value, with the same messages as everywhere
             workers=workers,
@@ -265,6 +266,8 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
         self.ready_timeout = ready_timeout
         self.stall_timeout = stall_timeout
         self.prefix_cache = prefix_cache
+        self.coast = coast
+        self._cores = len(_allowed_cpus())
         self.prefix = new_prefix()
         cpus = worker_cpus(workers) if pin_workers else [None] * workers
         self.slots = [WorkerSlot(i, cpu=cpu) for i, cpu in enumerate(cpus)]
@@ -779,7 +782,17 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
                 self._route(slot, frame)
             self._heard_from(slot)
 
-        await responses.pump(deliver, limiter=self._limiter)
+        coast = self._core_to_spare if self.coast else None
+        await responses.pump(deliver, limiter=self._limiter, coast=coast)
+
+    def _core_to_spare(self) -> bool:
+        """Whether fewer workers are busy than there are cores, so that this process has one
+        to itself: only then does a reader coast (`tinyllm_trio.ipc.coast`)."""
+        busy = 0
+        for slot in self.slots:
+            if slot.inflight:
+                busy += 1
+        return busy < self._cores
 
     def _route(self, slot: WorkerSlot, frame: Frame) -> None:
         """Hand one message from a worker to whoever waits for it."""
