@@ -144,6 +144,52 @@ def test_neighbour_cost_script_refuses_one_core_and_bad_arguments(tiny_checkpoin
     assert bad.returncode == 2 and "--work" in bad.stderr
 
 
+COAST_SCRIPT = os.path.join(os.path.dirname(__file__), "../../scripts/coast_lag.py")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the script needs two cores")
+def test_coast_lag_script_prints_both_readers_per_period():
+    """scripts/coast_lag.py (the README's account of what coasting costs in latency and saves
+    the producer) prints a coasting and a rung reader per period, and every message arrived."""
+    args = ["--period-us", "300,900", "--messages", "200", "--rounds", "1"]
+    proc = subprocess.run(
+        [sys.executable, COAST_SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    _, head, *rows = proc.stdout.splitlines()
+    assert head.split()[:2] == ["period", "us"]
+    assert [(r.split()[0], r.split()[1]) for r in rows] == [
+        ("300", "coasts"),
+        ("300", "rung"),
+        ("900", "coasts"),
+        ("900", "rung"),
+    ]
+    for row in rows:
+        _, reader, p50, p90, put, cpu, rang, misses = row.split()
+        assert 0 <= float(p50) <= float(p90) and float(put) > 0 and float(cpu) > 0
+        if reader == "rung":  # every message rings, and there is no timer to miss
+            assert float(rang) == 200 and float(misses) == 0
+
+
+def test_coast_lag_script_refuses_one_core_and_bad_arguments():
+    one_core = subprocess.run(
+        [sys.executable, COAST_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+    )
+    assert one_core.returncode == 2 and "needs two cores" in one_core.stderr
+    for bad in (["--period-us", "x"], ["--period-us", "0"], ["--rounds", "0"]):
+        proc = subprocess.run([sys.executable, COAST_SCRIPT, *bad], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr
+
+
 def test_bench_model_reports_each_row_as_it_finishes(tiny_checkpoint):
     from tinyllm_trio.bench.model import format_table, run_benchmarks, table_head, table_row
     from tinyllm_trio.model.checkpoint import load_model
