@@ -128,15 +128,20 @@ def test_neighbour_cost_script_prints_a_row_per_work_value(tiny_checkpoint):
         assert 0 < float(write) < 1e4
 
 
-def test_neighbour_cost_script_refuses_one_core_and_bad_arguments(tiny_checkpoint):
-    one_core = subprocess.run(
-        [sys.executable, NEIGHBOUR_SCRIPT, "--model", str(tiny_checkpoint)],
+def _on_one_core(*args: str) -> subprocess.CompletedProcess:
+    """Run a script with `args`, allowed only the first of this process's cores."""
+    return subprocess.run(
+        [sys.executable, *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
         preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
     )
+
+
+def test_neighbour_cost_script_refuses_one_core_and_bad_arguments(tiny_checkpoint):
+    one_core = _on_one_core(NEIGHBOUR_SCRIPT, "--model", str(tiny_checkpoint))
     assert one_core.returncode == 2 and "needs two cores" in one_core.stdout
     bad = subprocess.run(
         [sys.executable, NEIGHBOUR_SCRIPT, "--work", "x"], capture_output=True, text=True
@@ -176,14 +181,7 @@ def test_coast_lag_script_prints_both_readers_per_period():
 
 
 def test_coast_lag_script_refuses_one_core_and_bad_arguments():
-    one_core = subprocess.run(
-        [sys.executable, COAST_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
-    )
+    one_core = _on_one_core(COAST_SCRIPT)
     assert one_core.returncode == 2 and "needs two cores" in one_core.stderr
     for bad in (["--period-us", "x"], ["--period-us", "0"], ["--rounds", "0"]):
         proc = subprocess.run([sys.executable, COAST_SCRIPT, *bad], capture_output=True, text=True)
