@@ -4,7 +4,8 @@ This is the seed's transport, kept in shape and made safer. One ring carries mes
 the server's request ring to a worker, the worker's response ring back. A ring is
 
 - one shared-memory segment (``posix_ipc.SharedMemory`` + ``mmap``): a 64-byte ring header
-  (magic, slot size, slot count) followed by ``n_slots`` slots of ``slot_size`` bytes;
+  (magic, slot size, slot count; for a doorbell, BELL_WANTED and the PUBLISHED time stamp)
+  followed by ``n_slots`` slots of ``slot_size`` bytes;
 - two counting semaphores: ``items`` (filled slots, starts at 0) and ``space`` (free slots, starts
   at ``n_slots``), the seed's ``req_items``/``req_space`` and ``resp``/``resp_consumed`` pair.
 
@@ -35,7 +36,10 @@ producer increments after every whole message (the pool passes the fd to its wor
 ``pump`` needs no thread at all: it waits for the fd to become readable in Trio's own epoll
 loop, so a message costs the server one wake-up of one thread, where the thread pump costs a
 semaphore wake-up, a GIL hand-off and a write to Trio's wake-up socket. The semaphores still
-carry the slots, as before: the doorbell only says when to look.
+carry the slots, as before: the doorbell only says when to look. While the producer posts at a
+steady pace the reader may coast instead (`tinyllm_trio.ipc.coast`): it clears the header's
+BELL_WANTED byte, the producer then skips the eventfd, and the reader wakes on a timer at the
+pace it reads from the producer's PUBLISHED time stamps.
 
 Names: every object's name starts with ``/tinyllm-<pid>-<random>-``, the owning server's pid and
 a per-instance token, so two servers never collide and ``sweep_stale`` can remove the leftovers
@@ -556,7 +560,7 @@ class Ring:
         message or the producer sees the flag. Where a locked instruction is not a full fence
         (COASTING false: not x86) the flag stays set and the producer always rings."""
         self.coast = coaster = Coast.open() if coast is not None and COASTING else None
-        wanted = True  # BELL_WANTED as this reader last set it
+        wanted = 1  # BELL_WANTED as this reader last set it
         batches = 0
         try:
             while True:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from typing import Self
 
 CLOCK_MONOTONIC = 1  # the clock of time.monotonic_ns on Linux
@@ -27,7 +28,10 @@ class _Itimerspec(ctypes.Structure):
     _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
 
 
-def _libc_functions() -> tuple[object, object] | None:
+_LibcFunction = Callable[..., int]
+
+
+def _libc_functions() -> tuple[_LibcFunction, _LibcFunction] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         create, settime = libc.timerfd_create, libc.timerfd_settime
@@ -49,7 +53,7 @@ _FUNCTIONS = _libc_functions()
 
 
 class TimerFd:
-    """One non-blocking, close-on-exec timerfd on the monotonic clock, armed one shot at a time."""
+    """One non-blocking, close-on-exec timerfd on the monotonic clock."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -86,8 +90,8 @@ class TimerFd:
         self._settime()
 
     def _settime(self) -> None:
-        _, settime = _FUNCTIONS  # type: ignore[misc]
-        if settime(self._fd, TFD_TIMER_ABSTIME, self._spec_ref, None) != 0:
+        assert _FUNCTIONS is not None  # `open` made this timer
+        if _FUNCTIONS[1](self._fd, TFD_TIMER_ABSTIME, self._spec_ref, None) != 0:
             errno = ctypes.get_errno()
             raise OSError(errno, os.strerror(errno))
 
