@@ -788,11 +788,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
     def _core_to_spare(self) -> bool:
         """Whether fewer workers are busy than there are cores, so that this process has one
         to itself: only then does a reader coast (`tinyllm_trio.ipc.coast`)."""
-        busy = 0
-        for slot in self.slots:
-            if slot.inflight:
-                busy += 1
-        return busy < self._cores
+        return sum(1 for slot in self.slots if slot.inflight) < self._cores
 
     def _route(self, slot: WorkerSlot, frame: Frame) -> None:
         """Hand one message from a worker to whoever waits for it."""
