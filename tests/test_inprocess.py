@@ -67,6 +67,28 @@ async def test_a_generation_streams_and_the_sink_takes_tokens_in_order() -> None
         nursery.cancel_scope.cancel()
 
 
+async def test_a_cancelled_generation_counts_the_tokens_its_sink_took() -> None:
+    engine, backend = _engine(ScriptedBatcher(delay=0.002))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backend.run)
+        taken: list[TokenEvent] = []
+        events = engine.generate("lily", max_tokens=1000)
+        seen = [await events.__anext__()]  # the first token, iterated
+        assert events.set_token_sink(taken.append)
+        with trio.fail_after(10):
+            while len(taken) < 3:
+                await trio.sleep(0.001)
+
+        async def cancel() -> None:  # from another task, while this one waits for an event
+            events.cancel()
+
+        nursery.start_soon(cancel)
+        seen += [event async for event in events]
+        assert isinstance(seen[-1], DoneEvent) and seen[-1].finish_reason == "cancelled"
+        assert seen[-1].completion_tokens == 1 + len(taken)
+        nursery.cancel_scope.cancel()
+
+
 async def test_overload_cancel_of_a_queued_request_and_the_queue_draining() -> None:
     script = ScriptedBatcher(delay=0.01)
     engine, backend = _engine(script, max_batch=1, max_queue=1)

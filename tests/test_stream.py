@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tinyllm_trio.protocol import DoneEvent, ErrorEvent, TokenEvent
 from tinyllm_trio.stream import RequestStream
@@ -170,3 +172,62 @@ async def test_the_final_event_wakes_a_parked_receive_and_then_the_stream_ends()
         await trio.testing.wait_all_tasks_blocked()
         stream.finish(done())
     assert got == [done()]
+
+
+OPS = st.lists(
+    st.sampled_from(["token", "sink", "failing sink", "no sink", "receive", "close", "finish"]),
+    max_size=30,
+)
+
+
+def _replay(ops: list[str], fast: bool) -> list:
+    """What a consumer of a stream observes when `ops` happen to it, tokens delivered with
+    `deliver_token` (`fast`) or `deliver`: every sink call, every received event, and after
+    each step the queue's length and the count of token ids the sinks took."""
+    seen: list = []
+
+    async def scenario() -> None:
+        stream = RequestStream(members=2)  # two final events: "finish" twice ends it
+
+        def sink(event: TokenEvent) -> None:
+            seen.append(("sink", event.token_ids))
+
+        def failing(event: TokenEvent) -> None:
+            seen.append(("failing sink", event.token_ids))
+            raise RuntimeError("a bug in the sink")
+
+        for i, op in enumerate(ops):
+            if op == "token":
+                (stream.deliver_token if fast else stream.deliver)(tok(i))
+            elif op in ("sink", "failing sink", "no sink"):
+                seen.append((op, stream.set_sink({"sink": sink, "failing sink": failing}.get(op))))
+            elif op == "receive" and stream.queued and not stream.closed:
+                seen.append(("received", await stream.receive()))
+            elif op == "close":
+                stream.close()
+            elif op == "finish":
+                stream.finish(done())
+            seen.append((stream.queued, stream.sunk, stream.finished))
+
+    trio.run(scenario)
+    return seen
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPS)
+def test_deliver_token_is_deliver_for_a_token(ops: list[str]) -> None:
+    # the per-token fast path may not change what any consumer sees, in any order of events
+    assert _replay(ops, fast=True) == _replay(ops, fast=False)
+
+
+async def test_sunk_counts_the_token_ids_the_sink_took() -> None:
+    stream = RequestStream()
+    stream.deliver_token(TokenEvent(1, [5], "a"))  # no sink yet: queued, not counted
+    stream.set_sink(lambda event: None)
+    stream.deliver_token(TokenEvent(1, [5], "a"))  # one is queued: the sink may not pass it
+    assert stream.sunk == 0
+    await stream.receive()
+    await stream.receive()
+    stream.deliver_token(TokenEvent(1, [6, 7], "bc"))
+    stream.deliver(TokenEvent(1, [8], "d"))
+    assert stream.sunk == 3 and stream.queued == 0

@@ -141,7 +141,7 @@ class EventSource(Protocol):
         ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class BackendRequest:
     """One request in a backend, from admission to its final event (a backend's bookkeeping;
     the engine only reads `id` and `stream`)."""
@@ -516,7 +516,7 @@ class InProcessBackend(AdmissionQueue[InProcessRequest]):
                 request = running.get(event.request_id)
                 if request is not None:
                     request.generated += len(event.token_ids)
-                    request.stream.deliver(event)
+                    request.stream.deliver_token(event)
                 continue
             assert isinstance(event, DoneEvent | ErrorEvent)
             self._in_source.discard(event.request_id)

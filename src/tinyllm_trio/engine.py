@@ -150,9 +150,8 @@ class Generation:
             except trio.EndOfChannel:
                 pass
             except trio.ClosedResourceError:  # cancel() while this task waited for an event
-                yield DoneEvent(
-                    request.id, "cancelled", self.prompt_tokens, self._completion_tokens
-                )
+                completion = self._completion_tokens + request.stream.sunk
+                yield DoneEvent(request.id, "cancelled", self.prompt_tokens, completion)
                 return
             yield ErrorEvent(
                 request.id, "the request ended without a final event", ErrorKind.INTERNAL
@@ -183,12 +182,7 @@ class Generation:
             return True
         if request is None or self._cancelled:
             return False
-
-        def take(event: TokenEvent) -> None:
-            self._completion_tokens += len(event.token_ids)
-            sink(event)
-
-        return request.stream.set_sink(take)
+        return request.stream.set_sink(sink)  # it counts what the sink takes (`sunk`)
 
     def cancel(self) -> None:
         """Cancel the request now (synchronous, from any task); idempotent."""

@@ -39,7 +39,7 @@ class ErrorKind(StrEnum):
     INTERNAL = "internal"  # a bug: anything else
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenEvent:
     """One generated token and the text it adds (possibly empty while a stop string may match).
 

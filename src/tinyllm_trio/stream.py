@@ -50,7 +50,7 @@ class RequestStream:
     exception per empty queue) is per-token work that one consumer does not need.
     """
 
-    __slots__ = ("_abort", "_open", "_queue", "_sink", "_waiter", "closed", "finished")
+    __slots__ = ("_abort", "_open", "_queue", "_sink", "_waiter", "closed", "finished", "sunk")
 
     def __init__(self, members: int = 1) -> None:
         if members < 1:
@@ -64,6 +64,7 @@ class RequestStream:
         self._open = members  # members whose final event has not been delivered yet
         self.finished = False  # every member's final event was delivered
         self.closed = False  # the consumer left (`close`)
+        self.sunk = 0  # token ids the sink took (they never pass through `receive`)
 
     @property
     def queued(self) -> int:
@@ -84,12 +85,32 @@ class RequestStream:
             elif not self._queue:
                 try:
                     sink(event)
-                    return
                 except Exception as exc:  # a bug in the sink: this event and the rest queue
                     log.error("request %d's token sink failed: %r", event.request_id, exc)
                     self._sink = None
+                else:
+                    self.sunk += len(event.token_ids)
+                    return
         self._queue.append(event)
         self._wake()
+
+    def deliver_token(self, event: TokenEvent) -> None:
+        """`deliver` for a token event, the per-token path: one check, then the sink.
+
+        Equivalent to `deliver(event)`: a sink is installed only while the stream is open and
+        unfinished (`close` and a final event drop it), so with one installed and nothing
+        queued the event is the sink's; everything else takes `deliver`."""
+        sink = self._sink
+        if sink is not None and not self._queue:
+            try:
+                sink(event)
+            except Exception as exc:  # a bug in the sink: this event and the rest queue
+                log.error("request %d's token sink failed: %r", event.request_id, exc)
+                self._sink = None
+            else:
+                self.sunk += len(event.token_ids)
+                return
+        self.deliver(event)
 
     def finish(self, event: DoneEvent | ErrorEvent) -> None:
         """Deliver a member's final event (queued, see `deliver`); after the last member's,

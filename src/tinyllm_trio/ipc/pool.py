@@ -174,7 +174,7 @@ def _describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PendingRequest(BackendRequest):
     """One request from admission to its final event, and the worker it runs on (the pool's
     bookkeeping, not public). Its events go to `stream` (`RequestStream`)."""
@@ -807,7 +807,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
                 request = inflight.get(item.request_id)
                 if request is not None:  # PendingRequest.deliver, inlined: one call a token
                     request.generated += len(item.token_ids)
-                    request.stream.deliver(item)
+                    request.stream.deliver_token(item)
             else:
                 self._route_one(slot, item)
 
