@@ -76,30 +76,16 @@ class RequestStream:
     def deliver(self, event: Event) -> None:
         """Hand over one event: to the sink if one is installed and nothing is queued (a token
         event only), else to the queue. Never blocks, never raises."""
-        if self.closed or self.finished:  # the consumer left, or the stream already ended
+        if type(event) is TokenEvent:
+            self.deliver_token(event)
             return
-        sink = self._sink
-        if sink is not None:
-            if type(event) is not TokenEvent:
-                self._sink = None  # a final event: queued, after every token the sink took
-            elif not self._queue:
-                try:
-                    sink(event)
-                except Exception as exc:  # a bug in the sink: this event and the rest queue
-                    log.error("request %d's token sink failed: %r", event.request_id, exc)
-                    self._sink = None
-                else:
-                    self.sunk += len(event.token_ids)
-                    return
-        self._queue.append(event)
-        self._wake()
+        self._sink = None  # a final event: queued, after every token the sink took
+        self._enqueue(event)
 
     def deliver_token(self, event: TokenEvent) -> None:
-        """`deliver` for a token event, the per-token path: one check, then the sink.
-
-        Equivalent to `deliver(event)`: a sink is installed only while the stream is open and
-        unfinished (`close` and a final event drop it), so with one installed and nothing
-        queued the event is the sink's; everything else takes `deliver`."""
+        """`deliver` for a token event (the per-token path: no type check)."""
+        # A sink is installed only while the stream is open and unfinished (`close` and a
+        # final event drop it), so with one installed and nothing queued the event is its.
         sink = self._sink
         if sink is not None and not self._queue:
             try:
@@ -110,7 +96,13 @@ class RequestStream:
             else:
                 self.sunk += len(event.token_ids)
                 return
-        self.deliver(event)
+        self._enqueue(event)
+
+    def _enqueue(self, event: Event) -> None:
+        if self.closed or self.finished:  # the consumer left, or the stream already ended
+            return
+        self._queue.append(event)
+        self._wake()
 
     def finish(self, event: DoneEvent | ErrorEvent) -> None:
         """Deliver a member's final event (queued, see `deliver`); after the last member's,
