@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from tinyllm_trio.ipc import ring as ring_mod
-from tinyllm_trio.ipc.coast import COAST_MAX_PERIOD, Coast
+from tinyllm_trio.ipc.coast import COAST_FOLLOW, COAST_MARGIN, COAST_MAX_PERIOD, Coast
 from tinyllm_trio.ipc.ring import BELL_WANTED, PUBLISHED, PUBLISHED_AT, Ring, new_prefix
 from tinyllm_trio.ipc.timerfd import TimerFd
 
@@ -79,48 +79,32 @@ class CountingTimer(TimerFd):
     def __init__(self, fd: int) -> None:
         super().__init__(fd)
         self.arms: list[tuple[int, int]] = []
-        self.disarms = 0
 
     def arm_at(self, deadline_ns: int, interval_ns: int = 0) -> None:
         self.arms.append((deadline_ns, interval_ns))
         super().arm_at(deadline_ns, interval_ns)
 
-    def disarm(self) -> None:
-        self.disarms += 1
-        super().disarm()
 
-
-class Clock:
-    """The reader's clock for `Coast`, set by the test: when each message is read."""
-
-    def __init__(self) -> None:
-        self.now = time.monotonic_ns() - 10**9  # a second ago: every deadline has passed
-
-    def __call__(self) -> int:
-        return self.now
-
-
-def _coast() -> tuple[Coast, CountingTimer, Clock]:
+def _coast() -> tuple[Coast, CountingTimer]:
     plain = TimerFd.open()
     assert plain is not None
-    timer, clock = CountingTimer(plain.fileno()), Clock()
-    return Coast(timer, clock), timer, clock
+    timer = CountingTimer(plain.fileno())
+    coast = Coast(timer)
+    coast.arrived(time.monotonic_ns() - 10**9, 1)  # a second ago: every deadline has passed
+    return coast, timer
 
 
-def _post(coast: Coast, clock: Clock, gap_us: float, messages: int = 1, read_us: float = 10):
-    """The producer posts `gap_us` after its last post; the reader reads `read_us` later."""
-    published = coast.last + int(gap_us * US)
-    clock.now = published + int(read_us * US)
-    coast.arrived(published, messages)
+def _post(coast: Coast, gap_us: float, messages: int = 1) -> None:
+    """The producer posts `gap_us` after its last post (read with `messages` - 1 others)."""
+    coast.arrived(coast.last + int(gap_us * US), messages)
 
 
-def _steady_coast(gap_us: float = 1_000) -> tuple[Coast, CountingTimer, Clock]:
+def _steady_coast(gap_us: float = 1_000) -> tuple[Coast, CountingTimer]:
     """A Coast that has read four messages `gap_us` apart: steady, its timer not armed yet."""
-    coast, timer, clock = _coast()
-    coast.arrived(clock.now, 1)
+    coast, timer = _coast()
     for _ in range(3):
-        _post(coast, clock, gap_us)
-    return coast, timer, clock
+        _post(coast, gap_us)
+    return coast, timer
 
 
 async def _sleep(coast: Coast) -> None:
@@ -129,71 +113,75 @@ async def _sleep(coast: Coast) -> None:
 
 
 def test_the_period_is_the_median_of_three_gaps_so_one_slow_step_does_not_move_it() -> None:
-    coast, _, clock = _coast()
+    coast, _ = _coast()
     try:
-        coast.arrived(clock.now, 1)
         assert not coast.steady  # no gap yet: wait for the bell
         for gap in (300, 300, 5_000, 300):  # us; the 5 ms one is a prefill between two steps
-            _post(coast, clock, gap)
+            _post(coast, gap)
         assert coast.steady
         assert coast.period == 300 * US
-        _post(coast, clock, 900, messages=3)  # three messages read at once: 300 us each
+        _post(coast, 900, messages=3)  # three messages read at once: 300 us each
         assert coast.period == 300 * US
         for _ in range(2):  # the pace really changed: two steps tell
-            _post(coast, clock, 600)
+            _post(coast, 600)
         assert coast.period == 600 * US
     finally:
         coast.close()
 
 
 def test_a_producer_slower_than_the_limit_is_always_rung_for() -> None:
-    coast, _, clock = _coast()
+    coast, _ = _coast()
     try:
-        coast.arrived(clock.now, 1)
         for _ in range(4):
-            _post(coast, clock, COAST_MAX_PERIOD / US + 1)
+            _post(coast, COAST_MAX_PERIOD / US + 1)
         assert not coast.steady
         assert coast.period == 0
     finally:
         coast.close()
 
 
-async def test_a_steady_producer_needs_the_timer_armed_once_and_a_miss_stops_it() -> None:
-    coast, timer, clock = _steady_coast()
+async def test_each_sleep_aims_the_timer_once_just_past_the_next_post() -> None:
+    coast, timer = _steady_coast()
     try:
-        for _ in range(5):
-            await _sleep(coast)  # aimed in the past: fires at once, then every 1 ms
-            _post(coast, clock, 1_000)  # read 10 us after its post: in phase
-        assert [interval for _, interval in timer.arms] == [1_000 * US]
-        assert coast.waits == 5 and coast.misses == 0
+        for _ in range(3):
+            await _sleep(coast)  # aimed in the past here: fires at once
+            assert timer.arms[-1] == (coast.last + int(1_000 * US * (1 + COAST_MARGIN)), 0)
+            _post(coast, 1_000)
+        assert len(timer.arms) == 3 and coast.waits == 3 and coast.misses == 0
+        await _sleep(coast)
+        assert not _readable(timer.fileno(), 0.01)  # one shot: it does not fire again
+    finally:
+        coast.close()
 
+
+async def test_a_miss_sends_the_reader_to_the_bell_until_the_next_message() -> None:
+    coast, _ = _steady_coast()
+    try:
         await _sleep(coast)
         coast.stop()  # it woke to an empty ring
         assert coast.misses == 1
-        assert timer.disarms == 1 and coast.armed == 0
         assert not coast.steady  # the bell, until the next message
         coast.stop()  # another empty wake-up (the bell's, say): not a second miss
-        assert coast.misses == 1 and timer.disarms == 1
-        _post(coast, clock, 1_000)
+        assert coast.misses == 1
+        _post(coast, 1_000)
         assert coast.steady
     finally:
         coast.close()
 
 
-async def test_a_late_read_or_a_new_pace_aims_the_timer_again() -> None:
-    coast, timer, clock = _steady_coast()
+def test_the_aim_follows_a_slowing_producer_but_not_an_outlier() -> None:
+    coast, _ = _steady_coast()
     try:
-        await _sleep(coast)
-        _post(coast, clock, 1_000, read_us=100)  # within a quarter period + the slack
-        await _sleep(coast)
-        assert len(timer.arms) == 1
-        _post(coast, clock, 1_000, read_us=900)  # most of a period late: out of phase
-        await _sleep(coast)
-        assert [interval for _, interval in timer.arms] == [1_000 * US] * 2
-        for _ in range(2):
-            _post(coast, clock, 1_500)
-        await _sleep(coast)
-        assert timer.arms[-1] == (coast.last + 1_500 * US, 1_500 * US)
+        follow = 1 + COAST_FOLLOW
+        _post(coast, 1_100)  # a step a little slower, as each token of context makes it
+        assert coast.period == 1_000 * US
+        assert coast.next_post() == coast.last + int(1_100 * US * (1 + COAST_MARGIN))
+        _post(coast, 1_900)  # a prefill between two steps: the aim moves by COAST_FOLLOW
+        assert coast.period == 1_100 * US
+        want = coast.last + int(1_100 * US * follow * (1 + COAST_MARGIN))
+        assert coast.next_post() == want
+        _post(coast, 900)  # a quicker step: the period, not the last gap, sets the pace
+        assert coast.next_post() == coast.last + int(1_100 * US * (1 + COAST_MARGIN))
     finally:
         coast.close()
 
@@ -323,7 +311,7 @@ async def test_an_idle_producer_stops_the_readers_timer() -> None:
             assert coast is not None
             waits = coast.waits
             await trio.sleep(0.05)
-            assert coast.waits == waits and coast.armed == 0
+            assert coast.waits == waits and not coast.steady
             producer.put(1, 99, b"")  # rung for, and read at once
             with trio.fail_after(5):
                 while got[-1:] != [99]:
