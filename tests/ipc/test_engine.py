@@ -167,6 +167,8 @@ async def test_the_engine_coasts_on_a_steady_worker_and_can_be_told_not_to(
         sleeps.clear()
         async with open_engine(long_checkpoint, workers=1, coast=coast) as engine:
             result = await engine.complete("the cat", params)
+            counted = engine.stats()["workers"][0]["coast"]  # what operators see
+        assert counted["sleeps"] == len(sleeps) and 0 <= counted["misses"] <= len(sleeps)
         assert len(result.token_ids) == 120
         outputs[coast] = result.token_ids
         assert (len(sleeps) > 0) is coast
@@ -439,6 +441,19 @@ def test_engine_benchmark_runs_and_reports(tiny_checkpoint: Path) -> None:
     # one run: the share of the ceiling is that run's 2w/1w over its 2p/bare
     assert ratios["2w/1w of 2p/bare"][4] == pytest.approx(ratios["2w/1w"][4] / ratios["2p/bare"][4])
     assert "2w/1w of 2p" in table
+    for w in (1, 2):  # per level, the engine's timer sleeps and misses (zero or more)
+        assert {"sleeps", "misses"} <= set(results["coast"][w][1])
+
+
+def test_engine_benchmark_reports_where_it_coasted_and_how_often_it_missed() -> None:
+    from tinyllm_trio.bench.engine import _coast_lines
+
+    coast = {1: {1: {"sleeps": 4000, "misses": 300}, 32: {"sleeps": 0, "misses": 0}}}
+    coast[2] = {1: {"sleeps": 0, "misses": 0}}  # two workers, never coasting: no line
+    assert _coast_lines({"coast": coast}) == [
+        "coasting, 1w, timer sleeps by level (all runs): 1: 4,000 sleeps, 300 misses (7.5%)"
+    ]
+    assert _coast_lines({}) == []  # a JSON file from before the counters
 
 
 def test_the_share_of_the_ceiling_is_taken_run_by_run() -> None:

@@ -432,6 +432,12 @@ def _bare_child(path: str, attention_scale: str | None, max_batch: int) -> int:
     return 0
 
 
+def _coast_counts(engine) -> tuple[int, int]:
+    """The engine's coasting timer sleeps and misses so far, over its workers."""
+    workers = [w["coast"] for w in engine.stats()["workers"]]
+    return sum(w["sleeps"] for w in workers), sum(w["misses"] for w in workers)
+
+
 async def _engine_run(engine, c: int, load: Load) -> Measurement:
     """`load.requests(c)` generations through `engine` (`workload.run_on_engine`), with the
     CPU of this process and of the engine's workers."""
@@ -475,6 +481,7 @@ def interleaved_measurements(
 
     async def main() -> dict[str, dict]:
         out: dict[str, dict] = {"bare": {}, "bare_procs": {}, "engine": {w: {} for w in workers}}
+        out["coast"] = {w: {} for w in workers}  # timer sleeps and misses, per level
         async with contextlib.AsyncExitStack() as stack:
             engines = {}
             for w in workers:
@@ -506,8 +513,15 @@ def interleaved_measurements(
                     for w, p in procs.items():
                         out["bare_procs"].setdefault(w, {}).setdefault(c, []).append(p.run(c, load))
                     for w, engine in engines.items():
+                        before = _coast_counts(engine)
                         out["engine"][w].setdefault(c, []).append(
                             await _engine_run(engine, c, load)
+                        )
+                        (sleeps, misses), counts = _coast_counts(engine), out["coast"][w]
+                        last = counts.get(c, (0, 0))
+                        counts[c] = (
+                            last[0] + sleeps - before[0],
+                            last[1] + misses - before[1],
                         )
         return out
 
@@ -791,6 +805,10 @@ def run_benchmarks(
     results["engine"] = {
         w: {c: _medians(v) for c, v in per_c.items()} for w, per_c in measured["engine"].items()
     }
+    results["coast"] = {
+        w: {c: {"sleeps": n, "misses": m} for c, (n, m) in per_c.items()}
+        for w, per_c in measured["coast"].items()
+    }
     ratios: dict[str, dict[int, float]] = {}
     one = measured["engine"].get(1)
     for c in concurrency:
@@ -878,7 +896,24 @@ def format_table(results: dict) -> str:
         f"IPC: token message round trip between two processes {ipc['round_trip_us']:.1f} us; "
         f"streamed, Trio receive + decode {ipc['streamed_us_per_msg']:.2f} us/message"
     )
+    lines += _coast_lines(results)
     return "\n".join(lines)
+
+
+def _coast_lines(results: dict) -> list[str]:
+    """Where the engine coasted (`--coast true`): its timer sleeps and the share that found
+    no message (a miss: the worker rang after all), per worker count and level."""
+    out = []
+    for w, per_c in sorted(results.get("coast", {}).items(), key=lambda kv: int(kv[0])):
+        parts = [
+            f"{c}: {v['sleeps']:,} sleeps, {v['misses']:,} misses "
+            f"({100 * v['misses'] / v['sleeps']:.1f}%)"
+            for c, v in per_c.items()
+            if v["sleeps"]
+        ]
+        if parts:
+            out.append(f"coasting, {w}w, timer sleeps by level (all runs): " + "; ".join(parts))
+    return out
 
 
 def _run_ratio(results: dict, name: str, c: int) -> float:

@@ -207,6 +207,15 @@ class WorkerSlot:
     prefix_blocks: OrderedDict[int, None] = field(default_factory=OrderedDict)
     cache_queries: int = 0
     cache_hits: int = 0
+    responses: Ring | None = None  # its current process's response ring
+
+    def coast_stats(self) -> dict[str, int]:
+        """Its reader's sleeps on the coasting timer and the misses among them, since its
+        current process started (`tinyllm_trio.ipc.coast`; zeros while it never coasted)."""
+        coast = None if self.responses is None else self.responses.coast
+        if coast is None:
+            return {"sleeps": 0, "misses": 0}
+        return {"sleeps": coast.waits, "misses": coast.misses}
 
     @property
     def name(self) -> str:
@@ -331,6 +340,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
                     "restarts": s.restarts,
                     "last_exit": s.last_exit,
                     "prefix_cache": {"queries": s.cache_queries, "hits": s.cache_hits},
+                    "coast": s.coast_stats(),
                 }
                 for s in self.slots
             ],
@@ -671,7 +681,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
     async def _serve_process(
         self, slot: WorkerSlot, process: trio.Process, requests: Ring, responses: Ring
     ) -> None:
-        slot.process, slot.pid = process, process.pid
+        slot.process, slot.pid, slot.responses = process, process.pid, responses
         outbox, outbox_receive = trio.open_memory_channel[object](math.inf)
         slot.outbox = outbox
         if self._stopping:  # aclose() ran while this worker was being spawned
@@ -689,6 +699,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
                 nursery.cancel_scope.cancel()
         finally:
             slot.outbox = None
+            slot.responses = None
             slot.ready = False
             if process.returncode is None:  # we were cancelled: never leave it running
                 process.kill()
