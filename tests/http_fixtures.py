@@ -179,7 +179,10 @@ class KVUsageEngine(FakeEngine):
             "kv_cache_usage": 0.25,
             "max_batch": 2,
             "max_context": 64,
-            "workers": [{"index": 0, "kv_tokens": 32}, {"index": 1, "kv_tokens": 0}],
+            "workers": [
+                {"index": 0, "kv_tokens": 32, "coast": {"sleeps": 40, "misses": 3}},
+                {"index": 1, "kv_tokens": 0},  # an engine that reports no coasting
+            ],
         }
 
 

@@ -13,6 +13,9 @@ Names follow vLLM's metric set under a `tinyllm_` prefix, so the usual dashboard
 - `tinyllm_num_requests_running` / `tinyllm_num_requests_waiting`: read from `engine.stats()` at
   scrape time (running in a worker / queued for a slot), plus `tinyllm_worker_restarts_total`
   and `tinyllm_worker_requests_running{worker}` (each worker's load).
+- `tinyllm_worker_coast_sleeps_total{worker}` and `tinyllm_worker_coast_misses_total{worker}`:
+  the engine's reads of a worker on its coasting timer, and those that found no message (the
+  worker then rang; `tinyllm_trio.ipc.coast`), since that worker's process started.
 - `tinyllm_kv_cache_usage_ratio`: the fraction (0..1) of the workers' KV cache positions that
   running sequences fill (`engine.kv_cache_usage`: prompt + generated tokens of every running
   sequence over workers x max_batch x context), and `tinyllm_worker_kv_cache_usage_ratio{worker}`.
@@ -152,6 +155,15 @@ class _EngineCollector:
         ):
             family = CounterMetricFamily(name, text)
             family.add_metric([], float(cache.get(key, 0)))
+            yield family
+        for name, key, text in (
+            ("tinyllm_worker_coast_sleeps", "sleeps", "Reads of a worker on its coasting timer"),
+            ("tinyllm_worker_coast_misses", "misses", "Coasting timer reads that found nothing"),
+        ):
+            family = CounterMetricFamily(name, text, labels=["worker"])
+            for worker in stats.get("workers") or ():
+                coast = worker.get("coast") or {}
+                family.add_metric([str(worker.get("index", "?"))], float(coast.get(key, 0)))
             yield family
 
 
