@@ -80,8 +80,8 @@ class Coast:
         The pace is the median period, or the last gap if that is longer, by at most
         COAST_FOLLOW of the period (an outlier, a prefill, is not a pace): a decode step slows
         a little with every token of context, so a timer at a fixed interval falls behind the
-        posts until it fires before one (a miss: 16% of one stream's steps when this timer was
-        periodic); aimed afresh from each post, it follows them."""
+        posts until it fires before one (a miss, and the worker rings after all); aimed afresh
+        from each post, it follows them."""
         pace = min(max(self.period, self._gaps[1]), self.period * (1 + COAST_FOLLOW))
         return self.last + int(pace * (1 + COAST_MARGIN))
 
