@@ -57,7 +57,7 @@ class TimerFd:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._spec = _Itimerspec()  # reused by every `arm_at`: no allocation per wake-up
+        self._spec = _Itimerspec()  # no interval; reused by every `arm_at`, no allocation each
         self._spec_ref = ctypes.byref(self._spec)
 
     @classmethod
@@ -74,19 +74,11 @@ class TimerFd:
     def fileno(self) -> int:
         return self._fd
 
-    def arm_at(self, deadline_ns: int, interval_ns: int = 0) -> None:
-        """Become readable at `deadline_ns` on time.monotonic_ns's clock (at once if it passed),
-        and then every `interval_ns` after it if that is not 0."""
+    def arm_at(self, deadline_ns: int) -> None:
+        """Become readable once, at `deadline_ns` on time.monotonic_ns's clock (at once if it
+        passed); a later `arm_at` replaces the deadline."""
         spec = self._spec
         spec.it_value.tv_sec, spec.it_value.tv_nsec = divmod(max(deadline_ns, 1), _NS)  # 0: off
-        spec.it_interval.tv_sec, spec.it_interval.tv_nsec = divmod(interval_ns, _NS)
-        self._settime()
-
-    def disarm(self) -> None:
-        """No more expiries until the next `arm_at`."""
-        spec = self._spec
-        spec.it_value.tv_sec = spec.it_value.tv_nsec = 0
-        spec.it_interval.tv_sec = spec.it_interval.tv_nsec = 0
         self._settime()
 
     def _settime(self) -> None:
