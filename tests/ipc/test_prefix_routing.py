@@ -13,7 +13,7 @@ from tinyllm_trio import SamplingParams, open_engine
 from tinyllm_trio.config import ServerConfig, add_server_arguments
 from tinyllm_trio.ipc.messages import Batch, Submit
 from tinyllm_trio.ipc.pool import AFFINITY_SLACK, PendingRequest, WorkerPool
-from tinyllm_trio.model.prefix_cache import BLOCK_TOKENS
+from tinyllm_trio.model.prefix_cache import BLOCK_TOKENS, block_hashes
 from tinyllm_trio.stream import RequestStream
 
 HOT = list(range(10, 10 + 3 * BLOCK_TOKENS))  # three whole blocks: a long shared prefix
@@ -21,9 +21,9 @@ COLD = list(range(200, 200 + 3 * BLOCK_TOKENS))
 PARAMS = SamplingParams(max_tokens=4)
 
 
-def _pool(workers: int = 2, **kw) -> tuple[WorkerPool, list]:
+def _pool(workers: int = 2, max_batch: int = 8, **kw) -> tuple[WorkerPool, list]:
     """A pool whose slots look ready, with outboxes we read instead of worker processes."""
-    pool = WorkerPool(None, workers=workers, max_batch=8, pin_workers=False, **kw)
+    pool = WorkerPool(None, workers=workers, max_batch=max_batch, pin_workers=False, **kw)
     inboxes = []
     for slot in pool.slots:
         send, receive = trio.open_memory_channel[object](100)
@@ -61,6 +61,35 @@ async def test_a_much_busier_worker_loses_its_hot_prefix_to_the_least_loaded() -
     assert spilled.worker is pool.slots[1]  # one hot prefix cannot pile everything on one
     # ... and worker 1 now holds the prefix too: the next one may go to either, by load
     assert pool.admit([*HOT, 3], PARAMS).worker is pool.slots[1]
+
+
+async def test_a_busier_worker_keeps_a_short_prefix_only_for_a_short_generation() -> None:
+    block = list(range(400, 400 + BLOCK_TOKENS))  # one cached block: 16 prompt tokens saved
+    pool, _ = _pool()
+    long_run = SamplingParams(max_tokens=64)
+    assert pool.admit([*block, 1], long_run).worker is pool.slots[0]
+    # worker 0 holds the block and runs one request more: 16 tokens of prefill saved do not
+    # pay for a 64-token generation on the busier worker
+    assert pool.admit([*block, 2], long_run).worker is pool.slots[1]
+    pool, _ = _pool()
+    short_run = SamplingParams(max_tokens=BLOCK_TOKENS)
+    assert pool.admit([*block, 1], short_run).worker is pool.slots[0]
+    assert pool.admit([*block, 2], short_run).worker is pool.slots[0]  # 16 saved >= 16 decoded
+    assert pool.admit([*block, 3], short_run).worker is pool.slots[1]  # but not 2 x 16
+
+
+async def test_a_burst_of_short_cached_prompts_splits_evenly() -> None:
+    """The steady state of a closed-loop benchmark: every prompt ran before, and worker 0's
+    table holds them all. Piling four extra 64-token generations on it for a block of prefill
+    each made it the last to finish, every wave."""
+    pool, _ = _pool(max_batch=32)
+    prompts = [[*range(500 + 20 * i, 500 + 20 * i + BLOCK_TOKENS), 1] for i in range(32)]
+    for prompt in prompts:
+        for h in block_hashes(prompt):
+            pool.slots[0].prefix_blocks[h] = None
+    params = SamplingParams(max_tokens=64)
+    placed = [pool.admit(prompt, params).worker.index for prompt in prompts]
+    assert placed.count(0) == placed.count(1) == 16
 
 
 async def test_routing_by_prefix_is_off_with_the_cache() -> None:

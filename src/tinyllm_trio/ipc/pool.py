@@ -80,7 +80,7 @@ from tinyllm_trio.ipc.ring import (
     sweep_stale,
 )
 from tinyllm_trio.model.blas import single_threaded_env
-from tinyllm_trio.model.prefix_cache import block_hashes
+from tinyllm_trio.model.prefix_cache import BLOCK_TOKENS, block_hashes
 from tinyllm_trio.model.sampling import SamplingParams
 from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, TokenEvent
 
@@ -97,7 +97,7 @@ BACKOFF_FIRST = 0.25  # seconds before restarting a worker that died young
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0  # a worker that lived this long resets the back-off
 STALL_SLACK = 1.125  # a silent busy worker is killed after 1 to this many x stall_timeout
-AFFINITY_SLACK = 4  # requests beyond the least-loaded worker's that prefix affinity may add
+AFFINITY_SLACK = 4  # most requests beyond the least-loaded worker's that prefix affinity adds
 PREFIX_TABLE_BLOCKS = 4096  # block hashes remembered per worker (~64 K prompt tokens)
 
 
@@ -404,42 +404,54 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
         if slot is not None and not request.cancel_sent and request.id in slot.inflight:
             request.cancel_sent = slot.post(Cancel(request.id))
 
+    def _has_room(self, slot: WorkerSlot, need: int) -> bool:
+        return (
+            slot.ready and slot.outbox is not None and len(slot.inflight) + need <= self.max_batch
+        )
+
     def _least_loaded(self, need: int = 1) -> WorkerSlot | None:
         best = None
         for slot in self.slots:
-            free = (
-                slot.ready
-                and slot.outbox is not None
-                and len(slot.inflight) + need <= self.max_batch
-            )
-            if free and (best is None or len(slot.inflight) < len(best.inflight)):
+            if self._has_room(slot, need) and (
+                best is None or len(slot.inflight) < len(best.inflight)
+            ):
                 best = slot
         return best
 
     def _pick(self, request: PendingRequest, need: int = 1) -> WorkerSlot | None:
-        """The worker for `request`: the one whose table shares the most leading prompt
-        blocks with it (its cache likely holds them), unless it runs more than
-        AFFINITY_SLACK requests beyond the least-loaded worker, which then wins: one hot
-        prefix must not pile every request onto one worker. None if no worker has room
-        (`need` free batch slots: a group's)."""
+        """The worker for `request`: the least-loaded one with room (`need` free batch slots:
+        a group's), or None if none has room.
+
+        With the prefix cache, a worker whose table shares more leading prompt blocks with the
+        request (its cache likely holds them) wins instead when the prefill it saves pays for
+        the imbalance: it may run more requests than the least-loaded worker only if its extra
+        cached prompt tokens are at least the decode tokens those extra requests stand for
+        (each counted as this request's `max_tokens`), and never more than AFFINITY_SLACK
+        beyond it. So one hot prefix cannot pile every request onto one worker, and a burst of
+        short cached prompts with long generations still splits evenly: a worker with one
+        request more decodes every step of every generation a little slower, which costs
+        more than prefilling a block of prompt again."""
         least = self._least_loaded(need)
         if least is None or not self.prefix_cache or not request.params.cache_prompt:
             return least
-        best, best_blocks = least, 0
         hashes = block_hashes(request.prompt)
-        limit = len(least.inflight) + AFFINITY_SLACK
-        for slot in self.slots:
-            table = slot.prefix_blocks
+
+        def shared(slot: WorkerSlot) -> int:
             blocks = 0
-            while blocks < len(hashes) and hashes[blocks] in table:
+            while blocks < len(hashes) and hashes[blocks] in slot.prefix_blocks:
                 blocks += 1
-            room = (
-                slot.ready
-                and slot.outbox is not None
-                and len(slot.inflight) + need <= self.max_batch
-            )
-            if blocks > best_blocks and room and len(slot.inflight) <= limit:
-                best, best_blocks = slot, blocks
+            return blocks
+
+        base = shared(least)
+        best, best_key = least, (base, -len(least.inflight))
+        for slot in self.slots:
+            blocks, load = shared(slot), len(slot.inflight)
+            if (blocks, -load) <= best_key or not self._has_room(slot, need):
+                continue
+            extra = load - len(least.inflight)
+            saved = (blocks - base) * BLOCK_TOKENS
+            if extra <= AFFINITY_SLACK and extra * request.params.max_tokens <= saved:
+                best, best_key = slot, (blocks, -load)
         return best
 
     def _remember_prefix(self, request: PendingRequest, slot: WorkerSlot) -> None:
