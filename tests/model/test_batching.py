@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tinyllm_trio.model.batching import ContinuousBatcher, DoneEvent, Event, TokenEvent
-from tinyllm_trio.model.sampling import Sampler, SamplingParams
+from tinyllm_trio.model.sampling import SamplingParams
 from tinyllm_trio.model.tokenizer import EOS, HybridTokenizer, build_vocab
 from tinyllm_trio.model.transformer import ContextLengthError, ModelConfig, Transformer
 
@@ -261,7 +261,7 @@ def _ngrams(ids: list[int], n: int) -> list[tuple[int, ...]]:
     return [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
 
 
-def test_no_repeat_ngram_size_bans_repeats_and_off_keeps_the_fast_path(model, tokenizer) -> None:
+def test_no_repeat_ngram_size_bans_repeats_and_off_changes_nothing(model, tokenizer) -> None:
     off = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     ban = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, no_repeat_ngram_size=3)
     batcher = ContinuousBatcher(model, tokenizer, max_batch=8)
@@ -282,8 +282,6 @@ def test_no_repeat_ngram_size_bans_repeats_and_off_keeps_the_fast_path(model, to
         alone.submit(0, prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
         assert _tokens(_run(alone)[0]) == _tokens(out[i])
     assert looped  # the random model loops without the ban, so the ban was tested
-    assert Sampler(off, tokenizer.vocab_size).plain_greedy
-    assert not Sampler(ban, tokenizer.vocab_size).plain_greedy
 
 
 def test_text_detokenize_mode_reaches_the_stream(model, tokenizer) -> None:

@@ -184,7 +184,7 @@ def test_logit_bias_shifts_and_minus_100_bans() -> None:
     assert Sampler(SamplingParams(temperature=0, logit_bias={"9": 6}), V).sample(logits) == 9
     banned = Sampler(SamplingParams(temperature=1.0, seed=1, logit_bias={4: -100}), V)
     assert all(banned.sample(logits) != 4 for _ in range(200))
-    assert not banned.plain_greedy  # the batch's plain argmax must not skip the bias
+    assert not banned.argmax_greedy  # the batch's plain argmax must not skip the bias
     assert SamplingParams(logit_bias={"3": 1, 2: -1}).logit_bias == ((2, -1.0), (3, 1.0))
 
 
@@ -217,3 +217,34 @@ def test_issue_14_fields_are_validated(kwargs: dict, param: str) -> None:
     with pytest.raises(InvalidParameterError) as info:
         SamplingParams(**kwargs)
     assert info.value.param == param
+
+
+@given(
+    rows=st.lists(st.lists(st.integers(0, 4), min_size=8, max_size=8), min_size=1, max_size=12),
+    ignore_eos=st.booleans(),
+    min_tokens=st.integers(0, 4),
+    stop_ids=st.lists(st.integers(0, 7), max_size=2),
+    ngram=st.sampled_from([0, 2, 3]),
+)
+def test_a_batch_argmax_chooses_what_the_full_sampler_would(
+    rows, ignore_eos, min_tokens, stop_ids, ngram
+) -> None:
+    """Greedy with bans only: the batch's one argmax, checked against the bans, picks the
+    token `sample` picks after setting the banned ids to -inf, step after step. Small integer
+    logits over 8 ids make ties and banned maxima common."""
+    params = SamplingParams(
+        temperature=0,
+        ignore_eos=ignore_eos,
+        min_tokens=min(min_tokens, 16),
+        max_tokens=16,
+        stop_token_ids=stop_ids,
+        no_repeat_ngram_size=ngram,
+    )
+    fast, full = (Sampler(params, 8, [1, 2, 1], eos_id=3) for _ in range(2))
+    assert fast.argmax_greedy
+    for row in rows:
+        logits = np.asarray(row, dtype=np.float32)
+        token = fast.choose(logits, int(logits.argmax()))
+        assert token == full.sample(logits)
+        fast.observe(token)
+        full.observe(token)

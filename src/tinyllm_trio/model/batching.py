@@ -366,9 +366,7 @@ class ContinuousBatcher:
                 events.append(
                     TokenEvent(seq.request_id, [], "", None, prompt_logprobs[seq.request_id])
                 )
-            sampler = seq.sampler
-            token = int(row.argmax()) if sampler.plain_greedy else sampler.sample(row)
-            self._accept(seq, token, row, events)
+            self._accept(seq, seq.sampler.choose(row), row, events)
 
     def _prompt_logprobs(self, seq: _Sequence, rows: np.ndarray) -> list[dict[str, Any]]:
         """The prompt tokens' logprobs entries from the logits of every position but the last
@@ -396,16 +394,16 @@ class ContinuousBatcher:
         logits = self.transformer.decode_step(
             self._cache, [s.request_id for s in seqs], [s.next_token for s in seqs]
         )
-        greedy_rows = [i for i, s in enumerate(seqs) if s.sampler.plain_greedy]
-        tokens: dict[int, int] = {}
+        greedy_rows = [i for i, s in enumerate(seqs) if s.sampler.argmax_greedy]
+        argmaxes: list[int | None] = [None] * len(seqs)
         if len(greedy_rows) == len(seqs):  # the usual case: no B x V gather first
-            tokens = dict(enumerate(logits.argmax(axis=1).tolist()))
+            argmaxes = logits.argmax(axis=1).tolist()
         elif greedy_rows:
-            picks = logits[greedy_rows].argmax(axis=1)
-            tokens = dict(zip(greedy_rows, picks.tolist(), strict=True))
-        for i, seq in enumerate(seqs):
-            token = tokens[i] if i in tokens else seq.sampler.sample(logits[i])
-            self._accept(seq, token, logits[i], events)
+            picks = logits[greedy_rows].argmax(axis=1).tolist()
+            for i, token in zip(greedy_rows, picks, strict=True):
+                argmaxes[i] = token
+        for seq, row, argmax in zip(seqs, logits, argmaxes, strict=True):
+            self._accept(seq, seq.sampler.choose(row, argmax), row, events)
 
     def _accept(self, seq: _Sequence, token: int, row: np.ndarray, events: list[Event]) -> None:
         """Record a sampled token, emit its event, and end the sequence if it is finished."""

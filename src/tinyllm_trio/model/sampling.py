@@ -315,16 +315,32 @@ class Sampler:
             self._ngrams = NgramBan(params.no_repeat_ngram_size, prompt_ids)
 
     @property
-    def plain_greedy(self) -> bool:
-        """Greedy with nothing that changes the logits: an argmax over the raw row is exact."""
-        return (
-            self.params.greedy
-            and not self.params.penalised
-            and self._banned is None
-            and self._ngrams is None
-            and self._bias is None
-            and not self._early
-        )
+    def argmax_greedy(self) -> bool:
+        """Greedy with nothing that changes a logit's value, at most bans (`ignore_eos`,
+        `min_tokens`, the n-gram ban): the raw row's argmax is the choice unless it is banned,
+        so a batch takes one argmax over all its rows and `choose` checks each."""
+        return self.params.greedy and not self.params.penalised and self._bias is None
+
+    def choose(self, logits: np.ndarray, argmax: int | None = None) -> int:
+        """The next token from one row of raw logits, as `sample` picks it; `argmax` is the
+        row's argmax if the caller took it already (for the whole batch at once).
+
+        For an `argmax_greedy` sampler the argmax is the answer when no ban covers it: the
+        banned ids would be -inf, and an allowed first maximum stays the first maximum.
+        Otherwise (or when it is banned) `sample` does the full work on a copy of the row.
+        """
+        if self.argmax_greedy:
+            token = int(logits.argmax()) if argmax is None else argmax
+            if self._allows(token):
+                return token
+        return self.sample(logits)
+
+    def _allows(self, token_id: int) -> bool:
+        if token_id == self._banned:
+            return False
+        if self._early and bool((self._early_ban == token_id).any()):
+            return False
+        return self._ngrams is None or token_id not in self._ngrams.banned()
 
     @property
     def _early(self) -> bool:
