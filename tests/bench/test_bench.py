@@ -265,3 +265,41 @@ def test_bench_engine_shared_prefix_compares_the_cache_on_and_off(long_checkpoin
     for side in ("on", "off"):
         level = data["cache"][side]["2"]
         assert level["ttft_p50_ms"] > 0 and level["tokens_per_s"] > 0
+
+
+CORES_SCRIPT = os.path.join(os.path.dirname(__file__), "../../scripts/engine_cores.py")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the script needs two cores")
+def test_engine_cores_script_splits_each_run_into_cpu_wait_and_idle(tiny_checkpoint):
+    """scripts/engine_cores.py (the README's account of where the engine's CPU lands with two
+    workers) prints both modes per run, each worker's time as CPU, run-queue wait and idle,
+    then the medians and the rotate/stay ratio."""
+    args = ["--runs", "1", "--concurrency", "4", "--requests", "4", "--max-tokens", "4"]
+    proc = subprocess.run(
+        [sys.executable, CORES_SCRIPT, *args, "--model", str(tiny_checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    _, head, *rows, ratio = proc.stdout.splitlines()
+    assert head.split()[:3] == ["mode", "tok/s", "engine"]
+    assert [r.split()[0] for r in rows] == ["stay", "rotate", "stay", "rotate"]
+    for row in rows:
+        rate, engine, *workers = map(float, row.split()[1:9])
+        assert rate > 0 and engine > 0
+        a_wait, b_wait = workers[1], workers[4]
+        assert a_wait >= b_wait >= 0  # A is the worker that waited longer
+        assert all(w >= -5 for w in workers)  # idle: elapsed - cpu - wait, to the ms
+    assert ratio.startswith("rotate/stay tok/s: median ")
+
+
+def test_engine_cores_script_refuses_one_core_and_bad_arguments(tiny_checkpoint):
+    one_core = _on_one_core(CORES_SCRIPT, "--model", str(tiny_checkpoint))
+    assert one_core.returncode == 2 and "needs two cores" in one_core.stdout
+    bad = subprocess.run(
+        [sys.executable, CORES_SCRIPT, "--rotate-ms", "0"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--rotate-ms" in bad.stderr
