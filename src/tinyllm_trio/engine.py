@@ -339,8 +339,9 @@ class Engine:
 
     def stats(self) -> dict[str, object]:
         """running, waiting, capacity, restarts, per-worker load (pid, ready, running,
-        kv_tokens), `kv_cache_usage` (see `kv_cache_usage`) and prefix-cache counters (queries
-        and hits, in prompt tokens; total and per worker)."""
+        kv_tokens, `routed`: requests sent to it since start), `kv_cache_usage` (see
+        `kv_cache_usage`) and prefix-cache counters (queries and hits, in prompt tokens; total
+        and per worker)."""
         stats = self._backend.stats()
         stats["max_context"] = self.model_config.max_context
         stats["kv_cache_usage"] = kv_cache_usage(stats, self.model_config.max_context)

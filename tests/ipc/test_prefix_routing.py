@@ -90,6 +90,10 @@ async def test_a_burst_of_short_cached_prompts_splits_evenly() -> None:
     params = SamplingParams(max_tokens=64)
     placed = [pool.admit(prompt, params).worker.index for prompt in prompts]
     assert placed.count(0) == placed.count(1) == 16
+    # what an operator sees of the split (engine.stats() and /metrics)
+    assert [w["routed"] for w in pool.stats()["workers"]] == [16, 16]
+    pool.admit_group(prompts[0], [params] * 3)  # a request's three choices count three
+    assert sum(w["routed"] for w in pool.stats()["workers"]) == 35
 
 
 async def test_routing_by_prefix_is_off_with_the_cache() -> None:

@@ -13,6 +13,9 @@ Names follow vLLM's metric set under a `tinyllm_` prefix, so the usual dashboard
 - `tinyllm_num_requests_running` / `tinyllm_num_requests_waiting`: read from `engine.stats()` at
   scrape time (running in a worker / queued for a slot), plus `tinyllm_worker_restarts_total`
   and `tinyllm_worker_requests_running{worker}` (each worker's load).
+- `tinyllm_worker_requests_routed_total{worker}`: requests the server sent to each worker
+  since it started (a worker's restarts do not reset it): how prefix-aware routing balances
+  the workers.
 - `tinyllm_worker_coast_sleeps_total{worker}` and `tinyllm_worker_coast_misses_total{worker}`:
   the engine's reads of a worker on its coasting timer, and those that found no message (the
   worker then rang; `tinyllm_trio.ipc.coast`), since that worker's process started.
@@ -143,9 +146,16 @@ class _EngineCollector:
             "Requests running in each worker process",
             labels=["worker"],
         )
+        routed = CounterMetricFamily(
+            "tinyllm_worker_requests_routed",
+            "Requests the server sent to each worker (its balance under prefix-aware routing)",
+            labels=["worker"],
+        )
         for worker in stats.get("workers") or ():
-            per_worker.add_metric([str(worker.get("index", "?"))], float(worker.get("running", 0)))
-        yield from (running, waiting, restarts, per_worker)
+            index = str(worker.get("index", "?"))
+            per_worker.add_metric([index], float(worker.get("running", 0)))
+            routed.add_metric([index], float(worker.get("routed", 0)))
+        yield from (running, waiting, restarts, per_worker, routed)
         # vLLM's names and units: prompt tokens looked up in the prefix cache, and of those
         # the tokens it supplied (hits / queries is the hit rate)
         cache = stats.get("prefix_cache") or {}

@@ -207,6 +207,7 @@ class WorkerSlot:
     prefix_blocks: OrderedDict[int, None] = field(default_factory=OrderedDict)
     cache_queries: int = 0
     cache_hits: int = 0
+    routed: int = 0  # requests sent to this slot since the pool started (across restarts)
     responses: Ring | None = None  # its current process's response ring
 
     def coast_stats(self) -> dict[str, int]:
@@ -340,6 +341,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
                     "restarts": s.restarts,
                     "last_exit": s.last_exit,
                     "prefix_cache": {"queries": s.cache_queries, "hits": s.cache_hits},
+                    "routed": s.routed,
                     "coast": s.coast_stats(),
                 }
                 for s in self.slots
@@ -468,6 +470,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
         self._remember_prefix(request, slot)
         request.worker = slot
         slot.inflight[request.id] = request
+        slot.routed += 1
         slot.post(Submit(request.id, request.prompt, request.params))
         self._start_stall_clock(slot)
 
@@ -480,6 +483,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
         for request in group:
             request.worker = slot
             slot.inflight[request.id] = request
+        slot.routed += len(group)
         submits = [Submit(r.id, r.prompt, r.params) for r in group]
         slot.post(Batch(submits, group[0].id))  # type: ignore[arg-type]
         self._start_stall_clock(slot)
