@@ -443,6 +443,9 @@ def test_engine_benchmark_runs_and_reports(tiny_checkpoint: Path) -> None:
     assert "2w/1w of 2p" in table
     for w in (1, 2):  # per level, the engine's timer sleeps and misses (zero or more)
         assert {"sleeps", "misses"} <= set(results["coast"][w][1])
+    for c in (1, 4):  # every request of every run went to some worker, counted once
+        assert sum(results["routed"][2][c]) == results["requests"][c] * results["runs"]
+        assert len(results["routed"][2][c]) == 2
 
 
 def test_engine_benchmark_reports_where_it_coasted_and_how_often_it_missed() -> None:
@@ -454,6 +457,16 @@ def test_engine_benchmark_reports_where_it_coasted_and_how_often_it_missed() -> 
         "coasting, 1w, timer sleeps by level (all runs): 1: 4,000 sleeps, 300 misses (7.5%)"
     ]
     assert _coast_lines({}) == []  # a JSON file from before the counters
+
+
+def test_engine_benchmark_reports_how_the_pool_split_each_level() -> None:
+    from tinyllm_trio.bench.engine import _routing_lines
+
+    routed = {1: {32: [640]}, 2: {1: [15, 0], 32: [320, 1320]}}
+    assert _routing_lines({"routed": routed}) == [
+        "routing, 2w, requests per worker by level (all runs): 1: 15/0; 32: 320/1,320"
+    ]
+    assert _routing_lines({}) == []  # a JSON file from before the counts
 
 
 def test_the_share_of_the_ceiling_is_taken_run_by_run() -> None:

@@ -438,6 +438,11 @@ def _coast_counts(engine) -> tuple[int, int]:
     return sum(w["sleeps"] for w in workers), sum(w["misses"] for w in workers)
 
 
+def _routed(engine) -> list[int]:
+    """The requests the engine's pool has sent to each worker so far."""
+    return [w.get("routed", 0) for w in engine.stats()["workers"]]
+
+
 async def _engine_run(engine, c: int, load: Load) -> Measurement:
     """`load.requests(c)` generations through `engine` (`workload.run_on_engine`), with the
     CPU of this process and of the engine's workers."""
@@ -482,6 +487,7 @@ def interleaved_measurements(
     async def main() -> dict[str, dict]:
         out: dict[str, dict] = {"bare": {}, "bare_procs": {}, "engine": {w: {} for w in workers}}
         out["coast"] = {w: {} for w in workers}  # timer sleeps and misses, per level
+        out["routed"] = {w: {} for w in workers}  # requests sent to each worker, per level
         async with contextlib.AsyncExitStack() as stack:
             engines = {}
             for w in workers:
@@ -513,7 +519,7 @@ def interleaved_measurements(
                     for w, p in procs.items():
                         out["bare_procs"].setdefault(w, {}).setdefault(c, []).append(p.run(c, load))
                     for w, engine in engines.items():
-                        before = _coast_counts(engine)
+                        before, sent = _coast_counts(engine), _routed(engine)
                         out["engine"][w].setdefault(c, []).append(
                             await _engine_run(engine, c, load)
                         )
@@ -523,6 +529,9 @@ def interleaved_measurements(
                             last[0] + sleeps - before[0],
                             last[1] + misses - before[1],
                         )
+                        routed = out["routed"][w].setdefault(c, [0] * w)
+                        for i, (now, then) in enumerate(zip(_routed(engine), sent, strict=True)):
+                            routed[i] += now - then
         return out
 
     return trio.run(main)
@@ -809,6 +818,7 @@ def run_benchmarks(
         w: {c: {"sleeps": n, "misses": m} for c, (n, m) in per_c.items()}
         for w, per_c in measured["coast"].items()
     }
+    results["routed"] = measured["routed"]
     ratios: dict[str, dict[int, float]] = {}
     one = measured["engine"].get(1)
     for c in concurrency:
@@ -897,7 +907,21 @@ def format_table(results: dict) -> str:
         f"streamed, Trio receive + decode {ipc['streamed_us_per_msg']:.2f} us/message"
     )
     lines += _coast_lines(results)
+    lines += _routing_lines(results)
     return "\n".join(lines)
+
+
+def _routing_lines(results: dict) -> list[str]:
+    """How the pool split each level's requests between two or more workers (prefix-aware
+    routing may favour the worker that holds a prompt's blocks)."""
+    out = []
+    for w, per_c in sorted(results.get("routed", {}).items(), key=lambda kv: int(kv[0])):
+        parts = [f"{c}: " + "/".join(f"{n:,}" for n in counts) for c, counts in per_c.items()]
+        if int(w) > 1 and parts:
+            out.append(
+                f"routing, {w}w, requests per worker by level (all runs): " + "; ".join(parts)
+            )
+    return out
 
 
 def _coast_lines(results: dict) -> list[str]:
