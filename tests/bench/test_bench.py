@@ -91,6 +91,7 @@ def test_scaling_ceiling_script_prints_each_round_and_the_median(tiny_checkpoint
 
 
 NEIGHBOUR_SCRIPT = os.path.join(os.path.dirname(__file__), "../../scripts/neighbour_cost.py")
+CORES_SCRIPT = os.path.join(os.path.dirname(__file__), "../../scripts/engine_cores.py")
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the script needs two cores")
@@ -140,13 +141,15 @@ def _on_one_core(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_neighbour_cost_script_refuses_one_core_and_bad_arguments(tiny_checkpoint):
-    one_core = _on_one_core(NEIGHBOUR_SCRIPT, "--model", str(tiny_checkpoint))
+@pytest.mark.parametrize(
+    ("script", "bad"),
+    [(NEIGHBOUR_SCRIPT, ["--work", "x"]), (CORES_SCRIPT, ["--rotate-ms", "0"])],
+)
+def test_two_core_scripts_refuse_one_core_and_bad_arguments(tiny_checkpoint, script, bad):
+    one_core = _on_one_core(script, "--model", str(tiny_checkpoint))
     assert one_core.returncode == 2 and "needs two cores" in one_core.stdout
-    bad = subprocess.run(
-        [sys.executable, NEIGHBOUR_SCRIPT, "--work", "x"], capture_output=True, text=True
-    )
-    assert bad.returncode == 2 and "--work" in bad.stderr
+    proc = subprocess.run([sys.executable, script, *bad], capture_output=True, text=True)
+    assert proc.returncode == 2 and bad[0] in proc.stderr
 
 
 COAST_SCRIPT = os.path.join(os.path.dirname(__file__), "../../scripts/coast_lag.py")
@@ -267,9 +270,6 @@ def test_bench_engine_shared_prefix_compares_the_cache_on_and_off(long_checkpoin
         assert level["ttft_p50_ms"] > 0 and level["tokens_per_s"] > 0
 
 
-CORES_SCRIPT = os.path.join(os.path.dirname(__file__), "../../scripts/engine_cores.py")
-
-
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the script needs two cores")
 def test_engine_cores_script_splits_each_run_into_cpu_wait_and_idle(tiny_checkpoint):
     """scripts/engine_cores.py (the README's account of where the engine's CPU lands with two
@@ -294,12 +294,3 @@ def test_engine_cores_script_splits_each_run_into_cpu_wait_and_idle(tiny_checkpo
         assert a_wait >= b_wait >= 0  # A is the worker that waited longer
         assert all(w >= -5 for w in workers)  # idle: elapsed - cpu - wait, to the ms
     assert ratio.startswith("rotate/stay tok/s: median ")
-
-
-def test_engine_cores_script_refuses_one_core_and_bad_arguments(tiny_checkpoint):
-    one_core = _on_one_core(CORES_SCRIPT, "--model", str(tiny_checkpoint))
-    assert one_core.returncode == 2 and "needs two cores" in one_core.stdout
-    bad = subprocess.run(
-        [sys.executable, CORES_SCRIPT, "--rotate-ms", "0"], capture_output=True, text=True
-    )
-    assert bad.returncode == 2 and "--rotate-ms" in bad.stderr
