@@ -323,16 +323,17 @@ class Sampler:
 
     def choose(self, logits: np.ndarray, argmax: int | None = None) -> int:
         """The next token from one row of raw logits, as `sample` picks it; `argmax` is the
-        row's argmax if the caller took it already (for the whole batch at once).
+        row's argmax when the caller took it already for an `argmax_greedy` sampler (the
+        batch takes one for all such rows), so it is not asked again per row.
 
         For an `argmax_greedy` sampler the argmax is the answer when no ban covers it: the
         banned ids would be -inf, and an allowed first maximum stays the first maximum.
         Otherwise (or when it is banned) `sample` does the full work on a copy of the row.
         """
-        if self.argmax_greedy:
-            token = int(logits.argmax()) if argmax is None else argmax
-            if self._allows(token):
-                return token
+        if argmax is None and self.argmax_greedy:
+            argmax = int(logits.argmax())
+        if argmax is not None and self._allows(argmax):
+            return argmax
         return self.sample(logits)
 
     def _allows(self, token_id: int) -> bool:
