@@ -180,7 +180,12 @@ class KVUsageEngine(FakeEngine):
             "max_batch": 2,
             "max_context": 64,
             "workers": [
-                {"index": 0, "kv_tokens": 32, "routed": 7, "coast": {"sleeps": 40, "misses": 3}},
+                {
+                    "index": 0,
+                    "kv_tokens": 32,
+                    "routed": 7,
+                    "coast": {"sleeps": 40, "misses": 3, "ticks": 12},
+                },
                 {"index": 1, "kv_tokens": 0},  # an engine that reports no coasting
             ],
         }

@@ -44,6 +44,7 @@ class EngineConfig:
     pin_workers: bool = True
     prefix_cache: bool = True
     coast: bool = True
+    busy_tick: float = 0.016
     stall_timeout: float = 5.0
     ready_timeout: float = 120.0
     shutdown_timeout: float = 5.0
@@ -59,6 +60,8 @@ class EngineConfig:
             raise ValueError(
                 f"stall_timeout must be > 0 (math.inf: never), got {self.stall_timeout}"
             )
+        if not 0 <= self.busy_tick <= 1:
+            raise ValueError(f"busy_tick must be between 0 and 1 second, got {self.busy_tick}")
         if self.attention_scale not in (None, "head", "embd"):
             raise ValueError(
                 f"attention_scale must be 'head' or 'embd', got {self.attention_scale!r}"
@@ -88,6 +91,7 @@ class ServerConfig:
     pin_workers: bool = EngineConfig.pin_workers
     prefix_cache: bool = EngineConfig.prefix_cache
     coast: bool = EngineConfig.coast
+    busy_tick: float = EngineConfig.busy_tick
     worker_stall_timeout: float = EngineConfig.stall_timeout
     # what the server makes of the model's output
     model_name: str | None = None
@@ -178,6 +182,7 @@ class ServerConfig:
             pin_workers=self.pin_workers,
             prefix_cache=self.prefix_cache,
             coast=self.coast,
+            busy_tick=self.busy_tick,
             stall_timeout=self.worker_stall_timeout,
         )
 
@@ -322,9 +327,19 @@ _OPTIONS: tuple[_Option, ...] = (
         "while a worker sends its decode steps at a steady pace (under 2 ms apart), read them "
         "on a timer at that pace instead of having the worker wake this process after each "
         "one, which on a virtual machine costs the worker an interrupt per step "
-        "(--no-coast: always woken)",
+        "(--no-coast: always woken, and no busy tick either)",
         metavar="BOOL",
         negatable=True,
+    ),
+    _Option(
+        "--busy-tick",
+        "busy_tick",
+        float,
+        "while every core runs a busy worker, read the workers' tokens on a shared tick of "
+        "this many seconds instead of being woken after each decode step of each worker, "
+        "which takes the CPU from a worker's step; a request's first token and its end still "
+        "arrive at once, other tokens at most this late (0: woken after every step)",
+        metavar="SECONDS",
     ),
     _Option(
         "--max-queue",

@@ -501,6 +501,7 @@ async def open_engine(
     pin_workers: bool = EngineConfig.pin_workers,
     prefix_cache: bool = EngineConfig.prefix_cache,
     coast: bool = EngineConfig.coast,
+    busy_tick: float = EngineConfig.busy_tick,
 ) -> AsyncIterator[Engine]:
     """Start `workers` worker processes (default: one per CPU) and yield an Engine.
 
@@ -527,7 +528,11 @@ async def open_engine(
 
     `coast` lets this process read a worker's messages on a timer at the worker's pace while
     it decodes at a steady one, so that the worker does not have to wake this process's core
-    after every step (`tinyllm_trio.ipc.coast`). Outputs do not change.
+    after every step (`tinyllm_trio.ipc.coast`). With `coast` and every core running a busy
+    worker, `busy_tick` (seconds, 0: off) has this process read the workers on a shared tick
+    instead of waking after each step of each worker; a request's first token and its end
+    still wake it at once (`tinyllm_trio.ipc.ring.Ring.pump`). Outputs do not change, only
+    when tokens arrive: the others at most `busy_tick` late.
 
     `weights` "bfloat16" has every worker round the weights to bfloat16 at load
     (`tinyllm_trio.model.transformer.Transformer`): outputs change a little (the README gives
@@ -554,6 +559,7 @@ async def open_engine(
         pin_workers=pin_workers,
         prefix_cache=prefix_cache,
         coast=coast,
+        busy_tick=busy_tick,
     )
     async with _serving(Engine(pool, info.tokenizer, info.config, path), shutdown_timeout) as e:
         yield e

@@ -58,6 +58,8 @@ async def test_metrics_export_kv_usage_and_vllm_names_only_when_asked() -> None:
     assert 'tinyllm_worker_coast_sleeps_total{worker="0"} 40.0' in plain
     assert 'tinyllm_worker_coast_misses_total{worker="0"} 3.0' in plain
     assert 'tinyllm_worker_coast_sleeps_total{worker="1"} 0.0' in plain
+    assert 'tinyllm_worker_busy_ticks_total{worker="0"} 12.0' in plain
+    assert 'tinyllm_worker_busy_ticks_total{worker="1"} 0.0' in plain
     assert 'tinyllm_worker_requests_routed_total{worker="0"} 7.0' in plain
     assert 'tinyllm_worker_requests_routed_total{worker="1"} 0.0' in plain
     assert "vllm:" not in plain

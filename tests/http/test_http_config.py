@@ -24,6 +24,7 @@ def test_defaults() -> None:
     assert config.pin_workers is True
     assert config.weights == "float32"
     assert config.coast is True and config.engine.coast is True
+    assert config.busy_tick == config.engine.busy_tick == 0.016
 
 
 def test_flag_beats_environment_beats_default() -> None:
@@ -56,6 +57,14 @@ def test_coasting_can_be_turned_off_by_flag_or_environment() -> None:
     assert _parse(["--no-coast"]).engine.coast is False
     assert _parse([], {"TINYLLM_COAST": "false"}).engine.coast is False
     assert _parse(["--coast", "true"], {"TINYLLM_COAST": "false"}).engine.coast is True
+
+
+def test_the_busy_tick_is_set_by_flag_or_environment_and_bounded() -> None:
+    assert _parse(["--busy-tick", "0"]).engine.busy_tick == 0.0
+    assert _parse([], {"TINYLLM_BUSY_TICK": "0.05"}).engine.busy_tick == 0.05
+    for bad in ("-0.01", "2", "soon"):
+        with pytest.raises((SystemExit, ValueError)):
+            _parse(["--busy-tick", bad])
 
 
 @pytest.mark.parametrize(

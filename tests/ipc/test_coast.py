@@ -16,7 +16,16 @@ import trio
 
 from tinyllm_trio.ipc import ring as ring_mod
 from tinyllm_trio.ipc.coast import COAST_FOLLOW, COAST_MARGIN, COAST_MAX_PERIOD, Coast
-from tinyllm_trio.ipc.ring import BELL_WANTED, PUBLISHED, PUBLISHED_AT, Ring, new_prefix
+from tinyllm_trio.ipc.ring import (
+    BELL_EVERY,
+    BELL_NONE,
+    BELL_URGENT,
+    BELL_WANTED,
+    PUBLISHED,
+    PUBLISHED_AT,
+    Ring,
+    new_prefix,
+)
 from tinyllm_trio.ipc.timerfd import TimerFd
 
 
@@ -315,6 +324,92 @@ async def test_an_idle_producer_stops_the_readers_timer() -> None:
                     await trio.sleep(0.001)
             nursery.cancel_scope.cancel()
         assert got == [*range(8), 99]
+    finally:
+        producer.close()
+        ring.destroy()
+
+
+# --- the busy tick -------------------------------------------------------------------------------
+
+
+def test_a_reader_on_the_busy_tick_is_rung_only_for_urgent_messages() -> None:
+    ring = _bell_ring()
+    producer = Ring.attach(ring.name, doorbell_fd=os.dup(ring.doorbell_fd))
+    try:
+        bell = ring.doorbell_fd
+        ring._mm[BELL_WANTED] = BELL_URGENT
+        producer.put(1, 7, b"x", urgent=False)  # a step of plain tokens: waits for the tick
+        assert not _readable(bell)
+        producer.put(1, 8, b"y")  # urgent (the default): a first token, a final event
+        assert _readable(bell) and producer.doorbell_rings == 1
+        os.eventfd_read(bell)
+        ring._mm[BELL_WANTED] = BELL_NONE  # coasting: the timer comes, urgent or not
+        producer.put(1, 9, b"z")
+        assert not _readable(bell) and producer.doorbell_rings == 1
+        assert [ring.get(timeout=0).request_id for _ in range(3)] == [7, 8, 9]
+        ring._mm[BELL_WANTED] = BELL_URGENT
+        half = ring.n_slots // 2
+        for i in range(half - 1):  # plain, and the ring less than half full: no bell
+            producer.put(1, i, b"", urgent=False)
+        assert not _readable(bell)
+        producer.put(1, half, b"", urgent=False)  # now half full: rung, or it would block
+        assert _readable(bell) and producer.doorbell_rings == 2
+    finally:
+        producer.close()
+        ring.destroy()
+
+
+async def test_on_the_busy_tick_plain_messages_wait_for_it_and_urgent_ones_do_not() -> None:
+    """With no core to spare the reader sleeps until the next multiple of the tick: a plain
+    message is read there and not before, an urgent one at once; once a core is spare again
+    the reader asks for every bell, and no message is lost on the way."""
+    tick = 0.5
+    ring = _bell_ring()
+    producer = Ring.attach(ring.name, doorbell_fd=os.dup(ring.doorbell_fd))
+    spare = [False]
+    got: list[tuple[int, float]] = []
+
+    def deliver(frames) -> None:
+        got.extend((f.request_id, trio.current_time()) for f in frames)
+
+    async def delivered(n: int) -> float:
+        with trio.fail_after(5):
+            while len(got) < n:
+                await trio.sleep(0.001)
+        return got[-1][1]
+
+    async def just_after_a_tick() -> float:
+        await trio.sleep_until((int(trio.current_time() / tick) + 1) * tick + 0.02)
+        return trio.current_time()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(ring.pump, coast=lambda: spare[0], tick=tick), deliver
+            )
+            await just_after_a_tick()
+            assert ring.ticks >= 1 and ring._mm[BELL_WANTED] == BELL_URGENT
+            put_at = await just_after_a_tick()
+            producer.put(1, 1, b"", urgent=False)
+            next_tick = (int(put_at / tick) + 1) * tick
+            assert await delivered(1) >= next_tick  # held to the tick
+            put_at = await just_after_a_tick()
+            producer.put(1, 2, b"")
+            assert await delivered(2) < (int(put_at / tick) + 1) * tick  # not held
+            producer.put(1, 3, b"", urgent=False)
+            spare[0] = True  # a worker went idle: from the next sleep on, rung for each
+            await delivered(3)
+            with trio.fail_after(5):
+                while ring._mm[BELL_WANTED] != BELL_EVERY:
+                    await trio.sleep(0.001)
+            rings = producer.doorbell_rings
+            put_at = trio.current_time()
+            producer.put(1, 4, b"", urgent=False)
+            assert producer.doorbell_rings == rings + 1
+            assert await delivered(4) < put_at + tick
+            nursery.cancel_scope.cancel()
+        assert [i for i, _ in got] == [1, 2, 3, 4]
+        assert ring._mm[BELL_WANTED] == BELL_EVERY  # the pump left: rung for again
     finally:
         producer.close()
         ring.destroy()

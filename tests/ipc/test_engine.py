@@ -175,6 +175,41 @@ async def test_the_engine_coasts_on_a_steady_worker_and_can_be_told_not_to(
     assert outputs[True] == outputs[False]
 
 
+async def test_with_no_core_to_spare_the_engine_reads_on_its_busy_tick(
+    long_checkpoint: Path,
+) -> None:
+    """Every core runs a busy worker (here: one worker, and this process allowed one core):
+    the engine reads the worker on its busy tick instead of after every step. A 1 s tick
+    holds plain tokens, yet a generation started just after a tick ends long before the next
+    one (the worker rings for its end, and for plain tokens once its ring is half full; which
+    steps it rings for is `test_worker.py`'s), its tokens are those of the tick turned off,
+    and the worker's stats count the ticks."""
+    allowed = os.sched_getaffinity(0)
+    params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+    outputs = {}
+    os.sched_setaffinity(0, {min(allowed)})  # the pool counts the cores it may use
+    try:
+        for tick in (1.0, 0.0):
+            async with open_engine(long_checkpoint, workers=1, busy_tick=tick) as engine:
+                ids: list[int] = []
+                if tick:
+                    await trio.sleep_until(int(trio.current_time() / tick + 1) * tick + 0.01)
+                start = trio.current_time()
+                async with engine.generate("the cat", params) as events:
+                    async for event in events:
+                        if type(event) is TokenEvent:
+                            ids.extend(event.token_ids)
+                took = trio.current_time() - start
+                ticks = engine.stats()["workers"][0]["coast"]["ticks"]
+            outputs[tick] = ids
+            assert (ticks > 0) is (tick > 0)
+            if tick:
+                assert took < 0.9  # the end was not held for the next tick
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert outputs[1.0] == outputs[0.0] and len(outputs[0.0]) == 120
+
+
 async def test_cancel_mid_generation_frees_the_slot(long_checkpoint: Path) -> None:
     """Each way of leaving a stream early (async with, cancel scope, break) cancels the request
     in its worker: the worker reports the request "cancelled" (had the cancel arrived after the
@@ -412,6 +447,21 @@ async def test_body_errors_surface_unwrapped_and_engines_do_not_collide(
             raise Boom
 
 
+def test_engine_benchmark_refuses_a_busy_tick_out_of_range() -> None:
+    import subprocess
+    import sys
+
+    for bad in ("-0.001", "1.5"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tinyllm_trio", "bench", "engine", "--busy-tick", bad],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 2 and "--busy-tick must be between 0 and 1" in proc.stderr
+
+
 def test_engine_benchmark_runs_and_reports(tiny_checkpoint: Path) -> None:
     """`tinyllm-trio bench engine` end to end on a tiny model (keeps the benchmark working)."""
     from tinyllm_trio.bench.engine import Load, format_table, run_benchmarks
@@ -431,6 +481,7 @@ def test_engine_benchmark_runs_and_reports(tiny_checkpoint: Path) -> None:
         assert 0 < engine["worker_cpu_us_per_token"] < engine["cpu_us_per_token"]
         assert results["bare_procs"][2][c]["tokens_per_s"] > 0  # two bare processes at once
     assert results["ipc"]["round_trip_us"] > 0
+    assert results["busy_tick"] == 0.016  # serve's default, reported with the numbers
     table = format_table(results)
     assert "1w/bare" in table and "2w/1w" in table and "2p/bare" in table
     assert "worker/bare" in table

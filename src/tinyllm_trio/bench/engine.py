@@ -72,7 +72,7 @@ from tinyllm_trio.bench.workload import (
     requests_per_level,
     run_on_engine,
 )
-from tinyllm_trio.config import add_model_arguments
+from tinyllm_trio.config import EngineConfig, add_model_arguments
 from tinyllm_trio.model.batching import MAX_BATCH  # serve's default --max-batch
 from tinyllm_trio.model.blas import blas_pinned, single_threaded_env
 
@@ -138,6 +138,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-coast)",
     )
     p.add_argument(
+        "--busy-tick",
+        type=float,
+        default=EngineConfig.busy_tick,
+        metavar="SECONDS",
+        help="with every core running a busy worker, read the workers on a shared tick of this "
+        f"many seconds, as serve does (default {EngineConfig.busy_tick}; 0: serve --busy-tick 0, "
+        "woken after every step)",
+    )
+    p.add_argument(
         "--consumer",
         choices=("iterate", "sink"),
         default="iterate",
@@ -163,6 +172,9 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     if args.shared_prefix_words < 0:
         print("--shared-prefix-words must be >= 0", file=sys.stderr)
+        return 2
+    if not 0 <= args.busy_tick <= 1:
+        print("--busy-tick must be between 0 and 1 second", file=sys.stderr)
         return 2
     try:
         load = Load(
@@ -201,6 +213,7 @@ def run_cli(args: argparse.Namespace) -> int:
                 shared_prefix_words=args.shared_prefix_words,
                 pin_workers=args.pin_workers == "true",
                 coast=args.coast == "true",
+                busy_tick=args.busy_tick,
             )
         else:
             results = run_benchmarks(
@@ -214,6 +227,7 @@ def run_cli(args: argparse.Namespace) -> int:
                 bare=not args.skip_bare,
                 pin_workers=args.pin_workers == "true",
                 coast=args.coast == "true",
+                busy_tick=args.busy_tick,
             )
     results["model"] = label
     print(show(results))
@@ -237,6 +251,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
     if args.skip_bare:
         out.append("--skip-bare")
     out += ["--pin-workers", args.pin_workers, "--coast", args.coast]
+    out += ["--busy-tick", str(args.busy_tick)]
     out += ["--consumer", args.consumer]
     if args.json_path:
         out += ["--json", str(args.json_path)]
@@ -470,6 +485,7 @@ def interleaved_measurements(
     bare: bool = True,
     pin_workers: bool = True,
     coast: bool = True,
+    busy_tick: float = EngineConfig.busy_tick,
 ) -> dict[str, dict]:
     """Every configuration's runs, taken in turn: for each level and run, the bare loop, then
     the engine with each worker count (all engines started once, up front, and idle while
@@ -500,6 +516,7 @@ def interleaved_measurements(
                         attention_scale=attention_scale,
                         pin_workers=pin_workers,
                         coast=coast,
+                        busy_tick=busy_tick,
                     )
                 )
                 # warm-up: every batch slot once, so no measured run faults in KV cache pages
@@ -548,6 +565,7 @@ def prefix_cache_comparison(
     shared_prefix_words: int,
     pin_workers: bool = True,
     coast: bool = True,
+    busy_tick: float = EngineConfig.busy_tick,
 ) -> dict:
     """TTFT and tokens/s of the same shared-prefix load on two engines, prefix cache on and
     off, run alternately (see the module docstring); medians over `runs`."""
@@ -586,6 +604,7 @@ def prefix_cache_comparison(
                         attention_scale=attention_scale,
                         pin_workers=pin_workers,
                         coast=coast,
+                        busy_tick=busy_tick,
                         prefix_cache=cache,
                     )
                 )
@@ -782,6 +801,7 @@ def run_benchmarks(
     bare: bool = True,
     pin_workers: bool = True,
     coast: bool = True,
+    busy_tick: float = EngineConfig.busy_tick,
 ) -> dict:
     results: dict = {
         "max_tokens": load.max_tokens,
@@ -792,6 +812,7 @@ def run_benchmarks(
         "concurrency": list(concurrency),
         "pin_workers": pin_workers,
         "coast": coast,
+        "busy_tick": busy_tick,
         "consumer": "sink" if load.sink else "iterate",
     }
     measured = interleaved_measurements(
@@ -804,6 +825,7 @@ def run_benchmarks(
         bare=bare,
         pin_workers=pin_workers,
         coast=coast,
+        busy_tick=busy_tick,
     )
     if bare:
         results["bare"] = {c: _medians(v) for c, v in measured["bare"].items()}

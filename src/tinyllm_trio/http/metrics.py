@@ -19,6 +19,9 @@ Names follow vLLM's metric set under a `tinyllm_` prefix, so the usual dashboard
 - `tinyllm_worker_coast_sleeps_total{worker}` and `tinyllm_worker_coast_misses_total{worker}`:
   the engine's reads of a worker on its coasting timer, and those that found no message (the
   worker then rang; `tinyllm_trio.ipc.coast`), since that worker's process started.
+- `tinyllm_worker_busy_ticks_total{worker}`: the engine's sleeps on the busy tick while every core
+  ran a busy worker (`--busy-tick`; `tinyllm_trio.ipc.ring.Ring.pump`), since that worker's
+  process started.
 - `tinyllm_kv_cache_usage_ratio`: the fraction (0..1) of the workers' KV cache positions that
   running sequences fill (`engine.kv_cache_usage`: prompt + generated tokens of every running
   sequence over workers x max_batch x context), and `tinyllm_worker_kv_cache_usage_ratio{worker}`.
@@ -169,6 +172,7 @@ class _EngineCollector:
         for name, key, text in (
             ("tinyllm_worker_coast_sleeps", "sleeps", "Reads of a worker on its coasting timer"),
             ("tinyllm_worker_coast_misses", "misses", "Coasting timer reads that found nothing"),
+            ("tinyllm_worker_busy_ticks", "ticks", "Sleeps on the busy tick (no core to spare)"),
         ):
             family = CounterMetricFamily(name, text, labels=["worker"])
             for worker in stats.get("workers") or ():

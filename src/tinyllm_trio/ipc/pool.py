@@ -211,12 +211,15 @@ class WorkerSlot:
     responses: Ring | None = None  # its current process's response ring
 
     def coast_stats(self) -> dict[str, int]:
-        """Its reader's sleeps on the coasting timer and the misses among them, since its
-        current process started (`tinyllm_trio.ipc.coast`; zeros while it never coasted)."""
-        coast = None if self.responses is None else self.responses.coast
+        """Its reader's sleeps on the coasting timer and the misses among them
+        (`tinyllm_trio.ipc.coast`), and its sleeps on the busy tick (`Ring.pump`), since its
+        current process started."""
+        ring = self.responses
+        coast = None if ring is None else ring.coast
+        ticks = 0 if ring is None else ring.ticks
         if coast is None:
-            return {"sleeps": 0, "misses": 0}
-        return {"sleeps": coast.waits, "misses": coast.misses}
+            return {"sleeps": 0, "misses": 0, "ticks": ticks}
+        return {"sleeps": coast.waits, "misses": coast.misses, "ticks": ticks}
 
     @property
     def name(self) -> str:
@@ -259,6 +262,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
         pin_workers: bool = EngineConfig.pin_workers,
         prefix_cache: bool = EngineConfig.prefix_cache,
         coast: bool = EngineConfig.coast,
+        busy_tick: float = EngineConfig.busy_tick,
     ) -> None:
         EngineConfig(  # validates every value, with the same messages as everywhere
             workers=workers,
@@ -267,6 +271,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
             attention_scale=attention_scale,
             weights=weights,
             stall_timeout=stall_timeout,
+            busy_tick=busy_tick,
         )
         super().__init__(max_batch, max_queue)
         workers = default_workers() if workers is None else workers
@@ -277,6 +282,7 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
         self.stall_timeout = stall_timeout
         self.prefix_cache = prefix_cache
         self.coast = coast
+        self.busy_tick = busy_tick
         self._cores = len(_allowed_cpus())
         self.prefix = new_prefix()
         cpus = worker_cpus(workers) if pin_workers else [None] * workers
@@ -810,11 +816,12 @@ class WorkerPool(AdmissionQueue[PendingRequest]):
             self._heard_from(slot)
 
         coast = self._core_to_spare if self.coast else None
-        await responses.pump(deliver, limiter=self._limiter, coast=coast)
+        await responses.pump(deliver, limiter=self._limiter, coast=coast, tick=self.busy_tick)
 
     def _core_to_spare(self) -> bool:
         """Whether fewer workers are busy than there are cores, so that this process has one
-        to itself: only then does a reader coast (`tinyllm_trio.ipc.coast`)."""
+        to itself: only then does a reader coast (`tinyllm_trio.ipc.coast`); with none to
+        spare it reads on the busy tick instead (`Ring.pump`)."""
         return sum(1 for slot in self.slots if slot.inflight) < self._cores
 
     def _route(self, slot: WorkerSlot, frame: Frame) -> None:

@@ -39,7 +39,9 @@ semaphore wake-up, a GIL hand-off and a write to Trio's wake-up socket. The sema
 carry the slots, as before: the doorbell only says when to look. While the producer posts at a
 steady pace the reader may coast instead (`tinyllm_trio.ipc.coast`): it clears the header's
 BELL_WANTED byte, the producer then skips the eventfd, and the reader wakes on a timer at the
-pace it reads from the producer's PUBLISHED time stamps.
+pace it reads from the producer's PUBLISHED time stamps. While every core runs a busy producer
+the reader may read on a shared tick instead (`pump`'s ``tick``): BELL_WANTED stays clear and
+the producer rings only for a message it marks urgent.
 
 Names: every object's name starts with ``/tinyllm-<pid>-<random>-``, the owning server's pid and
 a per-instance token, so two servers never collide and ``sweep_stale`` can remove the leftovers
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import mmap
 import os
 import platform
@@ -72,7 +75,8 @@ SHM_DIR = "/dev/shm"
 MAGIC = b"TLRING01"
 RING_HEADER = struct.Struct("<8sII")  # magic, slot_size, n_slots
 RING_HEADER_SIZE = 64
-BELL_WANTED = 16  # header byte: 1 = ring the doorbell after each message, 0 = the reader coasts
+BELL_WANTED = 16  # header byte: which messages the producer rings the doorbell after
+BELL_EVERY, BELL_URGENT, BELL_NONE = 1, 2, 0  # its values: each, the urgent ones, none
 PUBLISHED = struct.Struct("<Q")  # header word at PUBLISHED_AT: the producer's last post, in ns
 PUBLISHED_AT = 24
 FRAME_HEADER = struct.Struct("<BBHIQ")  # type, flags, reserved, payload length, request id
@@ -265,6 +269,7 @@ class Ring:
         self._closed = False
         self.coast: Coast | None = None  # the doorbell `pump`'s timer and pace, if it coasts
         self.doorbell_rings = 0  # this producer's writes to the doorbell
+        self.ticks = 0  # the doorbell `pump`'s sleeps on the busy tick
 
     # names of the three objects, as posix_ipc wants them
     @staticmethod
@@ -293,7 +298,7 @@ class Ring:
             finally:
                 shm.close_fd()
             RING_HEADER.pack_into(mm, 0, MAGIC, slot_size, n_slots)
-            mm[BELL_WANTED] = 1  # until a reader says it coasts (`_pump_on_doorbell`)
+            mm[BELL_WANTED] = BELL_EVERY  # until a reader says otherwise (`_pump_on_doorbell`)
             items = posix_ipc.Semaphore(items_name, posix_ipc.O_CREX, mode=0o600, initial_value=0)
             created.append(lambda: posix_ipc.unlink_semaphore(items_name))
             space = posix_ipc.Semaphore(
@@ -383,12 +388,15 @@ class Ring:
         *,
         timeout: float | None = None,
         alive: Callable[[], bool] | None = None,
+        urgent: bool = True,
     ) -> None:
         """Write one message, blocking while the ring is full (back-pressure, never a drop).
 
         `timeout` bounds only the wait for the first frame (TimeoutError, nothing written); once
         a message has started, its remaining frames are always written, or the peer is gone.
-        `alive` is checked between bounded waits; False raises PeerGoneError.
+        `alive` is checked between bounded waits; False raises PeerGoneError. A message that is
+        not `urgent` rings the doorbell only while the reader asks for every message: one
+        reading on a timer picks it up when the timer fires.
         """
         frames = self._frames(msg_type, request_id, payload)
         for i, (flags, chunk) in enumerate(frames):
@@ -401,12 +409,24 @@ class Ring:
                 if not got:
                     raise TimeoutError(f"{self.name}: ring full for {timeout} s")
             self._write_slot(msg_type, flags, request_id, chunk)
-        self._ring_doorbell()
+        self._ring_doorbell(urgent)
 
-    def _ring_doorbell(self) -> None:
+    def _ring_doorbell(self, urgent: bool = True) -> None:
         # After the semaphore posts: a reader woken by it finds the whole message. The post is a
-        # locked instruction, so the flag is read after it (see `_pump_on_doorbell`).
-        if self._doorbell is not None and self._mm[BELL_WANTED]:
+        # locked instruction, so the flag is read after it (see `_pump_on_doorbell`). A reader
+        # on the busy tick is rung for an urgent message, and for any once the ring is half
+        # full, so that a fast producer never blocks on a full ring until the tick.
+        if self._doorbell is None:
+            return
+        wanted = self._mm[BELL_WANTED]
+        if wanted == BELL_EVERY or (
+            wanted == BELL_URGENT
+            and (
+                urgent
+                or not posix_ipc.SEMAPHORE_VALUE_SUPPORTED
+                or self._space.value <= self.n_slots // 2
+            )
+        ):
             os.eventfd_write(self._doorbell, 1)
             self.doorbell_rings += 1
 
@@ -486,6 +506,7 @@ class Ring:
         max_messages: int = 256,
         limiter: trio.CapacityLimiter | None = None,
         coast: Callable[[], bool] | None = None,
+        tick: float = 0.0,
     ) -> None:
         """Receive until cancelled, handing each batch of whole messages to `deliver`.
 
@@ -502,12 +523,14 @@ class Ring:
         within one wait slice. If `deliver` raises, the pump stops and raises it here; batches
         already handed over after the failing one are dropped.
 
-        A ring with a doorbell is read without a thread (`_pump_on_doorbell`), and may coast
-        (`tinyllm_trio.ipc.coast`) whenever `coast()`, asked before each sleep, is True; with
-        `coast` None it is woken by the bell for every message.
+        A ring with a doorbell is read without a thread (`_pump_on_doorbell`). `coast()`, asked
+        before each sleep, says whether this process has a core to spare: then the reader may
+        coast (`tinyllm_trio.ipc.coast`); else, with `tick` (seconds), it reads on a shared
+        tick, woken between ticks only by urgent messages. With `coast` None it is woken by
+        the bell for every message.
         """
         if self._doorbell is not None:
-            await self._pump_on_doorbell(self._doorbell, deliver, max_messages, coast)
+            await self._pump_on_doorbell(self._doorbell, deliver, max_messages, coast, tick)
             return
         token = trio.lowlevel.current_trio_token()
         context = contextvars.copy_context()  # entered by one callback at a time, never nested
@@ -537,6 +560,7 @@ class Ring:
         deliver: Callable[[list[Frame]], None],
         max_messages: int,
         coast: Callable[[], bool] | None,
+        tick: float,
     ) -> None:
         """`pump` without a thread: read what is there, else sleep until the next message.
 
@@ -547,34 +571,52 @@ class Ring:
         stream. A producer that never lets the ring empty still gets a checkpoint every
         PUMP_BATCHES_PER_CHECKPOINT batches.
 
-        Two ways to sleep (`tinyllm_trio.ipc.coast` has the why and the policy): on the bell,
-        or, with `coast` while the producer posts at a steady pace, on a timer at its pace, with
-        BELL_WANTED cleared so that the producer does not ring, while `coast()` says so. A timer
-        that finds the ring empty sends the reader back to the bell.
+        Three ways to sleep, chosen before each sleep from `coast()` (a core to spare):
+        - on the bell (BELL_WANTED = BELL_EVERY), woken by every message;
+        - coasting (`tinyllm_trio.ipc.coast` has the why and the policy), with a core to spare
+          while the producer posts at a steady pace: on a timer at its pace, unrung
+          (BELL_NONE). A timer that finds the ring empty sends the reader back to the bell;
+        - on the busy tick, with no core to spare and `tick` set: until the next multiple of
+          `tick` on Trio's clock, so that the readers of every worker wake in one pass of the
+          scheduler, or until the producer rings for an urgent message (BELL_URGENT). With
+          every core running a worker, each wake-up of this process takes its CPU from a
+          worker's decode step, and a wake-up per step of each worker (~2 ms apart at batch
+          16) costs more than the tokens it routes; on the tick the same tokens arrive a few
+          steps at a time, at most `tick` late, while a request's first token and its end
+          (urgent: see the worker's `_urgent`) still wake the reader at once.
 
         No wake-up can be lost. The bell is cleared before the ring is read, and a producer
-        rings after posting, so a message posted after the last read rang after the clear. When
-        the reader asks for the bell again, it sets BELL_WANTED, then runs a locked instruction
-        (a post and a take of its own `items` count), then reads the ring; the producer posts
-        (sem_post: a locked instruction), then reads BELL_WANTED. Either the reader sees the
-        message or the producer sees the flag. Where a locked instruction is not a full fence
-        (COASTING false: not x86) the flag stays set and the producer always rings."""
-        self.coast = coaster = Coast.open() if coast is not None and COASTING else None
-        wanted = 1  # BELL_WANTED as this reader last set it
+        rings after posting, so a message posted after the last read rang after the clear.
+        When the reader asks for every bell again, it sets BELL_WANTED, then runs a locked
+        instruction (a post and a take of its own `items` count), then reads the ring; the
+        producer posts (sem_post: a locked instruction), then reads BELL_WANTED. Either the
+        reader sees the message or the producer sees the flag. The tick needs no fence: it
+        reads the ring when it fires, rung or not. Where a locked instruction is not a full
+        fence (COASTING false: not x86) the flag stays BELL_EVERY and the producer always
+        rings."""
+        timed = coast is not None and COASTING
+        self.coast = coaster = Coast.open() if timed else None
+        wanted = BELL_EVERY  # BELL_WANTED as this reader last set it
         batches = 0
         try:
             while True:
                 if not _try_acquire(self._items):
                     batches = 0
+                    spare = coast() if timed else True  # type: ignore[misc]
                     if coaster is not None:
-                        if coaster.steady and coast():  # type: ignore[misc]
-                            if wanted:
-                                self._mm[BELL_WANTED] = wanted = 0
+                        if coaster.steady and spare:
+                            if wanted != BELL_NONE:
+                                self._mm[BELL_WANTED] = wanted = BELL_NONE
                             await coaster.sleep()
                             continue
                         coaster.stop()
-                    if not wanted:
-                        self._mm[BELL_WANTED] = wanted = 1
+                    if tick > 0 and not spare:
+                        if wanted != BELL_URGENT:
+                            self._mm[BELL_WANTED] = wanted = BELL_URGENT
+                        await self._sleep_to_tick(bell, tick)
+                        continue
+                    if wanted != BELL_EVERY:
+                        self._mm[BELL_WANTED] = wanted = BELL_EVERY
                         self._items.release()  # the fence (see above); nobody else takes
                         self._items.acquire(0)
                     if not _try_acquire(self._items):
@@ -598,7 +640,15 @@ class Ring:
             if coaster is not None:
                 coaster.close()
             if not self._closed:
-                self._mm[BELL_WANTED] = 1
+                self._mm[BELL_WANTED] = BELL_EVERY
+
+    async def _sleep_to_tick(self, bell: int, tick: float) -> None:
+        """Sleep until the next multiple of `tick` seconds on Trio's clock, or the bell."""
+        self.ticks += 1
+        with trio.move_on_at((math.floor(trio.current_time() / tick) + 1) * tick):
+            await trio.lowlevel.wait_readable(bell)
+        with contextlib.suppress(BlockingIOError):  # not rung: woken by the tick
+            os.eventfd_read(bell)
 
     def _pump_in_thread(
         self,

@@ -53,7 +53,7 @@ from tinyllm_trio.ipc.messages import (  # noqa: E402
     encode,
 )
 from tinyllm_trio.ipc.ring import Frame, PeerGoneError, Ring  # noqa: E402
-from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind  # noqa: E402
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, TokenEvent  # noqa: E402
 
 EXIT_LOAD_FAILED = 3
 ALIVE_EVERY = 0.02  # seconds between checks of the parent while computing
@@ -77,10 +77,12 @@ class Worker:
         self.alive = alive
         self.name = name
         self.inflight: set[int] = set()
+        self.unstarted: set[int] = set()  # admitted requests that have had no token yet
 
-    def send(self, event: object) -> None:
-        """Write one event; blocks while the server is behind (back-pressure, never a drop)."""
-        self.responses.put(*encode(event), alive=self.alive)
+    def send(self, event: object, *, urgent: bool = True) -> None:
+        """Write one event; blocks while the server is behind (back-pressure, never a drop).
+        One that is not `urgent` may wait for the server's next busy tick (`Ring.pump`)."""
+        self.responses.put(*encode(event), alive=self.alive, urgent=urgent)
 
     def run(self) -> int:
         """Serve until a Shutdown message (returns 0); PeerGoneError if the server dies."""
@@ -139,6 +141,7 @@ class Worker:
                 self.send(ErrorEvent(msg.request_id, str(e), kind_of(e)))
             else:
                 self.inflight.add(msg.request_id)
+                self.unstarted.add(msg.request_id)
         else:
             rid = getattr(msg, "request_id", 0)
             self.send(ErrorEvent(rid, f"unexpected {type(msg).__name__}", ErrorKind.INTERNAL))
@@ -155,10 +158,27 @@ class Worker:
             events = [ErrorEvent(rid, message, ErrorKind.INTERNAL) for rid in sorted(self.inflight)]
             self.batcher = self._make_batcher()
         if events:  # one message per step: the server wakes once, not once per token
-            self.send(events[0] if len(events) == 1 else Batch(events))
+            urgent = self._urgent(events)
+            self.send(events[0] if len(events) == 1 else Batch(events), urgent=urgent)
         for event in events:
             if isinstance(event, DoneEvent | ErrorEvent):
                 self.inflight.discard(event.request_id)
+                self.unstarted.discard(event.request_id)
+
+    def _urgent(self, events: list[object]) -> bool:
+        """Whether a step's message must wake the server even while it reads on its busy
+        tick: it carries a request's first token (its time to first token) or a final event
+        (the client's answer ends, and its batch slot frees for the next request). Plain
+        tokens of running requests can wait for the tick."""
+        urgent = False
+        unstarted = self.unstarted
+        for event in events:
+            if type(event) is not TokenEvent:
+                urgent = True
+            elif unstarted and event.request_id in unstarted:  # type: ignore[attr-defined]
+                unstarted.discard(event.request_id)  # type: ignore[attr-defined]
+                urgent = True
+        return urgent
 
 
 def build_parser() -> argparse.ArgumentParser:
