@@ -484,6 +484,7 @@ def test_engine_benchmark_runs_and_reports(tiny_checkpoint: Path) -> None:
     assert results["busy_tick"] == 0.016  # serve's default, reported with the numbers
     table = format_table(results)
     assert "1w/bare" in table and "2w/1w" in table and "2p/bare" in table
+    assert "coasting, busy tick 16 ms," in table
     assert "worker/bare" in table
     assert "round trip" in table and "one wave" in table
     ratios = results["ratios"]

@@ -447,6 +447,10 @@ def _bare_child(path: str, attention_scale: str | None, max_batch: int) -> int:
     return 0
 
 
+def _busy_tick(tick: float) -> str:
+    return f"busy tick {tick * 1000:g} ms" if tick else "no busy tick"
+
+
 def _coast_counts(engine) -> tuple[int, int]:
     """The engine's coasting timer sleeps and misses so far, over its workers."""
     workers = [w["coast"] for w in engine.stats()["workers"]]
@@ -811,7 +815,7 @@ def run_benchmarks(
         "runs": runs,
         "concurrency": list(concurrency),
         "pin_workers": pin_workers,
-        "coast": coast,
+        "coasting": coast,  # "coast" becomes the timer's counts below
         "busy_tick": busy_tick,
         "consumer": "sink" if load.sink else "iterate",
     }
@@ -919,7 +923,8 @@ def format_table(results: dict) -> str:
         f"pairs), "
         f"{results['cpus']} CPUs, BLAS threads 1, workers "
         f"{'pinned' if results.get('pin_workers', True) else 'not pinned'}, "
-        f"{'coasting' if results.get('coast', True) else 'not coasting'}, engine clients "
+        f"{'coasting' if results.get('coasting', True) else 'not coasting'}, "
+        f"{_busy_tick(results.get('busy_tick', 0.0))}, engine clients "
         f"{'take tokens in a sink' if results.get('consumer') == 'sink' else 'iterate'}"
     )
     lines = _table(results, about, head, rows)
