@@ -17,8 +17,8 @@ from tinyllm_trio.protocol import TokenEvent
 def test_a_step_rings_a_ticking_server_for_first_tokens_and_ends_only(
     tiny_checkpoint: Path,
 ) -> None:
-    """A request's first token (its time to first token) and its final event wake the server
-    at once; a step of plain tokens of running requests waits for the server's tick."""
+    """A request's tokens up to the first that shows text (its time to first token) and its
+    final event wake the server at once; a step of later tokens waits for the server's tick."""
     loaded = load_model(tiny_checkpoint)
     batcher = ContinuousBatcher(loaded.transformer, loaded.tokenizer, max_batch=4)
     steps: list[list[object]] = []
@@ -26,8 +26,13 @@ def test_a_step_rings_a_ticking_server_for_first_tokens_and_ends_only(
 
     def recorded() -> list[object]:
         events = step()
+        for event in events:  # request 1's first two tokens show no text yet (held back)
+            if type(event) is TokenEvent and event.request_id == 1 and held[0] < 2:
+                event.text, held[0] = "", held[0] + 1
         steps.append(events)
         return events
+
+    held = [0]
 
     batcher.step = recorded  # type: ignore[method-assign]
     prefix = new_prefix()
@@ -39,7 +44,7 @@ def test_a_step_rings_a_ticking_server_for_first_tokens_and_ends_only(
         responses._mm[BELL_WANTED] = BELL_URGENT  # the server sleeps on its busy tick
         params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
         rang: list[bool] = []
-        seen: set[int] = set()
+        shown: set[int] = set()
         want: list[bool] = []
         for i in range(14):
             if i in (0, 3):  # the second request joins a running batch
@@ -50,12 +55,19 @@ def test_a_step_rings_a_ticking_server_for_first_tokens_and_ends_only(
             worker._step()
             rang.append(producer.doorbell_rings > before)
             events = steps[-1]
-            firsts = {e.request_id for e in events if type(e) is TokenEvent} - seen
-            seen |= firsts
-            want.append(bool(firsts) or any(type(e) is not TokenEvent for e in events))
+            tokens = [e for e in events if type(e) is TokenEvent]
+            early = any(e.request_id not in shown for e in tokens)
+            shown |= {e.request_id for e in tokens if e.text}
+            want.append(early or any(type(e) is not TokenEvent for e in events))
             while responses.get(timeout=0) is not None:  # the server reads on its tick
                 pass
         assert rang == want
+        shows = [
+            any(type(e) is TokenEvent and e.request_id == 1 and e.text for e in events)
+            for events in steps
+        ]
+        k = shows.index(True)  # request 1's first text: after its held-back tokens
+        assert k >= 1 and all(rang[: k + 1])
         assert rang.count(True) >= 4 and rang.count(False) >= 3  # two starts, two ends
         assert not worker.unstarted and not worker.inflight
     finally:

@@ -77,7 +77,7 @@ class Worker:
         self.alive = alive
         self.name = name
         self.inflight: set[int] = set()
-        self.unstarted: set[int] = set()  # admitted requests that have had no token yet
+        self.unstarted: set[int] = set()  # admitted requests that have shown no text yet
 
     def send(self, event: object, *, urgent: bool = True) -> None:
         """Write one event; blocks while the server is behind (back-pressure, never a drop).
@@ -167,17 +167,20 @@ class Worker:
 
     def _urgent(self, events: list[object]) -> bool:
         """Whether a step's message must wake the server even while it reads on its busy
-        tick: it carries a request's first token (its time to first token) or a final event
-        (the client's answer ends, and its batch slot frees for the next request). Plain
-        tokens of running requests can wait for the tick."""
+        tick: it carries a request's first token with text or logprobs, the first thing its
+        client sees (its time to first token; a token whose text is held back, a word still
+        being spelled or a possible stop string, shows nothing, so those before it are urgent
+        too), or a final event (the answer ends, and a batch slot frees for the next request).
+        Later tokens of running requests can wait for the tick."""
         urgent = False
         unstarted = self.unstarted
         for event in events:
             if type(event) is not TokenEvent:
                 urgent = True
             elif unstarted and event.request_id in unstarted:  # type: ignore[attr-defined]
-                unstarted.discard(event.request_id)  # type: ignore[attr-defined]
                 urgent = True
+                if event.text or event.logprobs:  # type: ignore[attr-defined]
+                    unstarted.discard(event.request_id)  # type: ignore[attr-defined]
         return urgent
 
 
