@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tinyllm_trio.bench.engine import add_closed_loop_arguments, with_one_blas_thread
+
 MODES = ("stay", "rotate")
 
 
@@ -44,10 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=10, help="runs per mode (alternated)")
     p.add_argument("--rotate-ms", type=float, default=50.0, help="rotate mode's period")
-    p.add_argument("--concurrency", type=int, default=32, help="clients of the closed loop")
-    p.add_argument("--requests", type=int, default=128, help="generations per run")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens per generation")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: packaged)")
+    add_closed_loop_arguments(p)
     return p
 
 
@@ -105,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(os.sched_getaffinity(0)) < 2:
         print("engine_cores.py needs two cores (two workers on them, the engine between)")
         return 2
-    from tinyllm_trio.model.blas import blas_pinned, single_threaded_env
-
-    if not blas_pinned():  # one BLAS thread here too, as in `bench engine`
-        os.execve(sys.executable, [sys.executable, *sys.argv], single_threaded_env())
+    with_one_blas_thread()
     import trio
 
     from tinyllm_trio.bench.engine import _checkpoint

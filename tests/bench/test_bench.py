@@ -270,21 +270,26 @@ def test_bench_engine_shared_prefix_compares_the_cache_on_and_off(long_checkpoin
         assert level["ttft_p50_ms"] > 0 and level["tokens_per_s"] > 0
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the script needs two cores")
-def test_engine_cores_script_splits_each_run_into_cpu_wait_and_idle(tiny_checkpoint):
-    """scripts/engine_cores.py (the README's account of where the engine's CPU lands with two
-    workers) prints both modes per run, each worker's time as CPU, run-queue wait and idle,
-    then the medians and the rotate/stay ratio."""
-    args = ["--runs", "1", "--concurrency", "4", "--requests", "4", "--max-tokens", "4"]
+def _script_lines(script: str, args: list[str], checkpoint) -> list[str]:
+    """The lines a benchmark script printed on `checkpoint`; it must have succeeded."""
     proc = subprocess.run(
-        [sys.executable, CORES_SCRIPT, *args, "--model", str(tiny_checkpoint)],
+        [sys.executable, script, *args, "--model", str(checkpoint)],
         capture_output=True,
         text=True,
         timeout=180,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    _, head, *rows, ratio = proc.stdout.splitlines()
+    return proc.stdout.splitlines()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the script needs two cores")
+def test_engine_cores_script_splits_each_run_into_cpu_wait_and_idle(tiny_checkpoint):
+    """scripts/engine_cores.py (the README's account of where the engine's CPU lands with two
+    workers) prints both modes per run, each worker's time as CPU, run-queue wait and idle,
+    then the medians and the rotate/stay ratio."""
+    args = ["--runs", "1", "--concurrency", "4", "--requests", "4", "--max-tokens", "4"]
+    _, head, *rows, ratio = _script_lines(CORES_SCRIPT, args, tiny_checkpoint)
     assert head.split()[:3] == ["mode", "tok/s", "engine"]
     assert [r.split()[0] for r in rows] == ["stay", "rotate", "stay", "rotate"]
     for row in rows:
@@ -294,3 +299,28 @@ def test_engine_cores_script_splits_each_run_into_cpu_wait_and_idle(tiny_checkpo
         assert a_wait >= b_wait >= 0  # A is the worker that waited longer
         assert all(w >= -5 for w in workers)  # idle: elapsed - cpu - wait, to the ms
     assert ratio.startswith("rotate/stay tok/s: median ")
+
+
+TICK_SCRIPT = os.path.join(os.path.dirname(__file__), "../../scripts/busy_tick.py")
+
+
+def test_busy_tick_script_alternates_both_modes_and_only_one_ticks(tiny_checkpoint):
+    """scripts/busy_tick.py (the README's account of what the busy tick saves) runs an engine
+    with the tick and one without in turn, the order swapped every pair, and prints each run's
+    rate, this process's CPU per token and the sleeps on the tick, then the medians."""
+    args = ["--pairs", "2", "--concurrency", "8", "--requests", "8", "--max-tokens", "16"]
+    _, head, *rows, tick, woken, ratio = _script_lines(TICK_SCRIPT, args, tiny_checkpoint)
+    assert head.split() == ["mode", "tok/s", "engine", "us/tok", "ticks"]
+    assert [r.split()[0] for r in rows] == ["tick", "woken", "woken", "tick"]
+    ticks = {"tick": 0.0, "woken": 0.0}
+    for row in rows:
+        mode, rate, used, slept = row.split()
+        assert float(rate) > 0 and float(used) > 0
+        ticks[mode] += float(slept)
+    assert ticks["woken"] == 0 and ticks["tick"] >= 1  # every core busy: the tick engaged
+    assert tick.endswith("(medians)") and woken.endswith("(medians)")
+    assert ratio.startswith("tick/woken tok/s: median ")
+    bad = subprocess.run(
+        [sys.executable, TICK_SCRIPT, "--tick", "0"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--tick" in bad.stderr

@@ -258,6 +258,22 @@ def _argv(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def add_closed_loop_arguments(p: argparse.ArgumentParser) -> None:
+    """The closed loop that the two-worker scripts (scripts/engine_cores.py,
+    scripts/busy_tick.py) run for each measurement, and the model it runs."""
+    p.add_argument("--concurrency", type=int, default=32, help="clients of the closed loop")
+    p.add_argument("--requests", type=int, default=128, help="generations per run")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per generation")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: packaged)")
+
+
+def with_one_blas_thread() -> None:
+    """Run this script again with one BLAS thread unless it already has one, as `bench
+    engine` runs (the BLAS library reads its settings when numpy loads it)."""
+    if not blas_pinned():
+        os.execve(sys.executable, [sys.executable, *sys.argv], single_threaded_env())
+
+
 def _checkpoint(model: str | None, attention_scale: str | None, tmp: Path) -> tuple[str, str]:
     """A checkpoint directory the workers can load, and a label for the table."""
     from tinyllm_trio.model.checkpoint import default_model_path, load_model, save_checkpoint
