@@ -53,7 +53,7 @@ from tinyllm_trio.ipc.messages import (  # noqa: E402
     encode,
 )
 from tinyllm_trio.ipc.ring import Frame, PeerGoneError, Ring  # noqa: E402
-from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, TokenEvent  # noqa: E402
+from tinyllm_trio.protocol import DoneEvent, ErrorEvent, ErrorKind, Event, TokenEvent  # noqa: E402
 
 EXIT_LOAD_FAILED = 3
 ALIVE_EVERY = 0.02  # seconds between checks of the parent while computing
@@ -165,7 +165,7 @@ class Worker:
                 self.inflight.discard(event.request_id)
                 self.unstarted.discard(event.request_id)
 
-    def _urgent(self, events: list[object]) -> bool:
+    def _urgent(self, events: list[Event]) -> bool:
         """Whether a step's message must wake the server even while it reads on its busy
         tick: it carries a request's first token with text or logprobs, the first thing its
         client sees (its time to first token; a token whose text is held back, a word still
@@ -177,10 +177,10 @@ class Worker:
         for event in events:
             if type(event) is not TokenEvent:
                 urgent = True
-            elif unstarted and event.request_id in unstarted:  # type: ignore[attr-defined]
+            elif unstarted and event.request_id in unstarted:
                 urgent = True
-                if event.text or event.logprobs:  # type: ignore[attr-defined]
-                    unstarted.discard(event.request_id)  # type: ignore[attr-defined]
+                if event.text or event.logprobs:
+                    unstarted.discard(event.request_id)
         return urgent
 
 
