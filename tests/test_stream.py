@@ -1,7 +1,7 @@
 """RequestStream on its own: the queue, the token sink and the ordering rule between them.
 
 The engine tests (tests/ipc/test_engine.py) and the HTTP tests cover it end to end; these pin
-the rule itself, without a backend.
+the rule itself, without a backend, and how a `Generation` takes a burst from it.
 """
 
 from __future__ import annotations
@@ -280,3 +280,67 @@ async def test_sunk_counts_the_token_ids_the_sink_took() -> None:
     stream.deliver_token(TokenEvent(1, [6, 7], "bc"))
     stream.deliver(TokenEvent(1, [8], "d"))
     assert stream.sunk == 3 and stream.queued == 0
+
+
+# --- a Generation takes a burst of queued events ----------------------------------------------
+
+
+class _OneStreamBackend:
+    """The two calls a Generation makes of its backend, around one stream."""
+
+    def __init__(self, stream: RequestStream) -> None:
+        self.stream, self.id, self.released = stream, 1, False
+
+    def admit(self, prompt_ids: list[int], params: object) -> _OneStreamBackend:
+        return self
+
+    def release(self, request: object) -> None:
+        self.released = True
+
+
+def _generation(stream: RequestStream):
+    from tinyllm_trio.engine import Generation
+    from tinyllm_trio.model.sampling import SamplingParams
+
+    return Generation(_OneStreamBackend(stream), [2, 7], SamplingParams(max_tokens=8))
+
+
+async def test_a_generation_takes_a_burst_in_one_pass_of_the_scheduler() -> None:
+    """Tokens that arrived together (several steps read on one busy tick) are iterated after
+    one checkpoint, not one each, while another task waits for its turn."""
+    stream = RequestStream()
+    for i in range(5):
+        stream.deliver(tok(i))
+    stream.finish(done(n=5))
+    turns = [0]
+
+    async def other() -> None:
+        while True:
+            turns[0] += 1
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await trio.sleep(0)
+        got, start = [], turns[0]
+        async with _generation(stream) as generation:
+            async for event in generation:
+                got.append(event)
+        passes = turns[0] - start
+        nursery.cancel_scope.cancel()
+    assert [e.token_ids[0] for e in got[:5]] == list(range(5)) and got[5] == done(n=5)
+    assert passes <= 2  # one checkpoint for the whole burst (receive's), not one per event
+
+
+async def test_a_generation_is_cancellable_between_the_events_of_a_burst() -> None:
+    stream = RequestStream()
+    for i in range(5):
+        stream.deliver(tok(i))
+    got = []
+    with trio.CancelScope() as scope:
+        async with _generation(stream) as generation:
+            async for event in generation:
+                got.append(event)
+                if len(got) == 2:
+                    scope.cancel()  # the next event is queued, but this is a cancel point
+    assert scope.cancelled_caught and len(got) == 2

@@ -112,6 +112,9 @@ class Generation:
     block, `aclose()` or `cancel()` cancels the request if it is still running; they may be
     called from another task than the one iterating, whose stream then ends with
     `DoneEvent("cancelled")`.
+
+    Events that arrived together (a busy tick reads several decode steps at once) are taken
+    after one checkpoint: each further one is a cancel point, not a pass of the scheduler.
     """
 
     def __init__(
@@ -135,18 +138,24 @@ class Generation:
             return
         request = self._backend.admit(self.prompt_ids, self.params)
         self._request, self.request_id = request, request.id
-        receive = request.stream.receive
+        receive, queued = request.stream.receive, request.stream.receive_queued
         try:
             try:
                 while True:
-                    event = await receive()
-                    if isinstance(event, TokenEvent):  # the per-token path, checked first
-                        self._completion_tokens += len(event.token_ids)
-                        yield event
-                        continue
-                    yield event
-                    if isinstance(event, DoneEvent | ErrorEvent):
-                        return
+                    event: Event | None = await receive()
+                    while event is not None:
+                        if isinstance(event, TokenEvent):  # the per-token path, checked first
+                            self._completion_tokens += len(event.token_ids)
+                            yield event
+                        else:
+                            yield event
+                            if isinstance(event, DoneEvent | ErrorEvent):
+                                return
+                        # The rest of a burst (several steps' tokens read on one busy tick)
+                        # without a pass of the scheduler each: still a cancel point, not a
+                        # schedule point, until the queue is empty.
+                        await trio.lowlevel.checkpoint_if_cancelled()
+                        event = queued()
             except trio.EndOfChannel:
                 pass
             except trio.ClosedResourceError:  # cancel() while this task waited for an event

@@ -151,6 +151,15 @@ class RequestStream:
             self._waiter = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(self._abort)
 
+    def receive_queued(self) -> Event | None:
+        """The next event already queued, or None (nothing queued, or closed); no checkpoint.
+
+        For a consumer that has just had a checkpoint in `receive` and takes the rest of a
+        burst (the events one delivery queued together) before its next one."""
+        if self._queue and not self.closed:
+            return self._queue.popleft()
+        return None
+
     def _aborted(self, raise_cancel: object) -> trio.lowlevel.Abort:
         self._waiter = None  # cancelled while parked: nothing was taken from the queue
         return trio.lowlevel.Abort.SUCCEEDED
